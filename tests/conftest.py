@@ -1,0 +1,36 @@
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bn_jax import input_pipeline
+
+SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10-jpg.tar.gz")
+
+
+def random_dataset(n_train=256, n_test=64, num_classes=10, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return input_pipeline.Dataset(
+        rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8),
+        rng.integers(0, num_classes, n_train).astype(np.int32),
+        rng.integers(0, 256, (n_test, size, size, 3), dtype=np.uint8),
+        rng.integers(0, num_classes, n_test).astype(np.int32),
+        [f"class{i}" for i in range(num_classes)])
+
+
+def write_image_folder(root, classes=("cat", "dog", "frog"), per_class=(6, 2), size=8, fmt="png", seed=0):
+    """A tiny image-folder dataset whose pixels encode (split, class, index), for exact checks."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "test"), per_class):
+        for c in classes:
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(img).save(os.path.join(root, split, c, f"{i:04d}.{fmt}"))
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return write_image_folder(str(tmp_path / "data"))
