@@ -134,14 +134,15 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
                        log=print) -> Dict[str, Any]:
     """Train, evaluate every epoch, and write config/metrics/summary/checkpoint into workdir."""
     config.validate()
-    os.makedirs(workdir, exist_ok=True)
-    config.save(os.path.join(workdir, "config.json"))
     if data is None:
         data = input_pipeline.load(config.dataset, config.data_dir)
     data = data.subset(config.max_train_examples, config.max_test_examples)
     n_train = len(data.train_labels)
     if n_train < config.batch_size:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {n_train} training examples")
+        raise input_pipeline.DataError(
+            f"batch_size {config.batch_size} exceeds the {n_train} training examples")
+    os.makedirs(workdir, exist_ok=True)  # only now: bad data leaves nothing behind
+    config.save(os.path.join(workdir, "config.json"))
     steps_per_epoch = n_train // config.batch_size  # the remainder of each epoch's order is dropped
 
     state = create_train_state(config, data.num_classes, data.train_images.shape[1:], steps_per_epoch)

@@ -81,13 +81,22 @@ def parse_config(argv=None):
     except ValueError as e:
         parser.error(str(e))
     workdir = workdir or os.path.join("runs", run_name(config))
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        if not os.access(workdir, os.W_OK):
-            raise PermissionError(f"not writable: {workdir}")
-    except OSError as e:
-        parser.error(f"cannot write to workdir {workdir}: {e}")
+    problem = unwritable(workdir)
+    if problem:
+        parser.error(f"cannot write to workdir {workdir}: {problem}")
     return config, workdir
+
+
+def unwritable(path: str):
+    """Why ``path`` could not be created and written, or None; creates nothing itself."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return f"{path} is a file"
+    if not os.access(path, os.W_OK):
+        return f"{path} is not writable"
+    return None
 
 
 def run_name(config) -> str:

@@ -1,0 +1,106 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bn_jax import checkpoints, train, train_modes
+from bn_jax.config import Config
+from experiments import cifar
+
+from conftest import write_image_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "experiments.cifar", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_end_to_end_bn_only_run_writes_documented_files(tmp_path):
+    data = write_image_folder(str(tmp_path / "data"), per_class=(12, 4))
+    workdir = str(tmp_path / "run")
+    result = run_cli("--bn_only", "--model", "resnet8", "--epochs", "2", "--batch_size", "8",
+                     "--data_dir", data, "--workdir", workdir, "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    assert "trainable" in result.stdout
+
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    assert config["train_mode"] == "bn" and config["model"] == "resnet8" and config["seed"] == 3
+
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert [r["step"] for r in lines] == [4, 8]  # 36 images // batch 8 = 4 steps per epoch
+    for r in lines:
+        assert set(r) >= {"epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                          "images_per_second", "wall_time"}
+        assert 0 <= r["test_accuracy"] <= 1 and r["images_per_second"] > 0
+
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert summary["train_mode"] == "bn" and summary["steps"] == 8
+    assert summary["final_test_accuracy"] == lines[-1]["test_accuracy"]
+    assert summary["best_test_accuracy"] == max(r["test_accuracy"] for r in lines)
+    assert summary["device_count"] >= 1 and summary["device_kind"]
+
+    # The checkpoint restores into a fresh state: frozen leaves equal the init, BN leaves moved.
+    fresh = train.create_train_state(Config(**config), 3, (8, 8, 3), steps_per_epoch=4)
+    restored = checkpoints.restore(workdir, fresh)
+    assert int(restored.step) == 8
+    mask = jax.tree_util.tree_leaves(train_modes.trainable_mask(fresh.params, "bn"))
+    for a, b, trainable in zip(jax.tree_util.tree_leaves(fresh.params),
+                               jax.tree_util.tree_leaves(restored.params), mask):
+        assert np.array_equal(a, b) != trainable
+    assert summary["trainable_params"] == train_modes.count(fresh.params, "bn")[0]
+
+
+BAD_FLAGS = {
+    "unknown model": (["--model", "resnext9"], "unknown model"),
+    "depth not 6n+2": (["--model", "resnet21"], "6n+2"),
+    "batch size 0": (["--batch_size", "0"], "batch_size must be >= 1"),
+    "negative epochs": (["--epochs", "-1"], "epochs must be >= 0"),
+    "unknown mode": (["--train_mode", "most"], "invalid choice"),
+    "conflicting mode": (["--bn_only", "--train_mode", "output"], "conflicts"),
+    "missing data": (["--data_dir", "/no/such/folder"], "does not exist"),
+    "negative lr": (["--lr", "-1"], "lr must be >= 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FLAGS))
+def test_bad_flags_exit_2_with_one_line(case, capsys):
+    argv, message = BAD_FLAGS[case]
+    with pytest.raises(SystemExit) as exit:
+        cifar.main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unwritable_workdir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as exit:
+        cifar.main(["--workdir", str(blocker / "run")])
+    assert exit.value.code == 2 and "cannot write to workdir" in capsys.readouterr().err
+
+
+def test_bad_data_exits_2_naming_the_file_and_writes_nothing(tmp_path):
+    data = write_image_folder(str(tmp_path / "data"))
+    bad = os.path.join(data, "train", "cat", "0002.png")
+    open(bad, "wb").write(b"\x89PNG broken")
+    workdir = tmp_path / "run"
+    result = run_cli("--model", "resnet8", "--epochs", "1", "--data_dir", data, "--workdir", str(workdir))
+    assert result.returncode == 2
+    assert "0002.png: cannot decode" in result.stderr and "Traceback" not in result.stderr
+    assert not workdir.exists()
+
+
+def test_help_explains_every_flag():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for action in cifar.build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help"
+        assert action.option_strings[0] in result.stdout

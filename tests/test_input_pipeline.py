@@ -1,0 +1,137 @@
+import os
+import tarfile
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from bn_jax import input_pipeline
+from bn_jax.input_pipeline import DataError
+
+from conftest import write_image_folder
+
+
+def expected_arrays(root, split):
+    """Re-read the folder independently with Pillow, in sorted class/file order."""
+    images, labels = [], []
+    for label, c in enumerate(sorted(os.listdir(os.path.join(root, split)))):
+        for f in sorted(os.listdir(os.path.join(root, split, c))):
+            images.append(np.asarray(Image.open(os.path.join(root, split, c, f)).convert("RGB")))
+            labels.append(label)
+    return np.stack(images), np.array(labels)
+
+
+def test_image_folder_is_read_exactly(image_folder):
+    data = input_pipeline.load_image_folder(image_folder)
+    assert data.class_names == ["cat", "dog", "frog"]
+    for split in ("train", "test"):
+        images, labels = expected_arrays(image_folder, split)
+        np.testing.assert_array_equal(getattr(data, f"{split}_images"), images)
+        np.testing.assert_array_equal(getattr(data, f"{split}_labels"), labels)
+    assert data.train_images.dtype == np.uint8 and data.train_images.shape == (18, 8, 8, 3)
+
+
+def test_tarball_gives_the_same_arrays_as_the_folder(image_folder, tmp_path):
+    archive = str(tmp_path / "data.tar.gz")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(os.path.join(image_folder, "train"), arcname="train")
+        tar.add(os.path.join(image_folder, "test"), arcname="test")
+    a = input_pipeline.load_image_folder(image_folder)
+    b = input_pipeline.load_image_folder(archive)
+    np.testing.assert_array_equal(a.train_images, b.train_images)
+    np.testing.assert_array_equal(a.test_labels, b.test_labels)
+    assert a.class_names == b.class_names
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        input_pipeline.load_image_folder(str(tmp_path / "nope"))
+
+
+def test_missing_split(image_folder):
+    os.rename(os.path.join(image_folder, "test"), os.path.join(image_folder, "val"))
+    with pytest.raises(DataError, match="missing folder test/"):
+        input_pipeline.load_image_folder(image_folder)
+
+
+def test_empty_class(image_folder):
+    os.makedirs(os.path.join(image_folder, "train", "zebra"))
+    os.makedirs(os.path.join(image_folder, "test", "zebra"))
+    with pytest.raises(DataError, match="train/zebra is empty"):
+        input_pipeline.load_image_folder(image_folder)
+
+
+def test_undecodable_image_is_named(image_folder):
+    bad = os.path.join(image_folder, "train", "dog", "0003.png")
+    with open(bad, "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(DataError, match="0003.png: cannot decode"):
+        input_pipeline.load_image_folder(image_folder)
+
+
+def test_mixed_sizes_are_named(image_folder):
+    odd = os.path.join(image_folder, "test", "frog", "0001.png")
+    Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(odd)
+    with pytest.raises(DataError, match="0001.png: image size"):
+        input_pipeline.load_image_folder(image_folder)
+
+
+def test_wrong_layout_file_in_split(image_folder):
+    with open(os.path.join(image_folder, "train", "stray.jpg"), "wb") as f:
+        f.write(b"x")
+    with pytest.raises(DataError, match="expected a class folder"):
+        input_pipeline.load_image_folder(image_folder)
+
+
+def test_class_sets_must_agree(image_folder):
+    os.rename(os.path.join(image_folder, "test", "frog"), os.path.join(image_folder, "test", "toad"))
+    with pytest.raises(DataError, match="differ"):
+        input_pipeline.load_image_folder(image_folder)
+
+
+def test_not_an_archive(tmp_path):
+    path = tmp_path / "data.tar.gz"
+    path.write_bytes(b"garbage")
+    with pytest.raises(DataError, match="not a readable"):
+        input_pipeline.load_image_folder(str(path))
+
+
+def test_subset_is_fixed_and_independent_of_anything_else(tmp_path):
+    data = input_pipeline.load_image_folder(write_image_folder(str(tmp_path / "d"), per_class=(10, 4)))
+    a, b = data.subset(7, 5), data.subset(7, 5)
+    assert len(a.train_labels) == 7 and len(a.test_labels) == 5
+    np.testing.assert_array_equal(a.train_images, b.train_images)
+
+
+def test_augment_crops_and_flips_within_padding():
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, (64, 8, 8, 3), dtype=np.uint8)  # no zeros: padding is visible
+    out = np.asarray(input_pipeline.augment(jax.random.key(0), images, pad=2))
+    assert out.shape == images.shape and out.dtype == np.uint8
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    flipped = 0
+    for img, src in zip(out, padded):
+        windows = [src[y:y + 8, x:x + 8] for y in range(5) for x in range(5)]
+        plain = any(np.array_equal(img, w) for w in windows)
+        mirrored = any(np.array_equal(img[:, ::-1], w) for w in windows)
+        assert plain or mirrored
+        flipped += mirrored and not plain
+    assert 10 < flipped < 54  # about half flipped
+    assert not np.array_equal(out, images)  # it did something
+
+
+def test_epoch_order_is_a_permutation_determined_by_seed_and_epoch():
+    a = input_pipeline.epoch_order(0, 3, 100)
+    assert sorted(a) == list(range(100))
+    np.testing.assert_array_equal(a, input_pipeline.epoch_order(0, 3, 100))
+    assert not np.array_equal(a, input_pipeline.epoch_order(0, 4, 100))
+    assert not np.array_equal(a, input_pipeline.epoch_order(1, 3, 100))
+
+
+def test_channel_stats_match_numpy():
+    images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    mean, std = input_pipeline.channel_stats(images)
+    x = images / 255.0
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(std, x.std(axis=(0, 1, 2)), rtol=1e-5)
