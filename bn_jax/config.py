@@ -35,6 +35,7 @@ class Config:
     weight_decay: float = 1e-4
     augment: bool = True
     seed: int = 0
+    num_devices: Optional[int] = None  # None: every visible device; results do not depend on it
 
     def validate(self) -> "Config":
         """Raise ValueError with one readable line for anything that cannot run."""
@@ -44,7 +45,7 @@ class Config:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        for name in ("max_train_examples", "max_test_examples"):
+        for name in ("max_train_examples", "max_test_examples", "num_devices"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -18,7 +18,7 @@ import optax
 from flax.training import train_state
 from tqdm import tqdm
 
-from bn_jax import checkpoints, input_pipeline, models, train_modes
+from bn_jax import checkpoints, input_pipeline, models, parallel, train_modes
 from bn_jax.config import Config
 
 
@@ -91,11 +91,23 @@ def eval_step(state: TrainState, images, labels, valid, mean, std):
             "count": jnp.sum(valid)}
 
 
-def jit_train_step(augment: bool):
-    return jax.jit(functools.partial(train_step, augment=augment), donate_argnums=0)
+def jit_train_step(augment: bool, mesh=None):
+    """The jitted step; over a mesh the state stays replicated and batches arrive sharded."""
+    out = None if mesh is None else parallel.replicated(mesh)
+    return jax.jit(functools.partial(train_step, augment=augment), donate_argnums=0, out_shardings=out)
 
 
 jit_eval_step = jax.jit(eval_step)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _gather(images, labels, idx, sharding):
+    return jax.lax.with_sharding_constraint((images[idx], labels[idx]), sharding)
+
+
+def get_batch(images, labels, idx: np.ndarray, mesh):
+    """Gather one global batch from the device-resident dataset, sharded over the mesh."""
+    return _gather(images, labels, parallel.shard_global(idx, mesh), parallel.sharded(mesh))
 
 
 def _sum(a, b):
@@ -112,22 +124,24 @@ def evaluate(state, test_batches, mean, std) -> Dict[str, float]:
             "accuracy": float(totals["correct"] / totals["count"])}
 
 
-def pad_batches(images: np.ndarray, labels: np.ndarray, batch_size: int):
-    """Test batches of a fixed shape (one compilation); padding is masked out by ``valid``."""
+def pad_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, mesh):
+    """Test batches of one fixed shape, sharded over the mesh; padding is masked out by ``valid``."""
+    devices = mesh.devices.size
+    batch_size = -(-batch_size // devices) * devices
     n = len(labels)
     padded = -(-n // batch_size) * batch_size
-    valid = np.arange(padded) < n
+    valid = (np.arange(padded) < n).astype(np.float32)
     images = np.concatenate([images, np.zeros((padded - n, *images.shape[1:]), images.dtype)])
     labels = np.concatenate([labels, np.zeros(padded - n, labels.dtype)])
-    return [(jax.device_put(images[i:i + batch_size]), jax.device_put(labels[i:i + batch_size]),
-             jax.device_put(valid[i:i + batch_size].astype(np.float32)))
+    return [tuple(parallel.shard_global(a[i:i + batch_size], mesh) for a in (images, labels, valid))
             for i in range(0, padded, batch_size)]
 
 
-def device_summary() -> Dict[str, Any]:
-    devices = jax.devices()
+def device_summary(mesh, batch_size: int) -> Dict[str, Any]:
+    devices = mesh.devices.flatten()
     return {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
-            "device_count": len(devices)}
+            "device_count": len(devices), "process_count": jax.process_count(),
+            "per_device_batch_size": batch_size // len(devices)}
 
 
 def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeline.Dataset] = None,
@@ -141,36 +155,44 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
     if n_train < config.batch_size:
         raise input_pipeline.DataError(
             f"batch_size {config.batch_size} exceeds the {n_train} training examples")
-    os.makedirs(workdir, exist_ok=True)  # only now: bad data leaves nothing behind
-    config.save(os.path.join(workdir, "config.json"))
+    writer = parallel.is_writer()
+    log = log if writer else (lambda *args: None)
+    if writer:
+        os.makedirs(workdir, exist_ok=True)  # only now: bad data leaves nothing behind
+        config.save(os.path.join(workdir, "config.json"))
     steps_per_epoch = n_train // config.batch_size  # the remainder of each epoch's order is dropped
+    mesh = parallel.make_mesh(config.num_devices)
+    parallel.check_batch_size(config.batch_size, mesh)
+    devices = device_summary(mesh, config.batch_size)
 
     state = create_train_state(config, data.num_classes, data.train_images.shape[1:], steps_per_epoch)
+    state = parallel.replicate(state, mesh)
     trainable, total = train_modes.count(state.params, config.train_mode)
     log(f"{config.model} ×{config.width}, mode {config.train_mode}: "
-        f"{train_modes.describe(state.params, config.train_mode)}")
+        f"{train_modes.describe(state.params, config.train_mode)}; {devices['device_count']} "
+        f"{devices['platform']} device(s), {devices['per_device_batch_size']} images per device")
 
-    mean, std = (jnp.asarray(a) for a in input_pipeline.channel_stats(data.train_images))
-    train_images = jax.device_put(data.train_images)
-    train_labels = jax.device_put(data.train_labels)
-    test_batches = pad_batches(data.test_images, data.test_labels, config.eval_batch_size)
-    step_fn = jit_train_step(config.augment)
+    mean, std = parallel.replicate(input_pipeline.channel_stats(data.train_images), mesh)
+    train_images, train_labels = parallel.replicate((data.train_images, data.train_labels), mesh)
+    test_batches = pad_batches(data.test_images, data.test_labels, config.eval_batch_size, mesh)
+    step_fn = jit_train_step(config.augment, mesh)
     _, augment_key = run_keys(config.seed)
 
     history = []
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    open(metrics_path, "w").close()
+    if writer:
+        open(metrics_path, "w").close()
     start = time.time()
     for epoch in range(config.epochs):
         order = input_pipeline.epoch_order(config.seed, epoch, n_train)
         totals, epoch_start = None, time.time()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not writer)
         for i in bar:
             step = epoch * steps_per_epoch + i
-            idx = jax.device_put(order[i * config.batch_size:(i + 1) * config.batch_size])
-            state, m = step_fn(state, train_images[idx], train_labels[idx],
-                               jax.random.fold_in(augment_key, step), mean, std)
+            images, labels = get_batch(train_images, train_labels,
+                                       order[i * config.batch_size:(i + 1) * config.batch_size], mesh)
+            state, m = step_fn(state, images, labels, jax.random.fold_in(augment_key, step), mean, std)
             totals = m if totals is None else _sum(totals, m)
             if i % 20 == 19 or i == steps_per_epoch - 1:
                 t = jax.device_get(totals)
@@ -188,8 +210,9 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
         if not np.isfinite(record["train_loss"]):
             raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1} (step {int(state.step)})")
         history.append(record)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if writer:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         log(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
             f"test loss {test['loss']:.4f} acc {test['accuracy']:.4f} | {record['images_per_second']:.0f} img/s")
 
@@ -203,8 +226,9 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
                "best_test_accuracy": max([r["test_accuracy"] for r in history] or [final["test_accuracy"]]),
                "epochs": config.epochs, "steps": int(state.step),
                "images_per_second": float(np.mean(speeds)) if speeds else None,
-               "wall_time": time.time() - start, **device_summary()}
-    checkpoints.save_final(workdir, state)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+               "wall_time": time.time() - start, **devices}
+    checkpoints.save_final(workdir, state)  # every process takes part; Orbax writes once
+    if writer:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     return summary

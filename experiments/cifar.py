@@ -10,7 +10,7 @@ import os
 import sys
 
 from bn_jax import config as config_lib
-from bn_jax import models, train_modes
+from bn_jax import models, parallel, train_modes
 
 DEFAULTS = config_lib.Config()
 
@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on a fixed random subset of this size (for quick looks)")
     d.add_argument("--max_test_examples", type=int, default=None,
                    help="evaluate on a fixed random subset of this size")
+    c = p.add_argument_group("devices and clusters")
+    c.add_argument("--num_devices", type=int, default=None,
+                   help="data-parallel over the first N local devices (default: all); the global "
+                        "--batch_size is split over them and must divide by N")
+    c.add_argument("--coordinator_address", default=None,
+                   help="multi-host: host:port of process 0 (not needed under SLURM or on a TPU pod, "
+                        "where jax.distributed finds it)")
+    c.add_argument("--num_processes", type=int, default=None, help="multi-host: number of processes")
+    c.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index")
     p.add_argument("--workdir", default=None,
                    help="output folder (default: runs/<model>_w<width>_<mode>_s<seed>)")
     return p
@@ -75,6 +84,7 @@ def parse_config(argv=None):
             parser.error(f"--bn_only conflicts with --train_mode {args.train_mode}")
         values["train_mode"] = "bn"
     workdir = values.pop("workdir")
+    cluster = {k: values.pop(k) for k in ("coordinator_address", "num_processes", "process_id")}
     config = config_lib.Config(**{f.name: values[f.name] for f in dataclasses.fields(config_lib.Config)})
     try:
         config.validate()
@@ -84,6 +94,11 @@ def parse_config(argv=None):
     problem = unwritable(workdir)
     if problem:
         parser.error(f"cannot write to workdir {workdir}: {problem}")
+    parallel.maybe_initialize_distributed(**cluster)
+    try:
+        parallel.check_batch_size(config.batch_size, parallel.make_mesh(config.num_devices))
+    except ValueError as e:
+        parser.error(str(e))
     return config, workdir
 
 

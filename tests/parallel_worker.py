@@ -1,0 +1,74 @@
+"""Run a few train steps over 1 and over N simulated CPU devices in one process; save the results.
+
+Used by tests/test_parallel.py in a subprocess, because the device count must be fixed (by
+XLA_FLAGS) before JAX starts.
+"""
+
+import sys
+
+import jax
+import numpy as np
+
+from bn_jax import parallel, train, train_modes
+from bn_jax.config import Config
+
+from conftest import random_dataset
+
+
+def count_convolutions(mode: str, n: int) -> int:
+    """Convolutions in the compiled sharded step (per-device program)."""
+    config = Config(model="resnet8", train_mode=mode, batch_size=16, num_devices=n)
+    mesh = parallel.make_mesh(n)
+    state = parallel.replicate(train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=4), mesh)
+    x = parallel.shard_global(np.zeros((16, 32, 32, 3), np.uint8), mesh)
+    y = parallel.shard_global(np.zeros(16, np.int32), mesh)
+    hlo = train.jit_train_step(True, mesh).lower(state, x, y, jax.random.key(0), np.zeros(3, np.float32),
+                                                 np.ones(3, np.float32)).compile().as_text()
+    return hlo.count(" convolution(")
+
+
+def run(mode: str, num_devices: int, steps: int = 3):
+    data = random_dataset(n_train=64, n_test=8)
+    config = Config(model="resnet8", train_mode=mode, batch_size=16, lr=0.1, schedule="constant",
+                    num_devices=num_devices)
+    mesh = parallel.make_mesh(num_devices)
+    state = parallel.replicate(train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=4), mesh)
+    mean, std = parallel.replicate((np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)), mesh)
+    images, labels = parallel.replicate((data.train_images, data.train_labels), mesh)
+    step = train.jit_train_step(True, mesh)
+    losses = []
+    for i in range(steps):
+        x, y = train.get_batch(images, labels, np.arange(16 * i, 16 * (i + 1)), mesh)
+        state, m = step(state, x, y, jax.random.key(i), mean, std)
+        losses.append(float(m["loss"]) / 16)
+    return state, np.array(losses)
+
+
+def replicas_identical(tree) -> bool:
+    return all(all(np.asarray(s.data).tobytes() == np.asarray(leaf.addressable_shards[0].data).tobytes()
+                   for s in leaf.addressable_shards) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def main(out_path: str, n: int):
+    results = {}
+    for mode in ("full", "bn"):
+        for devices in (1, n):
+            state, losses = run(mode, devices)
+            initial = train.create_train_state(Config(model="resnet8", train_mode=mode), 10, (32, 32, 3), 4)
+            frozen = [a.tobytes() == np.asarray(b).tobytes() for a, b, trainable in zip(
+                jax.tree_util.tree_leaves(initial.params), jax.tree_util.tree_leaves(state.params),
+                jax.tree_util.tree_leaves(train_modes.trainable_mask(initial.params, mode))) if not trainable]
+            results[f"{mode}/{devices}/frozen_unchanged"] = np.array(all(frozen) and len(frozen) > 0 or mode == "full")
+            key = f"{mode}/{devices}"
+            results[f"{key}/loss"] = losses
+            results[f"{key}/replicated"] = np.array(replicas_identical((state.params, state.batch_stats)))
+            results[f"{key}/num_shards"] = np.array(len(state.params["Conv_0"]["kernel"].addressable_shards))
+            for path, leaf in jax.tree_util.tree_leaves_with_path({"params": state.params,
+                                                                   "batch_stats": state.batch_stats}):
+                results[f"{key}/{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+        results[f"{mode}/{n}/convolutions"] = np.array(count_convolutions(mode, n))
+    np.savez(out_path, **results)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

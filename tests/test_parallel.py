@@ -1,0 +1,109 @@
+"""Data parallelism over simulated CPU devices and over two local processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bn_jax import checkpoints, train
+from bn_jax.config import Config
+
+from conftest import write_image_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 8
+# float32 reassociation: the global-batch sums are split over devices in a different order.
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+def env(devices=N):
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("parallel") / "results.npz")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tests", "parallel_worker.py"), out, str(N)],
+                   env=env(), check=True, timeout=900)
+    return dict(np.load(out))
+
+
+@pytest.mark.parametrize("mode", ["full", "bn"])
+def test_eight_devices_match_one(results, mode):
+    assert results[f"{mode}/{N}/num_shards"] == N  # really replicated over 8 devices
+    np.testing.assert_allclose(results[f"{mode}/{N}/loss"], results[f"{mode}/1/loss"], **TOLERANCE)
+    leaves = [k[len(f"{mode}/1/"):] for k in results if k.startswith(f"{mode}/1/[")]
+    assert len(leaves) > 20
+    for leaf in leaves:
+        np.testing.assert_allclose(results[f"{mode}/{N}/{leaf}"], results[f"{mode}/1/{leaf}"],
+                                   err_msg=leaf, **TOLERANCE)
+
+
+@pytest.mark.parametrize("mode", ["full", "bn"])
+def test_replicas_stay_identical_and_frozen_leaves_untouched(results, mode):
+    assert results[f"{mode}/{N}/replicated"]
+    assert results[f"{mode}/{N}/frozen_unchanged"]
+
+
+def test_sharded_bn_step_drops_weight_gradient_convolutions(results):
+    full, bn = int(results[f"full/{N}/convolutions"]), int(results[f"bn/{N}/convolutions"])
+    convs = 9  # resnet8: stem, 3 blocks × 2, 2 projection shortcuts
+    assert full == 3 * convs - 1 and bn == 2 * convs - 1
+
+
+def test_batch_not_dividing_over_devices_is_refused(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "experiments.cifar", "--batch_size", "12",
+                             "--workdir", str(tmp_path / "run")], cwd=ROOT, env=env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2
+    assert "batch_size 12 does not divide over 8 devices" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def cli(data, workdir, *extra):
+    return [sys.executable, "-m", "experiments.cifar", "--bn_only", "--model", "resnet8", "--epochs", "2",
+            "--batch_size", "8", "--data_dir", data, "--workdir", workdir, *extra]
+
+
+def test_two_processes_match_one(tmp_path):
+    """jax.distributed over localhost (CPU, gloo collectives), one device per process."""
+    data = write_image_folder(str(tmp_path / "data"), per_class=(12, 4))
+    single = str(tmp_path / "single")
+    subprocess.run(cli(data, single), cwd=ROOT, env=env(1), check=True, timeout=600, capture_output=True)
+    multi = str(tmp_path / "multi")
+    port = free_port()
+    procs = [subprocess.Popen(cli(data, multi, "--coordinator_address", f"localhost:{port}",
+                                  "--num_processes", "2", "--process_id", str(i)),
+                              cwd=ROOT, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+
+    summary = json.load(open(os.path.join(multi, "summary.json")))
+    assert summary["process_count"] == 2 and summary["device_count"] == 2
+    assert summary["per_device_batch_size"] == 4
+    a = [json.loads(line) for line in open(os.path.join(single, "metrics.jsonl"))]
+    b = [json.loads(line) for line in open(os.path.join(multi, "metrics.jsonl"))]
+    assert len(a) == len(b) == 2  # written once, by process 0
+    for x, y in zip(a, b):
+        for key in ("train_loss", "test_loss", "train_accuracy", "test_accuracy"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), key
+
+    config = Config(**json.load(open(os.path.join(single, "config.json"))))
+    fresh = train.create_train_state(config, 3, (8, 8, 3), steps_per_epoch=4)
+    s, m = checkpoints.restore(single, fresh), checkpoints.restore(multi, fresh)
+    for x, y in zip(jax.tree_util.tree_leaves((s.params, s.batch_stats)),
+                    jax.tree_util.tree_leaves((m.params, m.batch_stats))):
+        np.testing.assert_allclose(x, y, **TOLERANCE)
