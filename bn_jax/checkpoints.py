@@ -131,7 +131,12 @@ def incompatible_keys(saved: Dict[str, Any], current: Dict[str, Any]) -> List[st
 def _state_tree(state, totals, fmt: str, mode: str):
     params = trainable_leaves(state.params, mode) if fmt == "small" else state.params
     return {"params": params, "batch_stats": state.batch_stats, "opt_state": state.opt_state,
-            "step": state.step, "epoch_totals": totals}
+            "step": jax.numpy.asarray(state.step, jax.numpy.int32), "epoch_totals": totals}
+
+
+def state_hash(tree) -> str:
+    """SHA-256 of a host state tree: detects corrupt bytes that Orbax would restore silently."""
+    return _hash_arrays((_leaf_name(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree))
 
 
 def _all_finite(tree) -> bool:
@@ -176,7 +181,8 @@ class Checkpointer:
         if not _all_finite(host_state):
             raise FloatingPointError(f"non-finite values in the train state at step {step}; "
                                      f"not saving it (last good checkpoint: {self.latest_saved()})")
-        meta = dict(meta, format_version=FORMAT_VERSION, checkpoint_format=self.options.format, step=step)
+        meta = dict(meta, format_version=FORMAT_VERSION, checkpoint_format=self.options.format, step=step,
+                    state_sha256=state_hash(host_state))
         if step in self.manager.all_steps():  # e.g. re-saving the final step of a finished run
             return
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
@@ -228,8 +234,8 @@ class Checkpointer:
         mode = meta["config"]["train_mode"]
         target = jax.device_get(_state_tree(fresh_state, fresh_totals, fmt, mode))
         tree = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-        if not _all_finite(tree):
-            raise ValueError("non-finite values in the saved state")
+        if state_hash(tree) != meta["state_sha256"]:
+            raise ValueError("array bytes do not match the hash saved with them")
         tree = jax.device_put(tree)
         if fmt == "small":
             params = merge_trainable(fresh_state.params, tree["params"])
@@ -354,4 +360,5 @@ def restore(workdir: str, state, step=None):
 
 
 def _zero_totals_like():
-    return {"loss": np.float32(0), "correct": np.int32(0), "count": np.int32(0)}
+    """The structure of train.zero_totals() (the partial-epoch metric sums saved with the state)."""
+    return {"loss": np.float32(0), "correct": np.int32(0), "count": np.int32(0), "nonfinite_step": np.int32(-1)}

@@ -146,11 +146,12 @@ def accumulate(totals, metrics, step):
             "nonfinite_step": jnp.where(bad, step, totals["nonfinite_step"])}
 
 
-def check_finite(totals, epoch: int) -> None:
+def check_finite(totals, epoch: int, last_good=None) -> None:
     """Raise FloatingPointError naming the first step with a NaN/Inf loss (``totals`` on host)."""
     if totals["nonfinite_step"] >= 0 or not np.isfinite(totals["loss"]):
         raise FloatingPointError(f"non-finite training loss at step {int(totals['nonfinite_step'])} "
-                                 f"(epoch {epoch + 1}); stopped without saving this state")
+                                 f"(epoch {epoch + 1}); stopped without saving this state "
+                                 f"(last good checkpoint: step {last_good})")
 
 
 def prepare_workdir(workdir: str, config: Config, restart: bool, log=print) -> None:
@@ -229,7 +230,7 @@ class _Loop:
 
     def save(self, state, totals) -> None:
         step = int(state.step)
-        check_finite(jax.device_get(totals), step // self.steps_per_epoch)
+        check_finite(jax.device_get(totals), step // self.steps_per_epoch, self.ckpt.latest_saved())
         self.ckpt.save(state, totals, {**self.expected, "epoch": step // self.steps_per_epoch,
                                        "position": step % self.steps_per_epoch,
                                        "steps_per_epoch": self.steps_per_epoch, "history": self.history,
@@ -262,7 +263,7 @@ class _Loop:
             totals = accumulate(totals, m, step)
             if i % 20 == 19 or i == spe - 1:
                 t = jax.device_get(totals)
-                check_finite(t, epoch)
+                check_finite(t, epoch, self.ckpt.latest_saved())
                 bar.set_postfix(loss=f"{t['loss'] / t['count']:.3f}", acc=f"{t['correct'] / t['count']:.3f}")
             checkpoints.fault_hook("BN_JAX_TEST_KILL_AT_STEP", step + 1)
             checkpoints.fault_hook("BN_JAX_TEST_SIGTERM_AT_STEP", step + 1)
