@@ -285,8 +285,7 @@ class PreemptionGuard:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, log=print):
-        self.log = log
+    def __init__(self):
         self.signame: Optional[str] = None
         self._previous = {}
 
@@ -295,10 +294,10 @@ class PreemptionGuard:
         return self.signame is not None
 
     def _handle(self, signum, frame):
+        # Only set the flag: printing here could re-enter a print the main thread is inside.
         if self.signame is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signame = signal.Signals(signum).name
-        self.log(f"{self.signame} received: will save a checkpoint after the current step and exit")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -210,12 +210,13 @@ class _Loop:
                 "epoch_order_sha256": checkpoints.order_hash(order)}
 
     def resume(self, state):
-        """Restore the newest good checkpoint (if any) into ``state``; returns (state, totals)."""
+        """Restore the newest good checkpoint (if any) into ``state`` and the partial-epoch sums."""
+        self.totals = zero_totals()
         restored = self.ckpt.restore_latest(state, zero_totals(), self.expected)
         if restored is None:
             checkpoints.write_metrics(self.metrics_path, [])
-            return state, zero_totals()
-        state, totals, meta = restored
+            return state
+        state, self.totals, meta = restored
         step = int(state.step)
         if meta["rng"] != self.run_keys_meta(step // self.steps_per_epoch):
             raise checkpoints.CheckpointError(
@@ -226,7 +227,7 @@ class _Loop:
         checkpoints.write_metrics(self.metrics_path, self.history)
         self.log(f"resumed from checkpoint step {step} (epoch {step // self.steps_per_epoch + 1}, "
                  f"step {step % self.steps_per_epoch} of {self.steps_per_epoch}) in {self.ckpt.path}")
-        return state, totals
+        return state
 
     def save(self, state, totals) -> None:
         step = int(state.step)
@@ -237,10 +238,14 @@ class _Loop:
                                        "wall_time": self.wall_time(),
                                        "rng": self.run_keys_meta(step // self.steps_per_epoch)})
 
-    def after_step(self, state, totals, epoch_done: Optional[int] = None) -> None:
-        """Checkpoint when due or when a signal asked for it (then raise Preempted)."""
-        step = int(state.step)
+    def after_step(self, state, totals, step: int, epoch_done: Optional[int] = None) -> None:
+        """Checkpoint when due or when a signal asked for it (then raise Preempted).
+
+        ``step`` is the host-side count of steps done (no device sync to read ``state.step``).
+        """
         final = step == self.config.epochs * self.steps_per_epoch and epoch_done is not None
+        if self.guard.requested:
+            self.log(f"{self.guard.signame} received: saving a checkpoint at step {step} and exiting")
         if final or self.guard.requested or self.ckpt.options.due(step, epoch_done):
             self.save(state, totals)
         if self.guard.requested:
@@ -268,7 +273,7 @@ class _Loop:
             checkpoints.fault_hook("BN_JAX_TEST_KILL_AT_STEP", step + 1)
             checkpoints.fault_hook("BN_JAX_TEST_SIGTERM_AT_STEP", step + 1)
             if i < spe - 1:  # the epoch's last step is checkpointed after its evaluation
-                self.after_step(state, totals)
+                self.after_step(state, totals, step + 1)
         return state, totals, (spe - first) * config.batch_size / (time.time() - epoch_start)
 
     def end_epoch(self, state, totals, epoch: int, images_per_second: float) -> None:
@@ -287,10 +292,11 @@ class _Loop:
 
     def run(self, state):
         for epoch in range(int(state.step) // self.steps_per_epoch, self.config.epochs):
+            # A mid-epoch resume continues the restored partial-epoch sums.
             totals = self.totals if int(state.step) > epoch * self.steps_per_epoch else zero_totals()
             state, totals, speed = self.train_epoch(state, totals, epoch)
             self.end_epoch(state, totals, epoch, speed)
-            self.after_step(state, zero_totals(), epoch_done=epoch + 1)
+            self.after_step(state, zero_totals(), (epoch + 1) * self.steps_per_epoch, epoch_done=epoch + 1)
         if self.config.epochs == 0:
             self.save(state, zero_totals())
         return state
@@ -322,9 +328,9 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
     expected = {"config": config.to_dict(), "data_fingerprint": checkpoints.data_fingerprint(data),
                 "frozen_hash": checkpoints.frozen_hash(state.params, config.train_mode)}
 
-    with checkpoints.Checkpointer(workdir, options, log) as ckpt, checkpoints.PreemptionGuard(log) as guard:
+    with checkpoints.Checkpointer(workdir, options, log) as ckpt, checkpoints.PreemptionGuard() as guard:
         loop = _Loop(config, data, workdir, ckpt, guard, expected, log)
-        state, loop.totals = loop.resume(state)
+        state = loop.resume(state)
         config.save(os.path.join(workdir, "config.json"))
         state = loop.run(state)
 

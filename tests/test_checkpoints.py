@@ -99,6 +99,7 @@ def test_kill_and_resume_at_several_points_is_bitwise_exact(env, baseline):
     # was already appended, so the resume must neither lose nor duplicate it.
     out = cli(env, workdir, hooks={"BN_JAX_TEST_KILL_DURING_SAVE": "6"}, expect=-signal.SIGKILL)
     assert ("resumed from checkpoint step 2 (epoch 1, step 2 of 3)" in out.stdout) == bool(survived)
+    assert 6 not in finalized_steps(workdir), "the kill should have landed before the async save finished"
     assert [m["epoch"] for m in metrics(workdir)] == [1, 2]
     # Resume; SIGTERM after step 7: a checkpoint at step 7 and exit code 75.
     out = cli(env, workdir, hooks={"BN_JAX_TEST_SIGTERM_AT_STEP": "7"}, expect=checkpoints.EXIT_PREEMPTED)
