@@ -209,16 +209,11 @@ class Checkpointer:
         for step in reversed(steps):
             try:
                 meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            except Exception as e:  # noqa: BLE001  (Orbax/tensorstore raise many types for bad bytes)
-                self._quarantine(step, e)
-                tried.append(step)
-                continue
-            check_compatible(meta, expected, step)
-            try:
+                check_compatible(meta, expected, step)
                 state, totals = self._restore_state(step, meta, fresh_state, fresh_totals)
             except CheckpointError:
-                raise
-            except Exception as e:  # noqa: BLE001
+                raise  # readable but not for this run: refuse, never fall back past it
+            except Exception as e:  # noqa: BLE001  (Orbax/tensorstore raise many types for bad bytes)
                 self._quarantine(step, e)
                 tried.append(step)
                 continue
@@ -353,6 +348,8 @@ def restore(workdir: str, state, step=None):
             raise CheckpointError(f"checkpoint step {step}: frozen weights of the given state do not match the saved hash")
         target = jax.device_get(_state_tree(state, _zero_totals_like(), fmt, mode))
         tree = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    if state_hash(tree) != meta["state_sha256"]:
+        raise CheckpointError(f"checkpoint step {step} in {path}: array bytes do not match the hash saved with them")
     params = merge_trainable(state.params, tree["params"]) if fmt == "small" else tree["params"]
     return state.replace(params=params, batch_stats=tree["batch_stats"], opt_state=tree["opt_state"],
                          step=tree["step"])
