@@ -240,3 +240,8 @@ def test_workdir_with_results_but_no_checkpoint_is_not_clobbered(env, tmp_path, 
     assert cifar.main(flags(env, workdir)) == 2
     assert "--restart" in capsys.readouterr().err
     assert (workdir / "summary.json").read_text() == "{}"
+    # --restart is the explicit way to overwrite it.
+    assert cifar.main(flags(env, workdir, "--restart", "--epochs", "0")) == 0
+    assert "--restart: removed earlier outputs" in capsys.readouterr().out
+    assert json.loads((workdir / "summary.json").read_text())["steps"] == 0
+    assert finalized_steps(workdir) == [0]
