@@ -1,29 +1,360 @@
-"""Orbax checkpoints of the train state (params, batch_stats, optimizer state, step)."""
+"""Preemption-safe Orbax checkpoints: periodic saves, exact resume, fallback past corrupt steps.
 
+A checkpoint at step ``s`` lives in ``<workdir>/checkpoints/<s>/`` and has two Orbax items:
+
+* ``state`` (arrays): ``params`` (all leaves, or only the trainable ones in the small format),
+  ``batch_stats``, ``opt_state``, ``step`` and ``epoch_totals`` (the summed train metrics of
+  the partial epoch, so a mid-epoch resume writes the same epoch line);
+* ``meta`` (JSON): step, epoch, position in the epoch, the config, the metrics history, the
+  RNG state (seed, augmentation key data, a hash of the current epoch's data order), a
+  fingerprint of the data and a hash of the frozen leaves.
+
+Everything random in a run is a function of (seed, step), so (state, step) is all a resume needs.
+See docs/checkpoints.md.
+"""
+
+import dataclasses
+import hashlib
+import json
 import os
+import shutil
+import signal
+import threading
+import time
+from typing import Any, Dict, List, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from bn_jax import train_modes
 
-def state_tree(state):
-    return {"params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state, "step": state.step}
+FORMAT_VERSION = 1
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; re-running the same command resumes
+# Config keys that may differ on resume: they do not change the numbers a run produces.
+RESUMABLE_KEYS = ("eval_batch_size",)
+UNITS = ("epochs", "steps")
+FORMATS = ("full", "small")
 
 
-def save_final(workdir: str, state) -> str:
-    path = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    with ocp.CheckpointManager(path) as manager:
-        manager.save(int(state.step), args=ocp.args.StandardSave(state_tree(state)), force=True)
-        manager.wait_until_finished()
-    return path
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used (incompatible config, corrupt, frozen-weight hash mismatch)."""
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was written. Re-run the same command to resume."""
+
+    def __init__(self, signame: str, step: int, path: str):
+        super().__init__(f"{signame} received: saved a checkpoint at step {step} in {path}; "
+                         "re-run the same command to resume")
+        self.step = step
+
+
+@dataclasses.dataclass
+class CheckpointOptions:
+    every: int = 1              # save every `every` epochs or steps (and always at the end)
+    unit: str = "epochs"        # "epochs" or "steps"
+    keep: int = 3               # keep the latest `keep` checkpoints
+    format: str = "full"        # "small": trainable leaves + batch_stats + opt_state + frozen hash
+    restart: bool = False       # discard an existing run in the workdir instead of resuming
+    async_save: bool = True     # write in a background thread while training continues
+
+    def validate(self) -> "CheckpointOptions":
+        if self.every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.every}")
+        if self.unit not in UNITS:
+            raise ValueError(f"checkpoint unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
+        if self.keep < 1:
+            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if self.format not in FORMATS:
+            raise ValueError(f"checkpoint format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        return self
+
+    def due(self, step: int, epoch_done: Optional[int] = None) -> bool:
+        """Whether to save after ``step`` (``epoch_done`` set when an epoch just ended)."""
+        if self.unit == "steps":
+            return step % self.every == 0
+        return epoch_done is not None and epoch_done % self.every == 0
+
+
+# ---- hashes and fingerprints ----------------------------------------------------------------
+
+def _leaf_name(path) -> str:
+    return ".".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _hash_arrays(named_arrays) -> str:
+    h = hashlib.sha256()
+    for name, a in named_arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def frozen_hash(params, mode: str) -> str:
+    """SHA-256 of the leaves that ``mode`` freezes (names, dtypes, shapes and bytes)."""
+    mask = train_modes.trainable_mask(params, mode)
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(params))
+    flags = jax.tree_util.tree_leaves(mask)
+    return _hash_arrays((_leaf_name(p), x) for (p, x), f in zip(leaves, flags) if not f)
+
+
+def data_fingerprint(data) -> str:
+    return _hash_arrays([("train_images", data.train_images), ("train_labels", data.train_labels),
+                         ("test_images", data.test_images), ("test_labels", data.test_labels)])
+
+
+def order_hash(order: np.ndarray) -> str:
+    return _hash_arrays([("order", order)])
+
+
+def trainable_leaves(params, mode: str) -> Dict[str, Any]:
+    """The trainable leaves as a flat {"Block_0.Conv_0.kernel": array} dict."""
+    mask = train_modes.trainable_mask(params, mode)
+    flags = jax.tree_util.tree_leaves(mask)
+    return {_leaf_name(p): x for (p, x), f in zip(jax.tree_util.tree_leaves_with_path(params), flags) if f}
+
+
+def merge_trainable(params, flat: Dict[str, Any]):
+    """``params`` with the leaves named in ``flat`` replaced."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: flat.get(_leaf_name(p), x), params)
+
+
+def incompatible_keys(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    keys = sorted(set(saved) | set(current))
+    return [k for k in keys if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k)]
+
+
+# ---- the manager ----------------------------------------------------------------------------
+
+def _state_tree(state, totals, fmt: str, mode: str):
+    params = trainable_leaves(state.params, mode) if fmt == "small" else state.params
+    return {"params": params, "batch_stats": state.batch_stats, "opt_state": state.opt_state,
+            "step": jax.numpy.asarray(state.step, jax.numpy.int32), "epoch_totals": totals}
+
+
+def state_hash(tree) -> str:
+    """SHA-256 of a host state tree: detects corrupt bytes that Orbax would restore silently."""
+    return _hash_arrays((_leaf_name(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree))
+
+
+def _all_finite(tree) -> bool:
+    return all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+               if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+
+class Checkpointer:
+    """Saves and restores run checkpoints under ``<workdir>/checkpoints``; use as a context."""
+
+    def __init__(self, workdir: str, options: CheckpointOptions, log=print):
+        self.options = options.validate()
+        self.path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.workdir = workdir
+        self.log = log
+        self.manager = self._open()
+
+    def _open(self):
+        policy = getattr(getattr(ocp, "checkpoint_managers", None), "LatestN", None)
+        keep = {"preservation_policy": policy(n=self.options.keep)} if policy else {"max_to_keep": self.options.keep}
+        options = ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True,
+                                               enable_async_checkpointing=self.options.async_save, **keep)
+        return ocp.CheckpointManager(self.path, item_names=("state", "meta"), options=options)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def steps(self) -> List[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, state, totals, meta: Dict[str, Any]) -> None:
+        """Write a checkpoint at ``state.step``; refuses (FloatingPointError) a non-finite state."""
+        host_state = jax.device_get(_state_tree(state, totals, self.options.format, meta["config"]["train_mode"]))
+        step = int(host_state["step"])
+        if not _all_finite(host_state):
+            raise FloatingPointError(f"non-finite values in the train state at step {step}; "
+                                     f"not saving it (last good checkpoint: {self.latest_saved()})")
+        meta = dict(meta, format_version=FORMAT_VERSION, checkpoint_format=self.options.format, step=step,
+                    state_sha256=state_hash(host_state))
+        if step in self.manager.all_steps():  # e.g. re-saving the final step of a finished run
+            return
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        fault_hook("BN_JAX_TEST_KILL_DURING_SAVE", step)
+
+    def latest_saved(self) -> Optional[int]:
+        steps = self.manager.all_steps()
+        return max(steps) if steps else None
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def restore_latest(self, fresh_state, fresh_totals, expected: Dict[str, Any]):
+        """(state, totals, meta) from the newest restorable checkpoint, or None if there is none.
+
+        ``fresh_state`` is the state a new run of the current config starts from (its frozen
+        leaves fill in small checkpoints); ``expected`` holds the current ``config``,
+        ``data_fingerprint`` and ``frozen_hash``. Corrupt checkpoints are moved aside with a
+        warning; an incompatible one raises CheckpointError.
+        """
+        steps = self.steps()
+        tried = []
+        for step in reversed(steps):
+            try:
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                check_compatible(meta, expected, step)
+                state, totals = self._restore_state(step, meta, fresh_state, fresh_totals)
+            except CheckpointError:
+                raise  # readable but not for this run: refuse, never fall back past it
+            except Exception as e:  # noqa: BLE001  (Orbax/tensorstore raise many types for bad bytes)
+                self._quarantine(step, e)
+                tried.append(step)
+                continue
+            return state, totals, meta
+        if tried:
+            raise CheckpointError(f"no restorable checkpoint left in {self.path} (corrupt steps "
+                                  f"{', '.join(map(str, tried))} moved to {self._quarantine_dir()}); "
+                                  "pass --restart to start over")
+        return None
+
+    def _restore_state(self, step, meta, fresh_state, fresh_totals):
+        fmt = meta["checkpoint_format"]
+        mode = meta["config"]["train_mode"]
+        target = jax.device_get(_state_tree(fresh_state, fresh_totals, fmt, mode))
+        tree = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        if state_hash(tree) != meta["state_sha256"]:
+            raise ValueError("array bytes do not match the hash saved with them")
+        tree = jax.device_put(tree)
+        if fmt == "small":
+            params = merge_trainable(fresh_state.params, tree["params"])
+        else:
+            params = tree["params"]
+        state = fresh_state.replace(params=params, batch_stats=tree["batch_stats"],
+                                    opt_state=tree["opt_state"], step=tree["step"])
+        return state, tree["epoch_totals"]
+
+    def _quarantine_dir(self) -> str:
+        return os.path.join(self.workdir, "corrupt_checkpoints")
+
+    def _quarantine(self, step: int, error: Exception) -> None:
+        dest = os.path.join(self._quarantine_dir(), f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.log(f"warning: checkpoint step {step} in {self.path} is unreadable "
+                 f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
+                 f"moving it to {dest} and trying the previous one")
+        os.makedirs(self._quarantine_dir(), exist_ok=True)
+        shutil.move(os.path.join(self.path, str(step)), dest)
+        self.manager.reload()
+
+
+def check_compatible(meta: Dict[str, Any], expected: Dict[str, Any], step: int) -> None:
+    """Raise CheckpointError naming what differs between a checkpoint and the current run."""
+    where = f"checkpoint step {step}"
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{where} has format version {meta.get('format_version')}, "
+                              f"this code reads {FORMAT_VERSION}; pass --restart or use another --workdir")
+    diff = incompatible_keys(meta["config"], expected["config"])
+    if diff:
+        changes = ", ".join(f"{k}: {meta['config'].get(k)!r} -> {expected['config'].get(k)!r}" for k in diff)
+        raise CheckpointError(f"cannot resume from {where}: config differs in {', '.join(diff)} ({changes}); "
+                              "re-run with the original flags, or pass --restart to discard the old run")
+    if meta["data_fingerprint"] != expected["data_fingerprint"]:
+        raise CheckpointError(f"cannot resume from {where}: the training/test data differ from the data "
+                              "it was trained on (same flags, different files?); pass --restart to start over")
+    if meta["checkpoint_format"] == "small" and meta["frozen_hash"] != expected["frozen_hash"]:
+        raise CheckpointError(f"cannot resume from small {where}: the frozen weights re-created from seed "
+                              f"{expected['config']['seed']} do not match its frozen-leaf hash (init recipe or "
+                              "JAX random bits changed?); refusing to combine them")
+
+
+# ---- preemption -----------------------------------------------------------------------------
+
+class PreemptionGuard:
+    """Turns the first SIGTERM/SIGINT into a flag the loop polls; a second SIGINT interrupts."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signame: Optional[str] = None
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signame is not None
+
+    def _handle(self, signum, frame):
+        # Only set the flag: printing here could re-enter a print the main thread is inside.
+        if self.signame is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signame = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def fault_hook(name: str, step: int) -> None:
+    """Test-only fault injection: env ``name`` = step at which to act (see docs/checkpoints.md)."""
+    value = os.environ.get(name)
+    if value is None or int(value) != step:
+        return
+    if name == "BN_JAX_TEST_SIGTERM_AT_STEP":
+        os.kill(os.getpid(), signal.SIGTERM)
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+def write_metrics(path: str, history: List[Dict[str, Any]]) -> None:
+    """Atomically (re)write metrics.jsonl with the epochs a checkpoint has seen."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for record in history:
+            f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_metrics(path: str, record: Dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def restore(workdir: str, state, step=None):
-    """Restore into the structure of ``state`` (a freshly created state of the same config)."""
+    """Load a checkpoint's full train state into the structure of ``state`` (a fresh state of the
+    same config); small checkpoints take their frozen leaves from ``state``."""
     path = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    with ocp.CheckpointManager(path) as manager:
+    with ocp.CheckpointManager(path, item_names=("state", "meta")) as manager:
         step = manager.latest_step() if step is None else step
-        tree = manager.restore(step, args=ocp.args.StandardRestore(state_tree(state)))
-    return state.replace(params=tree["params"], batch_stats=tree["batch_stats"],
-                         opt_state=tree["opt_state"], step=tree["step"])
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        fmt, mode = meta["checkpoint_format"], meta["config"]["train_mode"]
+        if fmt == "small" and frozen_hash(state.params, mode) != meta["frozen_hash"]:
+            raise CheckpointError(f"checkpoint step {step}: frozen weights of the given state do not match the saved hash")
+        target = jax.device_get(_state_tree(state, _zero_totals_like(), fmt, mode))
+        tree = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    if state_hash(tree) != meta["state_sha256"]:
+        raise CheckpointError(f"checkpoint step {step} in {path}: array bytes do not match the hash saved with them")
+    params = merge_trainable(state.params, tree["params"]) if fmt == "small" else tree["params"]
+    return state.replace(params=params, batch_stats=tree["batch_stats"], opt_state=tree["opt_state"],
+                         step=tree["step"])
+
+
+def _zero_totals_like():
+    """The structure of train.zero_totals() (the partial-epoch metric sums saved with the state)."""
+    return {"loss": np.float32(0), "correct": np.int32(0), "count": np.int32(0), "nonfinite_step": np.int32(-1)}

@@ -7,6 +7,7 @@ augmentation key), so a run is reproducible and can be replayed from any step.
 import functools
 import json
 import os
+import shutil
 import time
 from typing import Any, Dict, Optional
 
@@ -144,10 +145,190 @@ def device_summary(mesh, batch_size: int) -> Dict[str, Any]:
             "per_device_batch_size": batch_size // len(devices)}
 
 
+def zero_totals():
+    """Per-epoch train metric sums; ``nonfinite_step`` is the first step whose loss was NaN/Inf."""
+    return {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32),
+            "count": jnp.zeros((), jnp.int32), "nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+
+@jax.jit
+def accumulate(totals, metrics, step):
+    """Add a step's metrics to the epoch sums on the device (no host sync)."""
+    bad = (totals["nonfinite_step"] < 0) & ~jnp.isfinite(metrics["loss"])
+    return {"loss": totals["loss"] + metrics["loss"], "correct": totals["correct"] + metrics["correct"],
+            "count": totals["count"] + metrics["count"],
+            "nonfinite_step": jnp.where(bad, step, totals["nonfinite_step"])}
+
+
+def check_finite(totals, epoch: int, last_good=None) -> None:
+    """Raise FloatingPointError naming the first step with a NaN/Inf loss (``totals`` on host)."""
+    if totals["nonfinite_step"] >= 0 or not np.isfinite(totals["loss"]):
+        raise FloatingPointError(f"non-finite training loss at step {int(totals['nonfinite_step'])} "
+                                 f"(epoch {epoch + 1}); stopped without saving this state "
+                                 f"(last good checkpoint: step {last_good})")
+
+
+def prepare_workdir(workdir: str, config: Config, restart: bool, log=print) -> None:
+    """--restart: remove an earlier run's outputs. Otherwise refuse outputs we cannot resume from."""
+    outputs = ["checkpoints", "corrupt_checkpoints", "metrics.jsonl", "summary.json", "config.json"]
+    if restart:
+        for name in outputs:
+            path = os.path.join(workdir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        log(f"--restart: removed earlier outputs in {workdir}")
+        return
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
+        return  # resume; the checkpoint itself is checked against the config
+    config_path = os.path.join(workdir, "config.json")
+    if os.path.exists(os.path.join(workdir, "summary.json")):
+        raise checkpoints.CheckpointError(f"{workdir} holds a finished run without checkpoints; pass "
+                                          "--restart to overwrite it or choose another --workdir")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            diff = checkpoints.incompatible_keys(json.load(f), config.to_dict())
+        if diff:
+            raise checkpoints.CheckpointError(
+                f"{workdir} holds outputs of a run with different {', '.join(diff)} and no checkpoint; "
+                "pass --restart to overwrite them or choose another --workdir")
+
+
+class _Loop:
+    """The epoch loop's fixed parts: data on the device, the step function, checkpoints, signals."""
+
+    def __init__(self, config: Config, data, workdir: str, mesh, ckpt, guard, expected, log):
+        self.config, self.ckpt, self.guard, self.expected, self.log = config, ckpt, guard, expected, log
+        self.mesh, self.writer = mesh, parallel.is_writer()
+        self.n_train = len(data.train_labels)
+        self.steps_per_epoch = self.n_train // config.batch_size
+        self.mean, self.std = parallel.replicate(input_pipeline.channel_stats(data.train_images), mesh)
+        self.train_images, self.train_labels = parallel.replicate((data.train_images, data.train_labels), mesh)
+        self.test_batches = pad_batches(data.test_images, data.test_labels, config.eval_batch_size, mesh)
+        self.step_fn = jit_train_step(config.augment, mesh)
+        _, self.augment_key = run_keys(config.seed)
+        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+        self.history = []
+        self.past_wall_time = 0.0
+        self.session_start = time.time()
+
+    def wall_time(self) -> float:
+        return self.past_wall_time + time.time() - self.session_start
+
+    def run_keys_meta(self, epoch: int) -> Dict[str, Any]:
+        order = input_pipeline.epoch_order(self.config.seed, epoch, self.n_train)
+        return {"seed": self.config.seed, "epoch": epoch,
+                "augment_key_data": np.asarray(jax.random.key_data(self.augment_key)).tolist(),
+                "epoch_order_sha256": checkpoints.order_hash(order)}
+
+    def resume(self, state):
+        """Restore the newest good checkpoint (if any) into ``state`` and the partial-epoch sums."""
+        self.totals = zero_totals()
+        restored = self.ckpt.restore_latest(state, zero_totals(), self.expected)
+        if restored is None:
+            if self.writer:
+                checkpoints.write_metrics(self.metrics_path, [])
+            return state
+        state, self.totals, meta = restored
+        step = int(state.step)
+        if meta["rng"] != self.run_keys_meta(step // self.steps_per_epoch):
+            raise checkpoints.CheckpointError(
+                f"checkpoint step {step}: this JAX/NumPy version derives a different data order or "
+                "augmentation key from the seed; an exact resume is impossible (pass --restart)")
+        self.history = meta["history"]
+        self.past_wall_time = meta["wall_time"]
+        if self.writer:
+            checkpoints.write_metrics(self.metrics_path, self.history)
+        self.log(f"resumed from checkpoint step {step} (epoch {step // self.steps_per_epoch + 1}, "
+                 f"step {step % self.steps_per_epoch} of {self.steps_per_epoch}) in {self.ckpt.path}")
+        return state
+
+    def save(self, state, totals) -> None:
+        step = int(state.step)
+        check_finite(jax.device_get(totals), step // self.steps_per_epoch, self.ckpt.latest_saved())
+        self.ckpt.save(state, totals, {**self.expected, "epoch": step // self.steps_per_epoch,
+                                       "position": step % self.steps_per_epoch,
+                                       "steps_per_epoch": self.steps_per_epoch, "history": self.history,
+                                       "wall_time": self.wall_time(),
+                                       "rng": self.run_keys_meta(step // self.steps_per_epoch)})
+
+    def after_step(self, state, totals, step: int, epoch_done: Optional[int] = None) -> None:
+        """Checkpoint when due or when a signal asked for it (then raise Preempted).
+
+        ``step`` is the host-side count of steps done (no device sync to read ``state.step``).
+        """
+        final = step == self.config.epochs * self.steps_per_epoch and epoch_done is not None
+        if self.guard.requested:
+            self.log(f"{self.guard.signame} received: saving a checkpoint at step {step} and exiting")
+        if final or self.guard.requested or self.ckpt.options.due(step, epoch_done):
+            self.save(state, totals)
+        if self.guard.requested:
+            self.ckpt.wait()
+            raise checkpoints.Preempted(self.guard.signame, step, self.ckpt.path)
+
+    def train_epoch(self, state, totals, epoch: int):
+        """Steps from the epoch's current position to its end; returns (state, totals, images/s)."""
+        config, spe = self.config, self.steps_per_epoch
+        order = input_pipeline.epoch_order(config.seed, epoch, self.n_train)
+        first = int(state.step) - epoch * spe
+        epoch_start = time.time()
+        bar = tqdm(range(first, spe), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                   dynamic_ncols=True, disable=not self.writer)
+        for i in bar:
+            step = epoch * spe + i
+            images, labels = get_batch(self.train_images, self.train_labels,
+                                       order[i * config.batch_size:(i + 1) * config.batch_size], self.mesh)
+            state, m = self.step_fn(state, images, labels, jax.random.fold_in(self.augment_key, step),
+                                    self.mean, self.std)
+            totals = accumulate(totals, m, step)
+            if i % 20 == 19 or i == spe - 1:
+                t = jax.device_get(totals)
+                check_finite(t, epoch, self.ckpt.latest_saved())
+                bar.set_postfix(loss=f"{t['loss'] / t['count']:.3f}", acc=f"{t['correct'] / t['count']:.3f}")
+            checkpoints.fault_hook("BN_JAX_TEST_KILL_AT_STEP", step + 1)
+            checkpoints.fault_hook("BN_JAX_TEST_SIGTERM_AT_STEP", step + 1)
+            if i < spe - 1:  # the epoch's last step is checkpointed after its evaluation
+                self.after_step(state, totals, step + 1)
+        return state, totals, (spe - first) * config.batch_size / (time.time() - epoch_start)
+
+    def end_epoch(self, state, totals, epoch: int, images_per_second: float) -> None:
+        totals = jax.device_get(totals)
+        test = evaluate(state, self.test_batches, self.mean, self.std)
+        record = {"epoch": epoch + 1, "step": int(state.step),
+                  "train_loss": float(totals["loss"] / totals["count"]),
+                  "train_accuracy": float(totals["correct"] / totals["count"]),
+                  "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                  "images_per_second": images_per_second,
+                  "wall_time": self.wall_time()}
+        self.history.append(record)
+        if self.writer:
+            checkpoints.append_metrics(self.metrics_path, record)
+        self.log(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
+                 f"test loss {test['loss']:.4f} acc {test['accuracy']:.4f} | {record['images_per_second']:.0f} img/s")
+
+    def run(self, state):
+        for epoch in range(int(state.step) // self.steps_per_epoch, self.config.epochs):
+            # A mid-epoch resume continues the restored partial-epoch sums.
+            totals = self.totals if int(state.step) > epoch * self.steps_per_epoch else zero_totals()
+            state, totals, speed = self.train_epoch(state, totals, epoch)
+            self.end_epoch(state, totals, epoch, speed)
+            self.after_step(state, zero_totals(), (epoch + 1) * self.steps_per_epoch, epoch_done=epoch + 1)
+        if self.config.epochs == 0:
+            self.save(state, zero_totals())
+        return state
+
+
 def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeline.Dataset] = None,
-                       log=print) -> Dict[str, Any]:
-    """Train, evaluate every epoch, and write config/metrics/summary/checkpoint into workdir."""
+                       log=print, checkpointing: Optional[checkpoints.CheckpointOptions] = None) -> Dict[str, Any]:
+    """Train, evaluate every epoch, and write config/metrics/summary/checkpoints into workdir.
+
+    Resumes from the newest good checkpoint in ``workdir/checkpoints`` (exactly: same final
+    bits as an uninterrupted run); see docs/checkpoints.md.
+    """
     config.validate()
+    options = (checkpointing or checkpoints.CheckpointOptions()).validate()
     if data is None:
         data = input_pipeline.load(config.dataset, config.data_dir)
     data = data.subset(config.max_train_examples, config.max_test_examples)
@@ -155,15 +336,15 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
     if n_train < config.batch_size:
         raise input_pipeline.DataError(
             f"batch_size {config.batch_size} exceeds the {n_train} training examples")
-    writer = parallel.is_writer()
-    log = log if writer else (lambda *args: None)
-    if writer:
-        os.makedirs(workdir, exist_ok=True)  # only now: bad data leaves nothing behind
-        config.save(os.path.join(workdir, "config.json"))
     steps_per_epoch = n_train // config.batch_size  # the remainder of each epoch's order is dropped
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_batch_size(config.batch_size, mesh)
     devices = device_summary(mesh, config.batch_size)
+    writer = parallel.is_writer()
+    log = log if writer else (lambda *args: None)
+    os.makedirs(workdir, exist_ok=True)  # only now: bad data leaves nothing behind
+    if writer:
+        prepare_workdir(workdir, config, options.restart, log)
 
     state = create_train_state(config, data.num_classes, data.train_images.shape[1:], steps_per_epoch)
     state = parallel.replicate(state, mesh)
@@ -171,52 +352,18 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
     log(f"{config.model} ×{config.width}, mode {config.train_mode}: "
         f"{train_modes.describe(state.params, config.train_mode)}; {devices['device_count']} "
         f"{devices['platform']} device(s), {devices['per_device_batch_size']} images per device")
+    expected = {"config": config.to_dict(), "data_fingerprint": checkpoints.data_fingerprint(data),
+                "frozen_hash": checkpoints.frozen_hash(state.params, config.train_mode)}
 
-    mean, std = parallel.replicate(input_pipeline.channel_stats(data.train_images), mesh)
-    train_images, train_labels = parallel.replicate((data.train_images, data.train_labels), mesh)
-    test_batches = pad_batches(data.test_images, data.test_labels, config.eval_batch_size, mesh)
-    step_fn = jit_train_step(config.augment, mesh)
-    _, augment_key = run_keys(config.seed)
-
-    history = []
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if writer:
-        open(metrics_path, "w").close()
-    start = time.time()
-    for epoch in range(config.epochs):
-        order = input_pipeline.epoch_order(config.seed, epoch, n_train)
-        totals, epoch_start = None, time.time()
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   dynamic_ncols=True, disable=not writer)
-        for i in bar:
-            step = epoch * steps_per_epoch + i
-            images, labels = get_batch(train_images, train_labels,
-                                       order[i * config.batch_size:(i + 1) * config.batch_size], mesh)
-            state, m = step_fn(state, images, labels, jax.random.fold_in(augment_key, step), mean, std)
-            totals = m if totals is None else _sum(totals, m)
-            if i % 20 == 19 or i == steps_per_epoch - 1:
-                t = jax.device_get(totals)
-                bar.set_postfix(loss=f"{t['loss'] / t['count']:.3f}", acc=f"{t['correct'] / t['count']:.3f}",
-                                img_s=f"{t['count'] / (time.time() - epoch_start):.0f}")
-        totals = jax.device_get(totals)
-        train_seconds = time.time() - epoch_start
-        test = evaluate(state, test_batches, mean, std)
-        record = {"epoch": epoch + 1, "step": int(state.step),
-                  "train_loss": float(totals["loss"] / totals["count"]),
-                  "train_accuracy": float(totals["correct"] / totals["count"]),
-                  "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-                  "images_per_second": float(totals["count"] / train_seconds),
-                  "wall_time": time.time() - start}
-        if not np.isfinite(record["train_loss"]):
-            raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1} (step {int(state.step)})")
-        history.append(record)
+    with checkpoints.Checkpointer(workdir, options, log) as ckpt, checkpoints.PreemptionGuard() as guard:
+        loop = _Loop(config, data, workdir, mesh, ckpt, guard, expected, log)
+        state = loop.resume(state)
         if writer:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        log(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
-            f"test loss {test['loss']:.4f} acc {test['accuracy']:.4f} | {record['images_per_second']:.0f} img/s")
+            config.save(os.path.join(workdir, "config.json"))
+        state = loop.run(state)
 
-    final = history[-1] if history else {"test_accuracy": evaluate(state, test_batches, mean, std)["accuracy"]}
+    history = loop.history
+    final = history[-1] if history else {"test_accuracy": evaluate(state, loop.test_batches, loop.mean, loop.std)["accuracy"]}
     speeds = [r["images_per_second"] for r in history[1:] or history]
     summary = {"model": config.model, "width": config.width, "train_mode": config.train_mode,
                "dataset": config.data_dir or config.dataset,
@@ -226,8 +373,7 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
                "best_test_accuracy": max([r["test_accuracy"] for r in history] or [final["test_accuracy"]]),
                "epochs": config.epochs, "steps": int(state.step),
                "images_per_second": float(np.mean(speeds)) if speeds else None,
-               "wall_time": time.time() - start, **devices}
-    checkpoints.save_final(workdir, state)  # every process takes part; Orbax writes once
+               "wall_time": loop.wall_time(), "checkpoints": ckpt.path, **devices}
     if writer:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

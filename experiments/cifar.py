@@ -1,7 +1,11 @@
 """Train a CIFAR ResNet, optionally BatchNorm-only: ``python -m experiments.cifar --bn_only``.
 
-Writes into --workdir: config.json, metrics.jsonl (one line per epoch), summary.json and the
-final train state as an Orbax checkpoint under checkpoints/<step>/.
+Writes into --workdir: config.json, metrics.jsonl (one line per epoch), summary.json and Orbax
+checkpoints under checkpoints/<step>/. Re-running the same command resumes from the newest
+checkpoint; see docs/checkpoints.md for resume, exit codes and the checkpoint layout.
+
+Exit codes: 0 done, 2 bad flags/data or unusable checkpoint, 3 non-finite loss,
+75 preempted (SIGTERM/SIGINT; a checkpoint was saved: re-run to resume).
 """
 
 import argparse
@@ -9,10 +13,13 @@ import dataclasses
 import os
 import sys
 
+from bn_jax import checkpoints
 from bn_jax import config as config_lib
 from bn_jax import models, parallel, train_modes
 
 DEFAULTS = config_lib.Config()
+CKPT_DEFAULTS = checkpoints.CheckpointOptions()
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, checkpoints.EXIT_PREEMPTED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,15 +77,38 @@ def build_parser() -> argparse.ArgumentParser:
                         "where jax.distributed finds it)")
     c.add_argument("--num_processes", type=int, default=None, help="multi-host: number of processes")
     c.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index")
+    c = p.add_argument_group("checkpoints and resume")
+    c.add_argument("--checkpoint_every", type=int, default=CKPT_DEFAULTS.every,
+                   help="save a checkpoint every this many --checkpoint_unit (and always at the end)")
+    c.add_argument("--checkpoint_unit", default=CKPT_DEFAULTS.unit, choices=checkpoints.UNITS,
+                   help="unit of --checkpoint_every")
+    c.add_argument("--keep", type=int, default=CKPT_DEFAULTS.keep,
+                   help="keep the newest N checkpoints (>= 2 lets a corrupt newest one fall back)")
+    c.add_argument("--small_checkpoints", action="store_true",
+                   help="store only the trainable leaves, batch_stats and optimizer state; frozen leaves "
+                        "are re-created from the seed and checked against a saved hash on restore")
+    c.add_argument("--no_async_checkpoints", dest="async_checkpoints", action="store_false",
+                   help="write checkpoints synchronously instead of in a background thread")
+    c.add_argument("--restart", action="store_true",
+                   help="delete an existing run in --workdir (checkpoints, metrics) and start over; "
+                        "without it, an existing run is resumed")
     p.add_argument("--workdir", default=None,
                    help="output folder (default: runs/<model>_w<width>_<mode>_s<seed>)")
     return p
 
 
-def parse_config(argv=None):
+def parse_args(argv=None):
+    """(config, workdir, checkpoint options) from the command line; bad flags exit with code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     values = vars(args)
+    try:
+        options = checkpoints.CheckpointOptions(
+            every=values.pop("checkpoint_every"), unit=values.pop("checkpoint_unit"), keep=values.pop("keep"),
+            format="small" if values.pop("small_checkpoints") else "full", restart=values.pop("restart"),
+            async_save=values.pop("async_checkpoints")).validate()
+    except ValueError as e:
+        parser.error(str(e))
     if values.pop("bn_only"):
         if args.train_mode not in (DEFAULTS.train_mode, "bn"):
             parser.error(f"--bn_only conflicts with --train_mode {args.train_mode}")
@@ -99,7 +129,7 @@ def parse_config(argv=None):
         parallel.check_batch_size(config.batch_size, parallel.make_mesh(config.num_devices))
     except ValueError as e:
         parser.error(str(e))
-    return config, workdir
+    return config, workdir, options
 
 
 def unwritable(path: str):
@@ -119,18 +149,22 @@ def run_name(config) -> str:
 
 
 def main(argv=None) -> int:
-    config, workdir = parse_config(argv)
+    config, workdir, options = parse_args(argv)
     from bn_jax import input_pipeline, train  # after parsing: --help stays fast
     try:
-        summary = train.train_and_evaluate(config, workdir)
-    except input_pipeline.DataError as e:
+        summary = train.train_and_evaluate(config, workdir, checkpointing=options)
+    except (input_pipeline.DataError, checkpoints.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 3
-    print(f"final test accuracy {summary['final_test_accuracy']:.4f} "
-          f"(best {summary['best_test_accuracy']:.4f}); results in {workdir}")
+        return EXIT_NONFINITE
+    except checkpoints.Preempted as e:
+        print(f"preempted: {e} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
+    if parallel.is_writer():
+        print(f"final test accuracy {summary['final_test_accuracy']:.4f} "
+              f"(best {summary['best_test_accuracy']:.4f}); results in {workdir}")
     return 0
 
 

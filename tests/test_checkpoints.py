@@ -1,0 +1,247 @@
+"""Preemption-safe runs: exact resume after SIGKILL/SIGTERM/SIGINT, refusals, fallbacks, NaN guard.
+
+The CLI runs in subprocesses on a tiny 8×8 image folder (24 training images, batch 8: 3 steps
+per epoch, 3 epochs) with a persistent XLA compilation cache shared by the module, so each run
+takes seconds. Faults are injected with the documented BN_JAX_TEST_* hooks, which fire at an
+exact step, so every test is deterministic.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from bn_jax import checkpoints, train
+from experiments import cifar
+
+from conftest import write_image_folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING = ("images_per_second", "wall_time")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    data = write_image_folder(str(root / "data"), per_class=(8, 2), size=8)
+    return {"root": root, "data": data, "cache": str(root / "xla_cache")}
+
+
+def flags(env, workdir, *extra):
+    return ["--model", "resnet8", "--data_dir", env["data"], "--epochs", "3", "--batch_size", "8",
+            "--checkpoint_every", "2", "--checkpoint_unit", "steps", "--workdir", str(workdir), *extra]
+
+
+def cli(env, workdir, *extra, hooks=None, expect=0):
+    environ = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": env["cache"],
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(hooks or {})}
+    for name in ("BN_JAX_TEST_KILL_AT_STEP", "BN_JAX_TEST_KILL_DURING_SAVE", "BN_JAX_TEST_SIGTERM_AT_STEP"):
+        if name not in (hooks or {}):
+            environ.pop(name, None)
+    proc = subprocess.run([sys.executable, "-m", "experiments.cifar", *flags(env, workdir, *extra)],
+                          cwd=REPO, env=environ, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == expect, f"exit {proc.returncode}, expected {expect}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def finalized_steps(workdir):
+    path = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
+
+
+def saved_arrays(workdir, step=None):
+    """{leaf path: array} of a checkpoint's state item, read back without a target structure."""
+    with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               item_names=("state", "meta")) as manager:
+        step = manager.latest_step() if step is None else step
+        tree = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
+def assert_same_run(workdir, reference):
+    got, want = saved_arrays(workdir), saved_arrays(reference)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert np.array_equal(got[name], want[name]), f"{name} differs from the uninterrupted run"
+    assert metrics(workdir) == metrics(reference)
+
+
+@pytest.fixture(scope="module")
+def baseline(env):
+    """An uninterrupted run: checkpoints at steps 2, 4, 6, 8 and the final 9 (the newest 3 kept)."""
+    workdir = env["root"] / "baseline"
+    cli(env, workdir)
+    assert finalized_steps(workdir) == [6, 8, 9]
+    assert [m["epoch"] for m in metrics(workdir)] == [1, 2, 3]
+    return workdir
+
+
+def test_kill_and_resume_at_several_points_is_bitwise_exact(env, baseline):
+    workdir = env["root"] / "chain"
+    # SIGKILL mid-epoch 1 at step 3, one step after the step-2 save (partial epoch sums).
+    cli(env, workdir, hooks={"BN_JAX_TEST_KILL_AT_STEP": "3"}, expect=-signal.SIGKILL)
+    survived = finalized_steps(workdir)  # the async step-2 save may or may not have finished
+    assert survived in ([], [2])
+    # Resume; SIGKILL right after the step-6 save is handed to the async writer. Epoch 2's line
+    # was already appended, so the resume must neither lose nor duplicate it.
+    out = cli(env, workdir, hooks={"BN_JAX_TEST_KILL_DURING_SAVE": "6"}, expect=-signal.SIGKILL)
+    assert ("resumed from checkpoint step 2 (epoch 1, step 2 of 3)" in out.stdout) == bool(survived)
+    assert 6 not in finalized_steps(workdir), "the kill should have landed before the async save finished"
+    assert [m["epoch"] for m in metrics(workdir)] == [1, 2]
+    # Resume; SIGTERM after step 7: a checkpoint at step 7 and exit code 75.
+    out = cli(env, workdir, hooks={"BN_JAX_TEST_SIGTERM_AT_STEP": "7"}, expect=checkpoints.EXIT_PREEMPTED)
+    assert "SIGTERM received" in out.stderr and "step 7" in out.stderr
+    assert max(finalized_steps(workdir)) == 7
+    out = cli(env, workdir)
+    assert "resumed from checkpoint step 7 (epoch 3, step 1 of 3)" in out.stdout
+    assert_same_run(workdir, baseline)
+
+
+def test_external_sigint_saves_a_checkpoint_and_exits_75(env):
+    workdir = env["root"] / "sigint"
+    environ = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": env["cache"],
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    # Enough epochs that the run is still training when the signal lands; same recipe otherwise.
+    argv = flags(env, workdir) + ["--epochs", "200", "--schedule", "constant"]
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "experiments.cifar", *argv], cwd=REPO, env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 2:"):
+                proc.send_signal(signal.SIGINT)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == checkpoints.EXIT_PREEMPTED, err
+    assert "SIGINT received" in err
+    step = max(finalized_steps(workdir))
+    assert f"at step {step} " in err
+    epochs_done = [m["epoch"] for m in metrics(workdir)]
+    assert epochs_done == list(range(1, step // 3 + 1))
+    assert all(np.all(np.isfinite(a)) for a in saved_arrays(workdir, step).values()
+               if np.issubdtype(a.dtype, np.floating))
+
+
+def test_incompatible_config_is_refused_naming_keys(env, baseline, capsys):
+    code = cifar.main(flags(env, baseline, "--width", "2", "--batch_size", "4", "--train_mode", "bn"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "batch_size" in err and "width" in err and "train_mode" in err and "model" not in err.split("(")[0]
+    assert finalized_steps(baseline) == [6, 8, 9]  # untouched
+
+
+def test_eval_batch_size_may_change_on_resume(env, baseline, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(baseline, workdir)
+    assert cifar.main(flags(env, workdir, "--eval_batch_size", "3")) == 0
+    assert "resumed from checkpoint step 9" in capsys.readouterr().out
+    assert metrics(workdir) == metrics(baseline)
+
+
+def corrupt(step_dir):
+    """Overwrite every array file of a checkpoint's state item with same-length garbage."""
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
+        for name in files:
+            path = os.path.join(root, name)
+            size = os.path.getsize(path)
+            with open(path, "r+b") as f:
+                f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+
+
+def test_corrupt_latest_falls_back_then_errors_when_none_left(env, baseline, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(baseline, workdir)
+    corrupt(os.path.join(workdir, "checkpoints", "9"))
+    # A half-written save (what SIGKILL during a save leaves) must be ignored too.
+    shutil.copytree(os.path.join(workdir, "checkpoints", "8"),
+                    os.path.join(workdir, "checkpoints", "10.orbax-checkpoint-tmp"))
+    out = cli(env, workdir)
+    assert "warning: checkpoint step 9" in out.stdout and "resumed from checkpoint step 8" in out.stdout
+    assert len(os.listdir(os.path.join(workdir, "corrupt_checkpoints"))) == 1
+    assert_same_run(workdir, baseline)  # step 9 re-trained from 8 to the same bits
+
+    for step in finalized_steps(workdir):
+        corrupt(os.path.join(workdir, "checkpoints", str(step)))
+    out = cli(env, workdir, expect=2)
+    assert "no restorable checkpoint left" in out.stderr and "--restart" in out.stderr
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_good_checkpoints(env, tmp_path):
+    workdir = tmp_path / "nan"
+    extra = ("--lr", "1e12", "--checkpoint_every", "1", "--keep", "100")
+    out = cli(env, workdir, *extra, expect=3)
+    assert "non-finite" in out.stderr
+    steps = finalized_steps(workdir)
+    assert steps, "at least the first steps should have been finite and saved"
+    bad = int(re.search(r"at step (\d+)", out.stderr).group(1))
+    assert max(steps) <= bad
+    for step in steps:
+        assert all(np.all(np.isfinite(a)) for a in saved_arrays(workdir, step).values()
+                   if np.issubdtype(a.dtype, np.floating))
+    before = {s: saved_arrays(workdir, s) for s in steps}
+    out = cli(env, workdir, *extra, expect=3)  # resumes from the last good one and stops again
+    assert finalized_steps(workdir) == steps
+    for s in steps:
+        assert all(np.array_equal(before[s][k], v) for k, v in saved_arrays(workdir, s).items())
+
+
+def dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, files in os.walk(path) for f in files)
+
+
+def test_small_checkpoints_resume_exactly_and_refuse_other_frozen_weights(env, tmp_path, monkeypatch):
+    bn = ("--train_mode", "bn", "--keep", "1")
+    full, small = tmp_path / "full", tmp_path / "small"
+    cli(env, full, *bn)
+    cli(env, small, *bn, "--small_checkpoints", hooks={"BN_JAX_TEST_KILL_AT_STEP": "5"}, expect=-signal.SIGKILL)
+    cli(env, small, *bn, "--small_checkpoints")
+    # Restored into a fresh state, the small checkpoint is the full one, bit for bit.
+    config, _, _ = cifar.parse_args(flags(env, small, *bn))
+    fresh = train.create_train_state(config, 3, (8, 8, 3), steps_per_epoch=3)
+    a = checkpoints.restore(str(small), fresh)
+    b = checkpoints.restore(str(full), fresh)
+    for x, y in zip(jax.tree_util.tree_leaves((a.params, a.batch_stats, a.opt_state, a.step)),
+                    jax.tree_util.tree_leaves((b.params, b.batch_stats, b.opt_state, b.step))):
+        assert np.array_equal(x, y)
+    assert metrics(small) == metrics(full)
+    assert dir_bytes(small / "checkpoints") < dir_bytes(full / "checkpoints") / 2
+
+    # Frozen weights that differ from the saved hash (a changed init recipe) are refused.
+    original = train.models.init_variables
+
+    def perturbed(*args, **kwargs):
+        v = original(*args, **kwargs)
+        return {**v, "params": jax.tree_util.tree_map(lambda x: x + 1e-3, v["params"])}
+
+    monkeypatch.setattr(train.models, "init_variables", perturbed)
+    config, workdir, options = cifar.parse_args(flags(env, small, *bn, "--small_checkpoints"))
+    with pytest.raises(checkpoints.CheckpointError, match="frozen"):
+        train.train_and_evaluate(config, workdir, checkpointing=options, log=lambda *_: None)
+
+
+def test_workdir_with_results_but_no_checkpoint_is_not_clobbered(env, tmp_path, capsys):
+    workdir = tmp_path / "old"
+    workdir.mkdir()
+    (workdir / "summary.json").write_text("{}")
+    assert cifar.main(flags(env, workdir)) == 2
+    assert "--restart" in capsys.readouterr().err
+    assert (workdir / "summary.json").read_text() == "{}"
+    # --restart is the explicit way to overwrite it.
+    assert cifar.main(flags(env, workdir, "--restart", "--epochs", "0")) == 0
+    assert "--restart: removed earlier outputs" in capsys.readouterr().out
+    assert json.loads((workdir / "summary.json").read_text())["steps"] == 0
+    assert finalized_steps(workdir) == [0]
