@@ -1,4 +1,9 @@
 import os
+import tempfile
+
+# One persistent XLA compilation cache for the whole session, in-process and in subprocesses
+# (they inherit the environment): many tests compile the same small ResNet programs.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="bn_jax_xla_cache_"))
 
 import numpy as np
 import pytest
