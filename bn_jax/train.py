@@ -357,7 +357,7 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
 
     with checkpoints.Checkpointer(workdir, options, log) as ckpt, checkpoints.PreemptionGuard() as guard:
         loop = _Loop(config, data, workdir, mesh, ckpt, guard, expected, log)
-        state = loop.resume(state)
+        state = parallel.replicate(loop.resume(state), mesh)  # restored leaves are host arrays
         if writer:
             config.save(os.path.join(workdir, "config.json"))
         state = loop.run(state)

@@ -52,8 +52,8 @@ def test_bad_model_names(bad):
 
 
 def test_initialisation_matches_open_lth():
-    params = models.init_variables(models.create_model("resnet56", width=2), jax.random.key(3))["params"]
-    kernel = np.asarray(params["Block_20"]["Conv_1"]["kernel"])  # 3×3×128×128
+    params = models.init_variables(models.create_model("resnet20", width=2), jax.random.key(3))["params"]
+    kernel = np.asarray(params["Block_8"]["Conv_1"]["kernel"])  # 3×3×128×128
     fan_in = 3 * 3 * 128
     std = np.sqrt(2.0 / fan_in)
     assert abs(kernel.std() / std - 1) < 0.02
@@ -66,13 +66,13 @@ def test_initialisation_matches_open_lth():
     g = np.concatenate(gammas)
     assert g.min() >= 0 and g.max() < 1 and 0.45 < g.mean() < 0.55
     assert all((b == 0).all() for b in betas)
-    ones = models.init_variables(models.create_model("resnet20", bn_init="ones"), jax.random.key(0))
+    ones = models.init_variables(models.create_model("resnet8", bn_init="ones"), jax.random.key(0))
     assert all((np.asarray(p) == 1).all() for path, p in jax.tree_util.tree_leaves_with_path(ones["params"])
                if train_modes.leaf_role(path) == "bn_scale")
 
 
 def test_init_is_a_function_of_the_key():
-    model = models.create_model("resnet20")
+    model = models.create_model("resnet8")
     a = models.init_variables(model, jax.random.key(1))
     b = models.init_variables(model, jax.random.key(1))
     c = models.init_variables(model, jax.random.key(2))
