@@ -28,10 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="width multiplier k: segments have 16k, 32k, 64k channels")
     m.add_argument("--bn_init", default=DEFAULTS.bn_init, choices=list(models.BN_INITS),
                    help="BatchNorm γ init: uniform = U[0,1) as the paper's code, ones = 1")
+    m.add_argument("--bn_placement", default=DEFAULTS.bn_placement, choices=config_lib.BN_PLACEMENTS,
+                   help="BatchNorm before the ReLU (the paper's, He et al. 2016) or after it")
     t = p.add_argument_group("what trains")
     t.add_argument("--train_mode", default=DEFAULTS.train_mode, choices=list(train_modes.MODES),
-                   help="which parameters train; all others stay at their initial value")
+                   help="which parameters train; all others stay at their initial value. random_k: k "
+                        "random weights per conv output channel + output layer; no_affine: BN without "
+                        "γ/β, all else trains")
     t.add_argument("--bn_only", action="store_true", help="shorthand for --train_mode bn")
+    t.add_argument("--k", type=int, default=DEFAULTS.k,
+                   help="random_k: trainable weights per output channel of each conv (2 ≈ as many as BN)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="passes over the training set")
     o.add_argument("--batch_size", type=int, default=DEFAULTS.batch_size,
@@ -91,7 +97,15 @@ def parse_config(argv=None):
 
 
 def run_name(config) -> str:
-    return f"{config.model}_w{config.width}_{config.train_mode}_s{config.seed}"
+    """Folder name from the hyperparameters that tell runs of one sweep apart (defaults left out)."""
+    parts = [config.model, f"w{config.width}", config.train_mode]
+    if config.train_mode == "random_k":
+        parts.append(f"k{config.k}")
+    if config.bn_placement != DEFAULTS.bn_placement:
+        parts.append(f"bn{config.bn_placement}")
+    if config.bn_init != DEFAULTS.bn_init:
+        parts.append(f"init{config.bn_init}")
+    return "_".join(parts + [f"s{config.seed}"])
 
 
 def main(argv=None) -> int:
