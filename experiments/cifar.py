@@ -74,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv=None):
     parser = build_parser()
+    config, workdir = config_from_argv(argv, parser)
+    workdir = workdir or os.path.join("runs", run_name(config))
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        if not os.access(workdir, os.W_OK):
+            raise PermissionError(f"not writable: {workdir}")
+    except OSError as e:
+        parser.error(f"cannot write to workdir {workdir}: {e}")
+    return config, workdir
+
+
+def config_from_argv(argv, parser=None):
+    """(validated Config, --workdir or None) from command-line flags; touches no files."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     values = vars(args)
     if values.pop("bn_only"):
@@ -86,13 +100,6 @@ def parse_config(argv=None):
         config.validate()
     except ValueError as e:
         parser.error(str(e))
-    workdir = workdir or os.path.join("runs", run_name(config))
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        if not os.access(workdir, os.W_OK):
-            raise PermissionError(f"not writable: {workdir}")
-    except OSError as e:
-        parser.error(f"cannot write to workdir {workdir}: {e}")
     return config, workdir
 
 
