@@ -148,3 +148,19 @@ def test_no_affine_model_has_no_gamma_beta_but_keeps_running_stats():
     roles = {train_modes.leaf_role(p) for p, _ in jax.tree_util.tree_leaves_with_path(v["params"])}
     assert roles == {"conv", "head_kernel", "head_bias"}
     assert len(jax.tree_util.tree_leaves(v["batch_stats"])) == 2 * 21
+
+
+@pytest.mark.parametrize("name, published", [
+    # torchvision's model cards (He et al. 2016 architectures): 11,689,512 / 21,797,672 / 25,557,032.
+    ("imagenet_resnet18", 11_689_512), ("imagenet_resnet34", 21_797_672), ("imagenet_resnet50", 25_557_032)])
+def test_imagenet_resnet_parameter_counts(name, published):
+    model = models.create_model(name, num_classes=1000)
+    params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 224, 224, 3))), jax.random.key(0))["params"]
+    assert train_modes.count(params, "full")[1] == published
+    out = jax.eval_shape(lambda: model.apply(jax.tree_util.tree_map(jnp.zeros_like, shapes_of(model)),
+                                             jnp.zeros((2, 224, 224, 3))))
+    assert out.shape == (2, 1000)
+
+
+def shapes_of(model):
+    return jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 224, 224, 3))), jax.random.key(0))
