@@ -219,10 +219,17 @@ def main(argv=None) -> int:
                    help="a feature is disabled when |γ| is below this")
     p.add_argument("--no_ablation", action="store_true", help="skip zeroing γ (needs no data)")
     p.add_argument("--num_classes", type=int, default=None, help="for --data_dir runs that are not 10-class")
+    p.add_argument("--tensorboard", default=None, metavar="LOGDIR",
+                   help="also write each run's per-epoch metrics as TensorBoard scalars to LOGDIR/<run> "
+                        "(needs the optional tensorboard package)")
     args = p.parse_args(argv)
     runs = analysis.find_runs(args.paths)
     if not runs:
         p.error(f"no finished runs (summary.json) in {', '.join(args.paths)}")
+    if args.tensorboard:
+        from bn_jax import tensorboard_export
+        for run in runs:
+            tensorboard_export.write_scalars(os.path.join(args.tensorboard, run.name), run.metrics)
     out = args.out or os.path.join(args.paths[0], "report")
     path = write_report(runs, out, args.threshold, load_data=None if args.no_ablation else data_loader(),
                         num_classes=args.num_classes)

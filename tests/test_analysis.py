@@ -69,3 +69,17 @@ def test_report_and_plots(finished_run, tmp_path):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
         assert f"({name})" in text
+
+
+def test_tensorboard_scalars_round_trip(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from bn_jax import tensorboard_export
+    records = [{"epoch": 1, "test_accuracy": 0.25, "train_loss": 2.0},
+               {"epoch": 2, "test_accuracy": 0.5, "train_loss": 1.5}]
+    assert tensorboard_export.write_scalars(str(tmp_path), records) == 4
+    acc = event_accumulator.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("test_accuracy")] == [(1, 0.25), (2, 0.5)]
+    assert sorted(acc.Tags()["scalars"]) == ["test_accuracy", "train_loss"]
