@@ -1,5 +1,6 @@
 """The analysis on a tiny finished run, and its γ computations on hand-made trees."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -83,3 +84,14 @@ def test_tensorboard_scalars_round_trip(tmp_path):
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("test_accuracy")] == [(1, 0.25), (2, 0.5)]
     assert sorted(acc.Tags()["scalars"]) == ["test_accuracy", "train_loss"]
+
+
+def test_random_k_run_restores_with_its_mask(tmp_path):
+    # The entry mask lives in the optimizer state: it must survive the checkpoint round trip.
+    config = Config(model="resnet8", train_mode="random_k", k=3, epochs=1, batch_size=32, schedule="constant")
+    summary = train.train_and_evaluate(config, str(tmp_path / "rk"), data=DATA, log=lambda *_: None)
+    assert summary["trainable_params"] == 3 * (16 + 16 * 2 + 32 * 3 + 64 * 3) + 64 * 10 + 10
+    state = analysis.restore_state(analysis.load_run(str(tmp_path / "rk")))
+    masks = [m for m in jax.tree_util.tree_leaves(state.opt_state) if getattr(m, "dtype", None) == bool]
+    assert masks and all(int(np.asarray(m).reshape(-1, m.shape[-1]).sum(0).max()) == 3 for m in masks if m.ndim == 4)
+    assert analysis.ablation_curve(state, DATA, [0.0])[0][1] == summary["final_test_accuracy"]
