@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bn_jax import analysis, reference  # noqa: E402
+from bn_jax import analysis, reference, train_modes  # noqa: E402
 
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -28,6 +28,13 @@ FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 def depth_of(run) -> Optional[int]:
     match = re.match(r"resnet(\d+)$", run.config.model)
     return int(match.group(1)) if match else None
+
+
+def run_order(run):
+    """Architecture, width, then the order of train_modes.MODES (full, bn, ... as the presets list them)."""
+    modes = list(train_modes.MODES)
+    return (re.sub(r"\d+", "", run.config.model), int(re.sub(r"\D", "", run.config.model) or 0),
+            run.config.width, modes.index(run.config.train_mode), run.config.k, run.config.seed)
 
 
 def _save(fig, path: str) -> str:
@@ -162,12 +169,14 @@ def write_report(runs, out: str, threshold: float = reference.DISABLED_THRESHOLD
                  fractions=FRACTIONS, load_data: Optional[Callable] = None, num_classes: Optional[int] = None) -> str:
     """Write out/report.md and its PNGs; ``load_data(config)`` gives the run's data subset for the ablation."""
     os.makedirs(out, exist_ok=True)
+    runs = sorted(runs, key=run_order)
     lines = [f"# BatchNorm-only analysis: {len(runs)} runs", "",
              f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by "
              "`python -m experiments.analyze`.", "", *accuracy_section(runs, out),
              "## γ and β per layer; disabled features", "",
-             f"The paper finds BatchNorm-only training disables {reference.PAPER_DISABLED_FRACTION[1]}. "
-             f"Threshold here: |γ| < {threshold:g} (see bn_jax/reference.py for its provenance).", ""]
+             "The paper reports that BN-only training of deep ResNets disables around a third of the "
+             f"features ({reference.PAPER_DISABLED_FRACTION[1]}). Threshold here: |γ| < {threshold:g} "
+             "(see bn_jax/reference.py for its provenance).", ""]
     disabled, curves = [], {}
     for run in runs:
         state = analysis.restore_state(run, num_classes)
