@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--model", default=DEFAULTS.model, help=f"architecture: {models.model_names()}")
     m.add_argument("--width", type=int, default=DEFAULTS.width,
-                   help="width multiplier k: segments have 16k, 32k, 64k channels")
+                   help="width multiplier k: ResNet segments have 16k, 32k, 64k channels; VGG channels ×k")
     m.add_argument("--bn_init", default=DEFAULTS.bn_init, choices=list(models.BN_INITS),
                    help="BatchNorm γ init: uniform = U[0,1) as the paper's code, ones = 1")
     m.add_argument("--bn_placement", default=DEFAULTS.bn_placement, choices=config_lib.BN_PLACEMENTS,
