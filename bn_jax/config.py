@@ -13,6 +13,7 @@ from typing import Optional
 from bn_jax import models, train_modes
 
 SCHEDULES = ("step", "cosine", "constant")
+BN_PLACEMENTS = ("before", "after")  # BatchNorm before (paper, He et al. 2016) or after the ReLU
 
 
 @dataclasses.dataclass
@@ -20,7 +21,9 @@ class Config:
     model: str = "resnet110"
     width: int = 1
     bn_init: str = "uniform"
+    bn_placement: str = "before"
     train_mode: str = "full"
+    k: int = 2  # random_k: trainable weights per output channel of each conv
     dataset: str = "cifar10"
     data_dir: Optional[str] = None
     max_train_examples: Optional[int] = None
@@ -39,8 +42,12 @@ class Config:
 
     def validate(self) -> "Config":
         """Raise ValueError with one readable line for anything that cannot run."""
-        models.create_model(self.model, width=self.width, bn_init=self.bn_init)
+        if self.bn_placement not in BN_PLACEMENTS:
+            raise ValueError(f"unknown bn_placement {self.bn_placement!r}; known: {', '.join(BN_PLACEMENTS)}")
         train_modes.check_mode(self.train_mode)
+        self.create_model()
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
         positive = {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}
         for name, value in positive.items():
             if value < 1:
@@ -59,6 +66,12 @@ class Config:
         if self.data_dir is not None and not os.path.exists(self.data_dir):
             raise ValueError(f"data_dir does not exist: {self.data_dir}")
         return self
+
+    def create_model(self, num_classes: int = 10):
+        """The model this config describes (architecture, BN placement, and what the mode implies)."""
+        return models.create_model(self.model, width=self.width, num_classes=num_classes,
+                                   bn_init=self.bn_init, bn_before_relu=self.bn_placement == "before",
+                                   **train_modes.model_options(self.train_mode))
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -1,4 +1,5 @@
-"""CIFAR ResNets as in the paper's code base (open_lth ``cifar_resnet``), plus a name registry.
+"""CIFAR ResNets and VGGs as in the paper's code base (open_lth ``cifar_resnet``, ``cifar_vgg``),
+plus a name registry.
 
 Initialisation follows open_lth's defaults, which the paper used:
   * conv and dense kernels: Kaiming-normal, fan_in, gain sqrt(2), *not* truncated
@@ -36,9 +37,13 @@ def torch_linear_bias_init(fan_in: int) -> Callable:
     return init
 
 
-def batch_norm(train: bool, bn_init: str = "uniform") -> Callable[..., nn.BatchNorm]:
-    """BatchNorm as PyTorch/open_lth configure it (momentum 0.1, eps 1e-5)."""
+def batch_norm(train: bool, bn_init: str = "uniform", affine: bool = True) -> Callable[..., nn.BatchNorm]:
+    """BatchNorm as PyTorch/open_lth configure it (momentum 0.1, eps 1e-5).
+
+    ``affine=False`` drops γ and β (PyTorch's ``affine=False``): the paper's Figure 1 ablation.
+    """
     return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             use_scale=affine, use_bias=affine,
                              scale_init=BN_INITS[bn_init], bias_init=nn.initializers.zeros)
 
 
@@ -69,11 +74,12 @@ class CifarResNet(nn.Module):
     num_classes: int = 10
     bn_init: str = "uniform"
     bn_before_relu: bool = True
+    affine: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         n = blocks_per_segment(self.depth)
-        norm = batch_norm(train, self.bn_init)
+        norm = batch_norm(train, self.bn_init, self.affine)
         x = nn.Conv(16 * self.width, (3, 3), padding=1, use_bias=False, kernel_init=conv_init)(x)
         x = nn.relu(norm()(x))
         for segment, features in enumerate(self.segment_widths()):
@@ -95,27 +101,125 @@ def blocks_per_segment(depth: int) -> int:
     return (depth - 2) // 6
 
 
-_RESNET = re.compile(r"resnet(\d+)$")
+VGG_PLANS = {  # open_lth cifar_vgg plans: channels, "M" = 2×2 max-pool
+    11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
+    13: (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
+    16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512),
+    19: (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512),
+}
+
+
+class CifarVGG(nn.Module):
+    """open_lth ``cifar_vgg_<depth>``: 3×3 conv (with bias) → BN → ReLU stacks, max-pools, then a
+    2×2 average pool and one dense layer from 512 (×width) features."""
+
+    depth: int
+    width: int = 1
+    num_classes: int = 10
+    bn_init: str = "uniform"
+    bn_before_relu: bool = True
+    affine: bool = True
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        norm = batch_norm(train, self.bn_init, self.affine)
+        for spec in VGG_PLANS[self.depth]:
+            if spec == "M":
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                continue
+            fan_in = 9 * x.shape[-1]
+            x = nn.Conv(spec * self.width, (3, 3), padding=1, kernel_init=conv_init,
+                        bias_init=torch_linear_bias_init(fan_in))(x)
+            x = nn.relu(norm()(x)) if self.bn_before_relu else norm()(nn.relu(x))
+        x = jnp.mean(nn.avg_pool(x, (2, 2), strides=(2, 2)), axis=(1, 2))  # 2×2 → 1×1 at 32×32 input
+        return nn.Dense(self.num_classes, kernel_init=conv_init,
+                        bias_init=torch_linear_bias_init(x.shape[-1]), name="head")(x)
+
+
+class ImageNetBlock(nn.Module):
+    """torchvision's BasicBlock (two 3×3) or Bottleneck (1×1, 3×3 with the stride, 1×1 ×4)."""
+
+    features: int
+    stride: int
+    norm: Callable
+    bottleneck: bool
+    bn_before_relu: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init)
+        act = lambda y: nn.relu(self.norm()(y)) if self.bn_before_relu else self.norm()(nn.relu(y))
+        if self.bottleneck:
+            out = 4 * self.features
+            y = act(conv(self.features, (1, 1))(x))
+            y = act(conv(self.features, (3, 3), self.stride, padding=1)(y))
+            y = self.norm()(conv(out, (1, 1))(y))
+        else:
+            out = self.features
+            y = act(conv(out, (3, 3), self.stride, padding=1)(x))
+            y = self.norm()(conv(out, (3, 3), padding=1)(y))
+        if self.stride != 1 or x.shape[-1] != out:
+            x = self.norm()(conv(out, (1, 1), self.stride)(x))
+        return nn.relu(x + y)
+
+
+IMAGENET_PLANS = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3), True)}
+
+
+class ImageNetResNet(nn.Module):
+    """ResNet-18/34/50 for ImageNet (He et al. 2016; torchvision layout): 7×7/2 stem, max-pool,
+    four stages at 64·width … 512·width channels, global average pool, dense head."""
+
+    depth: int
+    width: int = 1
+    num_classes: int = 1000
+    bn_init: str = "uniform"
+    bn_before_relu: bool = True
+    affine: bool = True
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        norm = batch_norm(train, self.bn_init, self.affine)
+        blocks, bottleneck = IMAGENET_PLANS[self.depth]
+        x = nn.Conv(64 * self.width, (7, 7), 2, padding=3, use_bias=False, kernel_init=conv_init)(x)
+        x = nn.max_pool(nn.relu(norm()(x)), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for stage, n in enumerate(blocks):
+            for i in range(n):
+                x = ImageNetBlock(64 * 2**stage * self.width, 2 if stage > 0 and i == 0 else 1, norm,
+                                  bottleneck, self.bn_before_relu)(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, kernel_init=conv_init,
+                        bias_init=torch_linear_bias_init(x.shape[-1]), name="head")(x)
+
+
+_NAME = re.compile(r"(imagenet_resnet|resnet|vgg)(\d+)$")
 
 
 def model_names() -> str:
-    return "resnet<6n+2> (e.g. resnet20, resnet56, resnet110, resnet866)"
+    return ("resnet<6n+2> (e.g. resnet20, resnet56, resnet110, resnet866), vgg11, vgg13, vgg16, vgg19, "
+            "imagenet_resnet18, imagenet_resnet34, imagenet_resnet50")
 
 
 def create_model(name: str, *, width: int = 1, num_classes: int = 10, bn_init: str = "uniform",
-                 bn_before_relu: bool = True) -> nn.Module:
+                 bn_before_relu: bool = True, affine: bool = True) -> nn.Module:
     """Build a model from its registry name; raises ValueError with the accepted names."""
-    match = _RESNET.match(name.lower())
+    match = _NAME.match(name.lower())
     if not match:
         raise ValueError(f"unknown model {name!r}; known: {model_names()}")
-    depth = int(match.group(1))
-    blocks_per_segment(depth)
+    family, depth = match.group(1), int(match.group(2))
+    if family == "resnet":
+        blocks_per_segment(depth)
+    elif family == "vgg" and depth not in VGG_PLANS:
+        raise ValueError(f"unknown VGG depth {depth}; known: {', '.join(f'vgg{d}' for d in VGG_PLANS)}")
+    elif family == "imagenet_resnet" and depth not in IMAGENET_PLANS:
+        raise ValueError(f"unknown ImageNet ResNet depth {depth}; known: 18, 34, 50")
     if width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
     if bn_init not in BN_INITS:
         raise ValueError(f"unknown bn_init {bn_init!r}; known: {', '.join(BN_INITS)}")
-    return CifarResNet(depth=depth, width=width, num_classes=num_classes, bn_init=bn_init,
-                       bn_before_relu=bn_before_relu)
+    cls = {"resnet": CifarResNet, "vgg": CifarVGG, "imagenet_resnet": ImageNetResNet}[family]
+    return cls(depth=depth, width=width, num_classes=num_classes, bn_init=bn_init,
+               bn_before_relu=bn_before_relu, affine=affine)
 
 
 def init_variables(model: nn.Module, key, image_shape=(32, 32, 3)):

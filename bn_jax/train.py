@@ -49,13 +49,12 @@ def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
 
 
 def create_train_state(config: Config, num_classes: int, image_shape, steps_per_epoch: int) -> TrainState:
-    model = models.create_model(config.model, width=config.width, num_classes=num_classes,
-                                 bn_init=config.bn_init)
+    model = config.create_model(num_classes)
     init_key, _ = run_keys(config.seed)
     variables = models.init_variables(model, init_key, image_shape)
     params = variables["params"]
     tx = train_modes.make_optimizer(params, config.train_mode, make_schedule(config, steps_per_epoch),
-                                    config.momentum, config.weight_decay)
+                                    config.momentum, config.weight_decay, k=config.k, seed=config.seed)
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                              batch_stats=variables["batch_stats"])
 
@@ -348,9 +347,9 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
 
     state = create_train_state(config, data.num_classes, data.train_images.shape[1:], steps_per_epoch)
     state = parallel.replicate(state, mesh)
-    trainable, total = train_modes.count(state.params, config.train_mode)
+    trainable, total = train_modes.count(state.params, config.train_mode, config.k)
     log(f"{config.model} ×{config.width}, mode {config.train_mode}: "
-        f"{train_modes.describe(state.params, config.train_mode)}; {devices['device_count']} "
+        f"{train_modes.describe(state.params, config.train_mode, config.k)}; {devices['device_count']} "
         f"{devices['platform']} device(s), {devices['per_device_batch_size']} images per device")
     expected = {"config": config.to_dict(), "data_fingerprint": checkpoints.data_fingerprint(data),
                 "frozen_hash": checkpoints.frozen_hash(state.params, config.train_mode)}

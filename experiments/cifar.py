@@ -32,13 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--model", default=DEFAULTS.model, help=f"architecture: {models.model_names()}")
     m.add_argument("--width", type=int, default=DEFAULTS.width,
-                   help="width multiplier k: segments have 16k, 32k, 64k channels")
+                   help="width multiplier k: ResNet segments have 16k, 32k, 64k channels; VGG channels ×k")
     m.add_argument("--bn_init", default=DEFAULTS.bn_init, choices=list(models.BN_INITS),
                    help="BatchNorm γ init: uniform = U[0,1) as the paper's code, ones = 1")
+    m.add_argument("--bn_placement", default=DEFAULTS.bn_placement, choices=config_lib.BN_PLACEMENTS,
+                   help="BatchNorm before the ReLU (the paper's, He et al. 2016) or after it")
     t = p.add_argument_group("what trains")
     t.add_argument("--train_mode", default=DEFAULTS.train_mode, choices=list(train_modes.MODES),
-                   help="which parameters train; all others stay at their initial value")
+                   help="which parameters train; all others stay at their initial value. random_k: k "
+                        "random weights per conv output channel + output layer; no_affine: BN without "
+                        "γ/β, all else trains")
     t.add_argument("--bn_only", action="store_true", help="shorthand for --train_mode bn")
+    t.add_argument("--k", type=int, default=DEFAULTS.k,
+                   help="random_k: trainable weights per output channel of each conv (2 ≈ as many as BN)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="passes over the training set")
     o.add_argument("--batch_size", type=int, default=DEFAULTS.batch_size,
@@ -101,35 +107,44 @@ def parse_args(argv=None):
     """(config, workdir, checkpoint options) from the command line; bad flags exit with code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    values = vars(args)
     try:
         options = checkpoints.CheckpointOptions(
-            every=values.pop("checkpoint_every"), unit=values.pop("checkpoint_unit"), keep=values.pop("keep"),
-            format="small" if values.pop("small_checkpoints") else "full", restart=values.pop("restart"),
-            async_save=values.pop("async_checkpoints")).validate()
+            every=args.checkpoint_every, unit=args.checkpoint_unit, keep=args.keep,
+            format="small" if args.small_checkpoints else "full", restart=args.restart,
+            async_save=args.async_checkpoints).validate()
     except ValueError as e:
         parser.error(str(e))
-    if values.pop("bn_only"):
-        if args.train_mode not in (DEFAULTS.train_mode, "bn"):
-            parser.error(f"--bn_only conflicts with --train_mode {args.train_mode}")
-        values["train_mode"] = "bn"
-    workdir = values.pop("workdir")
-    cluster = {k: values.pop(k) for k in ("coordinator_address", "num_processes", "process_id")}
-    config = config_lib.Config(**{f.name: values[f.name] for f in dataclasses.fields(config_lib.Config)})
-    try:
-        config.validate()
-    except ValueError as e:
-        parser.error(str(e))
+    config, workdir = config_from_args(args, parser)
     workdir = workdir or os.path.join("runs", run_name(config))
     problem = unwritable(workdir)
     if problem:
         parser.error(f"cannot write to workdir {workdir}: {problem}")
-    parallel.maybe_initialize_distributed(**cluster)
+    parallel.maybe_initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     try:
         parallel.check_batch_size(config.batch_size, parallel.make_mesh(config.num_devices))
     except ValueError as e:
         parser.error(str(e))
     return config, workdir, options
+
+
+def config_from_argv(argv, parser=None):
+    """(validated Config, --workdir or None) from command-line flags; touches no files."""
+    parser = parser or build_parser()
+    return config_from_args(parser.parse_args(argv), parser)
+
+
+def config_from_args(args, parser):
+    values = dict(vars(args))
+    if values["bn_only"]:
+        if args.train_mode not in (DEFAULTS.train_mode, "bn"):
+            parser.error(f"--bn_only conflicts with --train_mode {args.train_mode}")
+        values["train_mode"] = "bn"
+    config = config_lib.Config(**{f.name: values[f.name] for f in dataclasses.fields(config_lib.Config)})
+    try:
+        config.validate()
+    except ValueError as e:
+        parser.error(str(e))
+    return config, values["workdir"]
 
 
 def unwritable(path: str):
@@ -145,7 +160,15 @@ def unwritable(path: str):
 
 
 def run_name(config) -> str:
-    return f"{config.model}_w{config.width}_{config.train_mode}_s{config.seed}"
+    """Folder name from the hyperparameters that tell runs of one sweep apart (defaults left out)."""
+    parts = [config.model, f"w{config.width}", config.train_mode]
+    if config.train_mode == "random_k":
+        parts.append(f"k{config.k}")
+    if config.bn_placement != DEFAULTS.bn_placement:
+        parts.append(f"bn{config.bn_placement}")
+    if config.bn_init != DEFAULTS.bn_init:
+        parts.append(f"init{config.bn_init}")
+    return "_".join(parts + [f"s{config.seed}"])
 
 
 def main(argv=None) -> int:

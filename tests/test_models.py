@@ -1,3 +1,4 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +46,7 @@ def test_batch_stats_collection_exists():
     assert len(stats) == 2 * 19 + 2 * 2  # mean and var of 19 main + 2 shortcut BNs
 
 
-@pytest.mark.parametrize("bad", ["resnet21", "resnet4", "vgg11x", "resnet"])
+@pytest.mark.parametrize("bad", ["resnet21", "resnet4", "vgg11x", "resnet", "vgg12"])
 def test_bad_model_names(bad):
     with pytest.raises(ValueError):
         models.create_model(bad)
@@ -78,3 +79,88 @@ def test_init_is_a_function_of_the_key():
     c = models.init_variables(model, jax.random.key(2))
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
     assert not np.array_equal(a["params"]["Conv_0"]["kernel"], c["params"]["Conv_0"]["kernel"])
+
+
+# open_lth cifar_vgg plans, written out here: conv channels, "M" = max-pool.
+PLANS = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512],
+}
+
+
+def vgg_hand_count(plan):
+    """(conv+fc weights, conv biases, BN γ+β, fc bias) by hand."""
+    channels = [c for c in plan if c != "M"]
+    c_in = [3] + channels[:-1]
+    weights = sum(9 * a * b for a, b in zip(c_in, channels)) + 512 * 10
+    return weights, sum(channels), 2 * sum(channels), 10
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_vgg_parameter_counts(name):
+    params = shapes(models.create_model(name))["params"]
+    weights, conv_bias, bn, fc_bias = vgg_hand_count(PLANS[name])
+    assert train_modes.count(params, "full")[1] == weights + conv_bias + bn + fc_bias
+    assert train_modes.count(params, "bn")[0] == bn
+    roles = [train_modes.leaf_role(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    assert roles.count("conv_bias") == roles.count("conv") == len([c for c in PLANS[name] if c != "M"])
+
+
+def test_vgg19_has_the_published_20m_weights():
+    # Frankle & Carbin (ICLR 2019), Figure 2: VGG-19 for CIFAR-10 has 20.0M weights (conv + fc).
+    params = shapes(models.create_model("vgg19"))["params"]
+    weights = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(params)
+                  if train_modes.leaf_role(p) in ("conv", "head_kernel"))
+    assert round(weights / 1e6, 1) == 20.0
+
+
+def test_vgg_forward_shape_and_random_k_freezes_conv_biases():
+    model = models.create_model("vgg11", num_classes=7)
+    variables = models.init_variables(model, jax.random.key(0))
+    assert model.apply(variables, jnp.zeros((2, 32, 32, 3))).shape == (2, 7)
+    trainable = train_modes.trainable_mask(variables["params"], "random_k")
+    assert not any(jax.tree_util.tree_leaves(trainable["Conv_0"]["bias"]))
+
+
+def bn_outputs(bn_placement, train=True):
+    model = models.create_model("resnet8", bn_init="ones", bn_before_relu=bn_placement == "before")
+    variables = models.init_variables(model, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
+    _, state = model.apply(variables, x, train=train, mutable=["batch_stats", "intermediates"],
+                           capture_intermediates=lambda m, _: isinstance(m, nn.BatchNorm))
+    return np.asarray(state["intermediates"]["Block_0"]["BatchNorm_0"]["__call__"][0])
+
+
+@pytest.mark.parametrize("placement", ["before", "after"])
+def test_bn_placement(placement):
+    # After the ReLU, every zeroed activation normalises to the same value: the channel minimum
+    # repeats. Before it, BN sees continuous conv outputs and the minimum is unique.
+    y = bn_outputs(placement).reshape(-1, 16)
+    repeats = (y == y.min(axis=0)).sum(axis=0)
+    assert (repeats > 100).all() if placement == "after" else (repeats == 1).all()
+
+
+def test_no_affine_model_has_no_gamma_beta_but_keeps_running_stats():
+    v = shapes(models.create_model("resnet20", affine=False))
+    roles = {train_modes.leaf_role(p) for p, _ in jax.tree_util.tree_leaves_with_path(v["params"])}
+    assert roles == {"conv", "head_kernel", "head_bias"}
+    assert len(jax.tree_util.tree_leaves(v["batch_stats"])) == 2 * 21
+
+
+@pytest.mark.parametrize("name, published", [
+    # torchvision's model cards (He et al. 2016 architectures): 11,689,512 / 21,797,672 / 25,557,032.
+    ("imagenet_resnet18", 11_689_512), ("imagenet_resnet34", 21_797_672), ("imagenet_resnet50", 25_557_032)])
+def test_imagenet_resnet_parameter_counts(name, published):
+    model = models.create_model(name, num_classes=1000)
+    params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 224, 224, 3))), jax.random.key(0))["params"]
+    assert train_modes.count(params, "full")[1] == published
+    out = jax.eval_shape(lambda: model.apply(jax.tree_util.tree_map(jnp.zeros_like, shapes_of(model)),
+                                             jnp.zeros((2, 224, 224, 3))))
+    assert out.shape == (2, 1000)
+
+
+def shapes_of(model):
+    return jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 224, 224, 3))), jax.random.key(0))

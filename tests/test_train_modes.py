@@ -17,9 +17,9 @@ DATA = random_dataset(n_train=64, n_test=8)
 MEAN, STD = jnp.full(3, 0.5), jnp.full(3, 0.25)
 
 
-def make_state(mode, model="resnet8", lr=0.1, weight_decay=1e-3):
+def make_state(mode, model="resnet8", lr=0.1, weight_decay=1e-3, k=2, seed=0):
     config = Config(model=model, train_mode=mode, lr=lr, weight_decay=weight_decay, schedule="constant",
-                    epochs=1, seed=0)
+                    epochs=1, seed=seed, k=k)
     return train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=4)
 
 
@@ -109,3 +109,105 @@ def test_bn_only_step_drops_weight_gradient_convolutions():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="unknown train mode"):
         make_state("everything")
+
+
+# What each mode should train, written out independently of train_modes.MODES.
+ALL_ROLES = {"conv", "bn_scale", "bn_bias", "head_kernel", "head_bias"}
+EXPECTED_ROLES = {
+    "full": ALL_ROLES, "no_affine": {"conv", "head_kernel", "head_bias"},
+    "bn": {"bn_scale", "bn_bias"}, "bn_output": {"bn_scale", "bn_bias", "head_kernel", "head_bias"},
+    "output": {"head_kernel", "head_bias"}, "gamma_only": {"bn_scale"}, "beta_only": {"bn_bias"},
+    "random_k": {"conv", "head_kernel", "head_bias"},  # conv: k entries per output channel only
+}
+
+
+def test_every_mode_is_specified_here():
+    assert set(EXPECTED_ROLES) == set(train_modes.MODES)
+
+
+@pytest.mark.parametrize("mode", ["random_k", "no_affine"])
+def test_new_modes_move_exactly_the_intended_leaves(mode):
+    start = make_state(mode)
+    end = run_steps(start, 4)
+    roles = {role for _, role, _ in leaves_by_role(start.params)}
+    assert ("bn_scale" in roles) == (mode != "no_affine")  # no_affine: the model has no γ/β at all
+    for (name, role, before), (_, _, after) in zip(leaves_by_role(start.params), leaves_by_role(end.params)):
+        if role not in EXPECTED_ROLES[mode]:
+            assert before.tobytes() == after.tobytes(), f"frozen {name} changed"
+        elif not (mode == "random_k" and role == "conv"):
+            assert (before != after).all(), f"every entry of {name} should have moved"
+
+
+def conv_kernels(params):
+    return [(name, x) for name, role, x in leaves_by_role(params) if role == "conv"]
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_random_k_moves_exactly_k_entries_per_output_channel(k):
+    start = make_state("random_k", k=k)
+    end = run_steps(start, 3)  # weight decay 1e-3 is on: it must not reach masked-out entries
+    for (name, before), (_, after) in zip(conv_kernels(start.params), conv_kernels(end.params)):
+        moved = (before != after).reshape(-1, before.shape[-1])
+        assert (moved.sum(axis=0) == min(k, moved.shape[0])).all(), name
+        frozen = ~moved
+        assert before.reshape(moved.shape)[frozen].tobytes() == after.reshape(moved.shape)[frozen].tobytes()
+
+
+def test_random_k_selection_is_a_function_of_the_seed():
+    def moved(seed):
+        a = make_state("random_k", seed=seed)
+        b = run_steps(a, 1)
+        return np.asarray(a.params["Conv_0"]["kernel"]) != np.asarray(b.params["Conv_0"]["kernel"])
+    assert np.array_equal(moved(0), moved(0))
+    assert not np.array_equal(moved(0), moved(1))
+
+
+def test_random_k_masked_entries_carry_zero_momentum():
+    state = run_steps(make_state("random_k"), 2)
+    masks = train_modes.entry_masks(state.params, "random_k", 2, 0)
+    traces = [s for s in jax.tree_util.tree_leaves(state.opt_state) if np.ndim(s) == 4 and s.dtype != bool]
+    kernels = [m for m in jax.tree_util.tree_leaves(masks) if np.ndim(m) == 4]
+    assert len(traces) == len(kernels) > 0
+    for trace, mask in zip(traces, kernels):
+        assert (np.asarray(trace)[~np.asarray(mask)] == 0).all()
+        assert (np.asarray(trace)[np.asarray(mask)] != 0).all()
+
+
+# Trainable counts worked out from the architecture (not from the code under test).
+def resnet_convs(depth, width=1):
+    """(fan_in, out_channels) of every conv in a CIFAR ResNet-(6n+2)."""
+    n = (depth - 2) // 6
+    convs, c_in = [(27, 16 * width)], 16 * width
+    for seg, c in enumerate([16 * width, 32 * width, 64 * width]):
+        for i in range(n):
+            convs += [(9 * c_in, c), (9 * c, c)]
+            if c_in != c:
+                convs.append((c_in, c))  # 1×1 shortcut
+            c_in = c
+    return convs
+
+
+def expected_counts(depth, k=2):
+    convs = resnet_convs(depth)
+    conv = sum(f * c for f, c in convs)
+    features = sum(c for _, c in convs)  # one BN per conv
+    head = 64 * 10 + 10
+    total = conv + 2 * features + head
+    return {"full": total, "no_affine": total - 2 * features, "bn": 2 * features,
+            "bn_output": 2 * features + head, "output": head, "gamma_only": features,
+            "beta_only": features, "random_k": sum(min(k, f) * c for f, c in convs) + head}
+
+
+@pytest.mark.parametrize("depth", [20, 110])
+@pytest.mark.parametrize("mode", list(EXPECTED_ROLES))
+def test_exact_trainable_counts(depth, mode):
+    config = Config(model=f"resnet{depth}", train_mode=mode)
+    params = jax.eval_shape(lambda key: config.create_model().init(key, jnp.zeros((1, 32, 32, 3))),
+                            jax.random.key(0))["params"]
+    assert train_modes.count(params, mode, k=2)[0] == expected_counts(depth)[mode]
+
+
+def test_hand_counts_match_the_papers_figures():
+    # Sanity of the hand computation itself: ResNet-110 has 1,730,714 parameters, 8,288 in BN (0.48%).
+    c = expected_counts(110)
+    assert (c["full"], c["bn"], c["random_k"]) == (1_730_714, 8_288, 8_288 + 650)  # k=2: one conv weight per γ and β

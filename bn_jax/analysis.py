@@ -1,0 +1,113 @@
+"""Read finished runs and measure what the paper measures on them: accuracy against depth, width
+and trainable parameters; γ/β distributions per layer; the fraction of features BatchNorm
+disables (|γ| below a threshold); and test accuracy as the smallest-|γ| features are zeroed.
+
+Pure functions of parameter trees live here; plotting and the report are in experiments.analyze.
+"""
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+
+from bn_jax import checkpoints, input_pipeline, parallel, train, train_modes
+from bn_jax.config import Config
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+@dataclasses.dataclass
+class Run:
+    workdir: str
+    config: Config
+    summary: Dict[str, Any]
+    metrics: List[Dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.workdir))
+
+
+def is_finished(workdir: str) -> bool:
+    return os.path.exists(os.path.join(workdir, "summary.json"))
+
+
+def load_run(workdir: str) -> Run:
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = Config(**json.load(f))
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f if line.strip()]
+    return Run(workdir, config, summary, metrics)
+
+
+def find_runs(paths: Sequence[str]) -> List[Run]:
+    """Finished runs in each path: the path itself, or its immediate subfolders (a sweep root)."""
+    dirs = []
+    for path in paths:
+        if is_finished(path):
+            dirs.append(path)
+        elif os.path.isdir(path):
+            dirs += [os.path.join(path, d) for d in sorted(os.listdir(path)) if is_finished(os.path.join(path, d))]
+    return [load_run(d) for d in dirs]
+
+
+def restore_state(run: Run, num_classes: Optional[int] = None):
+    """The final train state, restored into a fresh state of the run's config (checkpoints.restore)."""
+    if num_classes is None:
+        num_classes = NUM_CLASSES.get(run.config.dataset, 10)  # data_dir runs: pass it (CIFAR-10: 10)
+    template = train.create_train_state(run.config, num_classes, (32, 32, 3), steps_per_epoch=1)
+    return checkpoints.restore(run.workdir, template)
+
+
+def _natural(key: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def bn_layers(params) -> List[Tuple[str, np.ndarray, np.ndarray]]:
+    """[(layer, γ, β)] in network order (Block_2 before Block_10)."""
+    found: Dict[str, Dict[str, np.ndarray]] = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        role = train_modes.leaf_role(path)
+        if role in ("bn_scale", "bn_bias"):
+            layer = "/".join(getattr(k, "key", str(k)) for k in path[:-1])
+            found.setdefault(layer, {})[role] = np.asarray(x)
+    return [(layer, v["bn_scale"], v["bn_bias"]) for layer, v in sorted(found.items(), key=lambda i: _natural(i[0]))]
+
+
+def disabled_fractions(params, threshold: float):
+    """({layer: fraction of its features with |γ| < threshold}, overall fraction over all features)."""
+    layers = bn_layers(params)
+    per_layer = {layer: float(np.mean(np.abs(g) < threshold)) for layer, g, _ in layers}
+    gammas = np.concatenate([g for _, g, _ in layers]) if layers else np.zeros(0)
+    overall = float(np.mean(np.abs(gammas) < threshold)) if gammas.size else float("nan")
+    return per_layer, overall
+
+
+def zero_smallest_gammas(params, fraction: float):
+    """Params with γ set to 0 for the ``fraction`` of features of smallest |γ|, ranked across all
+    layers (the feature then outputs its constant β). Ties are broken by network order."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    is_gamma = [train_modes.leaf_role(p) == "bn_scale" for p, _ in leaves]
+    gammas = [np.asarray(x) for (p, x), g in zip(leaves, is_gamma) if g]
+    flat = np.concatenate([g.ravel() for g in gammas])
+    n = int(round(fraction * flat.size))
+    keep = np.ones(flat.size, bool)
+    keep[np.argsort(np.abs(flat), kind="stable")[:n]] = False
+    pieces = iter(np.split(keep, np.cumsum([g.size for g in gammas])[:-1]))
+    new = [np.where(next(pieces).reshape(x.shape), x, 0).astype(x.dtype) if g else x
+           for (_, x), g in zip(leaves, is_gamma)]
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def ablation_curve(state, data, fractions: Sequence[float], eval_batch_size: int = 1000):
+    """[(fraction zeroed, test accuracy)] on ``data`` (already the run's subset)."""
+    mean, std = input_pipeline.channel_stats(data.train_images)  # as train.py normalises
+    batches = train.pad_batches(data.test_images, data.test_labels, eval_batch_size, parallel.make_mesh(1))
+    return [(float(f), train.evaluate(state.replace(params=zero_smallest_gammas(state.params, f)),
+                                      batches, mean, std)["accuracy"]) for f in fractions]

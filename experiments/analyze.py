@@ -1,0 +1,250 @@
+"""Report on finished runs: ``python -m experiments.analyze RUN_OR_SWEEP_DIR... [--out DIR]``.
+
+Writes DIR/report.md and PNG plots: test accuracy against depth, width and trainable parameters
+per train mode (the paper's published numbers beside ours, from bn_jax.reference); per-layer γ
+and β histograms; the fraction of features disabled (|γ| < --threshold) per layer and overall;
+and test accuracy as the smallest-|γ| features are zeroed (needs the run's data: the test subset
+is re-created exactly as in training; --no_ablation skips it).
+"""
+
+import argparse
+import datetime
+import os
+import re
+import sys
+from typing import Callable, Dict, List, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bn_jax import analysis, reference, train_modes  # noqa: E402
+
+FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def depth_of(run) -> Optional[int]:
+    match = re.match(r"resnet(\d+)$", run.config.model)
+    return int(match.group(1)) if match else None
+
+
+def run_order(run):
+    """Architecture, width, then the order of train_modes.MODES (full, bn, ... as the presets list them)."""
+    modes = list(train_modes.MODES)
+    return (re.sub(r"\d+", "", run.config.model), int(re.sub(r"\D", "", run.config.model) or 0),
+            run.config.width, modes.index(run.config.train_mode), run.config.k, run.config.seed)
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return os.path.basename(path)
+
+
+def _series(runs, x_of, group_of) -> Dict[str, List]:
+    groups: Dict[str, List] = {}
+    for run in runs:
+        x = x_of(run)
+        if x is not None:
+            groups.setdefault(group_of(run), []).append((x, 100 * run.summary["final_test_accuracy"]))
+    return {g: sorted(points) for g, points in groups.items()}
+
+
+def plot_accuracy(runs, x_of, group_of, xlabel: str, path: str, logx=False, paper=None) -> Optional[str]:
+    series = _series(runs, x_of, group_of)
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for group, points in sorted(series.items()):
+        ax.plot(*zip(*points), "o-", label=group)
+    for label, points in (paper or {}).items():
+        if points:
+            ax.plot(*zip(*sorted(points)), "x--", color="gray" if "full" in label else "black", label=label)
+    ax.set(xlabel=xlabel, ylabel="test accuracy (%)", xscale="log" if logx else "linear")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def paper_depth_points():
+    bn = [(int(m[6:]), r.bn_only) for m, r in reference.CIFAR10_RESNET.items()]
+    full = [(int(m[6:]), r.full) for m, r in reference.CIFAR10_RESNET.items()]
+    return {"paper: bn": bn, "paper: full": full}
+
+
+def plot_by_mode(runs, path: str) -> str:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [f"{r.config.train_mode}\n{r.config.model}" for r in runs]
+    ax.bar(range(len(runs)), [100 * r.summary["final_test_accuracy"] for r in runs])
+    ax.set_xticks(range(len(runs)), labels, fontsize=7)
+    ax.set(ylabel="final test accuracy (%)")
+    return _save(fig, path)
+
+
+def plot_gamma_beta(layers, title: str, path: str) -> str:
+    """Per-layer histograms as heat maps (rows = BN layers in network order)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, max(3, 0.12 * len(layers) + 1.5)))
+    for ax, index, name in ((axes[0], 1, "γ"), (axes[1], 2, "β")):
+        values = [layer[index] for layer in layers]
+        lo, hi = min(v.min() for v in values), max(v.max() for v in values)
+        edges = np.linspace(lo, hi if hi > lo else lo + 1, 41)
+        counts = np.stack([np.histogram(v, edges)[0] / v.size for v in values])
+        ax.imshow(counts, aspect="auto", cmap="viridis", extent=(edges[0], edges[-1], len(layers) - 0.5, -0.5))
+        ax.set(xlabel=name, ylabel="BN layer (network order)", title=f"{name} per layer")
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_disabled(per_layer: Dict[str, float], threshold: float, title: str, path: str) -> str:
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar(range(len(per_layer)), [100 * f for f in per_layer.values()])
+    ax.set(xlabel="BN layer (network order)", ylabel=f"% features |γ| < {threshold:g}", title=title)
+    return _save(fig, path)
+
+
+def plot_ablation(curves: Dict[str, List], path: str) -> Optional[str]:
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in sorted(curves.items()):
+        ax.plot([100 * f for f, _ in curve], [100 * a for _, a in curve], "o-", label=name)
+    ax.set(xlabel="% of features zeroed (smallest |γ| first, all layers)", ylabel="test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def results_table(runs) -> List[str]:
+    rows = ["| run | mode | trainable | of total | final acc | best acc | epochs | paper BN-only | paper full |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        s, ref = r.summary, reference.paper_result(r.config.model, r.config.width)
+        paper = (f"{ref.bn_only:.1f}%", f"{ref.full:.1f}%") if ref else ("–", "–")
+        rows.append(f"| {r.name} | {r.config.train_mode} | {s['trainable_params']:,} | {s['total_params']:,} | "
+                    f"{100 * s['final_test_accuracy']:.2f}% | {100 * s['best_test_accuracy']:.2f}% | "
+                    f"{s['epochs']} | {paper[0]} | {paper[1]} |")
+    return rows
+
+
+def reference_lines() -> List[str]:
+    lines = ["| model | paper BN-only | paper full | source | checked against paper text |", "|---|---:|---:|---|---|"]
+    for model, r in reference.CIFAR10_RESNET.items():
+        lines.append(f"| {model} | {r.bn_only}% | {r.full}% | {r.source} | {'yes' if r.confirmed else 'no'} |")
+    return lines
+
+
+def accuracy_section(runs, out: str) -> List[str]:
+    plots = [
+        plot_accuracy(runs, depth_of, lambda r: f"{r.config.train_mode} w{r.config.width}", "ResNet depth",
+                      os.path.join(out, "accuracy_vs_depth.png"), paper=paper_depth_points()),
+        plot_accuracy(runs, lambda r: r.config.width if depth_of(r) else None,
+                      lambda r: f"{r.config.model} {r.config.train_mode}", "width multiplier",
+                      os.path.join(out, "accuracy_vs_width.png"), logx=True),
+        plot_accuracy(runs, lambda r: r.summary["trainable_params"], lambda r: r.config.train_mode,
+                      "trainable parameters", os.path.join(out, "accuracy_vs_trainable.png"), logx=True),
+        plot_by_mode(runs, os.path.join(out, "accuracy_by_run.png")),
+    ]
+    return ["## Accuracy", "", *results_table(runs), "", "Published numbers used above:", "",
+            *reference_lines(), "", *[f"![{p}]({p})" for p in plots if p], ""]
+
+
+def bn_section(run, state, threshold: float, out: str):
+    """Markdown lines and the overall disabled fraction for one run (None without γ)."""
+    layers = analysis.bn_layers(state.params)
+    if not layers:
+        return [], None
+    per_layer, overall = analysis.disabled_fractions(state.params, threshold)
+    hist = plot_gamma_beta(layers, f"{run.name}: γ and β per BN layer", os.path.join(out, f"gamma_beta_{run.name}.png"))
+    bars = plot_disabled(per_layer, threshold, f"{run.name}: disabled features per layer",
+                         os.path.join(out, f"disabled_{run.name}.png"))
+    lines = [f"### {run.name}", "", f"Disabled (|γ| < {threshold:g}): {100 * overall:.1f}% of "
+             f"{sum(g.size for _, g, _ in layers):,} features.", "", f"![{hist}]({hist})", f"![{bars}]({bars})", ""]
+    return lines, overall
+
+
+def write_report(runs, out: str, threshold: float = reference.DISABLED_THRESHOLD,
+                 fractions=FRACTIONS, load_data: Optional[Callable] = None, num_classes: Optional[int] = None) -> str:
+    """Write out/report.md and its PNGs; ``load_data(config)`` gives the run's data subset for the ablation."""
+    os.makedirs(out, exist_ok=True)
+    runs = sorted(runs, key=run_order)
+    lines = [f"# BatchNorm-only analysis: {len(runs)} runs", "",
+             f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by "
+             "`python -m experiments.analyze`.", "", *accuracy_section(runs, out),
+             "## γ and β per layer; disabled features", "",
+             "The paper reports that BN-only training of deep ResNets disables around a third of the "
+             f"features ({reference.PAPER_DISABLED_FRACTION[1]}). Threshold here: |γ| < {threshold:g} "
+             "(see bn_jax/reference.py for its provenance).", ""]
+    disabled, curves = [], {}
+    for run in runs:
+        state = analysis.restore_state(run, num_classes)
+        section, overall = bn_section(run, state, threshold, out)
+        lines += section
+        if overall is not None:
+            disabled.append(f"| {run.name} | {run.config.train_mode} | {100 * overall:.1f}% |")
+            if load_data is not None:
+                curves[run.name] = analysis.ablation_curve(state, load_data(run.config), fractions)
+    lines += ["| run | mode | disabled |", "|---|---|---:|", *disabled, ""]
+    lines += ablation_lines(curves, out)
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def ablation_lines(curves, out: str) -> List[str]:
+    if not curves:
+        return ["## Zeroing the smallest-|γ| features", "", "Skipped (no data given).", ""]
+    plot = plot_ablation(curves, os.path.join(out, "ablation_zero_gamma.png"))
+    fractions = next(iter(curves.values()))
+    header = "| run | " + " | ".join(f"{100 * f:.0f}%" for f, _ in fractions) + " |"
+    rows = [header, "|---|" + "---:|" * len(fractions)]
+    rows += [f"| {name} | " + " | ".join(f"{100 * a:.1f}" for _, a in curve) + " |" for name, curve in curves.items()]
+    return ["## Zeroing the smallest-|γ| features", "",
+            "γ := 0 for the given share of features with the smallest |γ| (ranked over all layers); "
+            "test accuracy (%) on the run's own test subset:", "", *rows, "", f"![{plot}]({plot})", ""]
+
+
+def data_loader():
+    """load_data for write_report: the run's data subset, decoded once per distinct source."""
+    from bn_jax import input_pipeline
+    cache = {}
+
+    def load(config):
+        key = (config.dataset, config.data_dir)
+        if key not in cache:
+            cache[key] = input_pipeline.load(config.dataset, config.data_dir)
+        return cache[key].subset(config.max_train_examples, config.max_test_examples)
+    return load
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.analyze", description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="+", help="run folders, or sweep roots holding run folders")
+    p.add_argument("--out", default=None, help="report folder (default: FIRST_PATH/report)")
+    p.add_argument("--threshold", type=float, default=reference.DISABLED_THRESHOLD,
+                   help="a feature is disabled when |γ| is below this")
+    p.add_argument("--no_ablation", action="store_true", help="skip zeroing γ (needs no data)")
+    p.add_argument("--num_classes", type=int, default=None, help="for --data_dir runs that are not 10-class")
+    p.add_argument("--tensorboard", default=None, metavar="LOGDIR",
+                   help="also write each run's per-epoch metrics as TensorBoard scalars to LOGDIR/<run> "
+                        "(needs the optional tensorboard package)")
+    args = p.parse_args(argv)
+    runs = analysis.find_runs(args.paths)
+    if not runs:
+        p.error(f"no finished runs (summary.json) in {', '.join(args.paths)}")
+    if args.tensorboard:
+        from bn_jax import tensorboard_export
+        for run in runs:
+            tensorboard_export.write_scalars(os.path.join(args.tensorboard, run.name), run.metrics)
+    out = args.out or os.path.join(args.paths[0], "report")
+    path = write_report(runs, out, args.threshold, load_data=None if args.no_ablation else data_loader(),
+                        num_classes=args.num_classes)
+    print(f"{len(runs)} runs → {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

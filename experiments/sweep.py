@@ -1,0 +1,126 @@
+"""Run a grid of ``experiments.cifar`` runs into one folder: ``python -m experiments.sweep --preset modes``.
+
+Each run lives in ROOT/<run name> (``experiments.cifar.run_name``: the hyperparameters that tell
+the grid's runs apart). A run with summary.json and the same config.json is finished and skipped,
+so a sweep can be restarted; one whose config.json differs is a conflict and is refused (use
+another --root). Runs without summary.json start again from scratch. ``--print_only`` prints
+one command per unfinished run, for a cluster scheduler. Flags after the known ones are passed
+to every run (e.g. ``--epochs 3 --data_dir ...``).
+
+Presets follow the paper's experiments (Frankle et al., ICLR 2021):
+  depth: ResNet-14 … ResNet-866, full vs BN-only (Figure 2)
+  width: ResNet-14 at width 1 … 32, full vs BN-only (Figure 2)
+  modes: ResNet-20 in every train mode of bn_jax.train_modes (BN-only vs its baselines and ablations)
+  vgg:   VGG-11/13/16/19, full vs BN-only (Figure 3's VGG panel)
+"""
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from typing import Dict, List, Sequence
+
+from bn_jax import train_modes
+from experiments import cifar
+
+PAPER_DEPTHS = (14, 32, 56, 110, 218, 434, 866)
+PAPER_WIDTHS = (1, 2, 4, 8, 16, 32)
+
+
+def _grid(points: List[Dict]) -> List[Dict]:
+    return [{key: str(value) for key, value in p.items()} for p in points]
+
+
+PRESETS = {
+    "depth": _grid([{"model": f"resnet{d}", "train_mode": m} for d in PAPER_DEPTHS for m in ("full", "bn")]),
+    "width": _grid([{"model": "resnet14", "width": w, "train_mode": m}
+                    for w in PAPER_WIDTHS for m in ("full", "bn")]),
+    "modes": _grid([{"model": "resnet20", "train_mode": m} for m in train_modes.MODES]),
+    "vgg": _grid([{"model": f"vgg{d}", "train_mode": m} for d in (11, 13, 16, 19) for m in ("full", "bn")]),
+}
+
+
+def run_argv(point: Dict[str, str], extra: Sequence[str]) -> List[str]:
+    argv = [arg for key, value in point.items() for arg in (f"--{key}", value)]
+    return argv + list(extra)
+
+
+def check_extra(preset: str, extra: Sequence[str]) -> None:
+    """Refuse passed-through flags that would override what the grid varies (names would collide)."""
+    varied = {f"--{key}" for point in PRESETS[preset] for key in point} | {"--workdir", "--bn_only"}
+    clash = sorted({arg.split("=")[0] for arg in extra} & varied)
+    if clash:
+        raise ValueError(f"preset {preset} sets {', '.join(clash)} itself")
+
+
+def status(workdir: str, config) -> str:
+    """done (finished with this config), conflict (finished with another), or todo."""
+    if not os.path.exists(os.path.join(workdir, "summary.json")):
+        return "todo"
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return "conflict"
+    return "done" if saved == config.to_dict() else "conflict"
+
+
+def plan(preset: str, root: str, extra: Sequence[str]):
+    """[(name, status, command)] for every grid point, in grid order."""
+    check_extra(preset, extra)
+    runs = []
+    for point in PRESETS[preset]:
+        argv = run_argv(point, extra)
+        config, _ = cifar.config_from_argv(argv)
+        name = cifar.run_name(config)
+        workdir = os.path.join(root, name)
+        command = ["python", "-m", "experiments.cifar", *argv, "--workdir", workdir]
+        runs.append((name, status(workdir, config), command))
+    names = [name for name, _, _ in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"preset {preset} gives duplicate run names: {names}")
+    return runs
+
+
+def execute(runs, runner=subprocess.call, log=print) -> int:
+    """Run the unfinished runs one after another; the number of failed runs."""
+    failed = 0
+    for name, state, command in runs:
+        if state != "todo":
+            log(f"[{state}] {name}" + (": config.json differs; use another --root" if state == "conflict" else ""))
+            failed += state == "conflict"
+            continue
+        log(f"[run] {name}")
+        code = runner([sys.executable, *command[1:]])
+        if code:
+            log(f"[failed] {name}: exit status {code}")
+            failed += 1
+    return failed
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0],
+                                epilog="Other flags go to every run, e.g. --epochs 3 --data_dir DIR.")
+    p.add_argument("--preset", required=True, choices=list(PRESETS))
+    p.add_argument("--root", required=True, help="folder that holds one subfolder per run")
+    p.add_argument("--print_only", action="store_true", help="print the unfinished runs' commands and exit")
+    args, extra = p.parse_known_args(argv)
+    try:
+        runs = plan(args.preset, args.root, extra)
+    except ValueError as e:
+        p.error(str(e))
+    if args.print_only:
+        for _, state, command in runs:
+            if state == "todo":
+                print(shlex.join(command))
+        return 0
+    os.makedirs(args.root, exist_ok=True)
+    failed = execute(runs)
+    print(f"{len(runs)} runs in {args.root}: {failed} failed or conflicting")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

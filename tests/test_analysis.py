@@ -1,0 +1,97 @@
+"""The analysis on a tiny finished run, and its γ computations on hand-made trees."""
+
+import jax
+import numpy as np
+import pytest
+
+from bn_jax import analysis, train
+from bn_jax.config import Config
+from experiments import analyze
+
+from conftest import random_dataset
+
+DATA = random_dataset(n_train=64, n_test=16)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("runs") / "resnet8_w1_bn_s0")
+    config = Config(model="resnet8", train_mode="bn", epochs=1, batch_size=32, schedule="constant")
+    summary = train.train_and_evaluate(config, workdir, data=DATA, log=lambda *_: None)
+    return workdir, summary
+
+
+def hand_tree():
+    return {"BatchNorm_0": {"scale": np.array([0.0, 0.005, -0.02, 0.5]), "bias": np.zeros(4)},
+            "Block_0": {"BatchNorm_1": {"scale": np.array([-0.001, 1.0, 0.3]), "bias": np.ones(3)},
+                        "Conv_0": {"kernel": np.full((3, 3, 2, 3), 0.001)}},
+            "head": {"kernel": np.zeros((3, 2)), "bias": np.zeros(2)}}
+
+
+def test_disabled_fractions_on_a_hand_made_tree():
+    per_layer, overall = analysis.disabled_fractions(hand_tree(), threshold=0.01)
+    assert per_layer == {"BatchNorm_0": 0.5, "Block_0/BatchNorm_1": pytest.approx(1 / 3)}
+    assert overall == pytest.approx(3 / 7)
+    assert analysis.disabled_fractions(hand_tree(), threshold=0.03)[1] == pytest.approx(4 / 7)
+
+
+def test_zero_smallest_gammas_ranks_across_layers():
+    tree = analysis.zero_smallest_gammas(hand_tree(), 3 / 7)
+    np.testing.assert_array_equal(tree["BatchNorm_0"]["scale"], [0.0, 0.0, -0.02, 0.5])
+    np.testing.assert_array_equal(tree["Block_0"]["BatchNorm_1"]["scale"], [0.0, 1.0, 0.3])
+    np.testing.assert_array_equal(tree["Block_0"]["BatchNorm_1"]["bias"], np.ones(3))  # β untouched
+    np.testing.assert_array_equal(tree["Block_0"]["Conv_0"]["kernel"], np.full((3, 3, 2, 3), 0.001))
+    assert (analysis.zero_smallest_gammas(hand_tree(), 1.0)["BatchNorm_0"]["scale"] == 0).all()
+
+
+def test_restored_run_reproduces_its_final_accuracy(finished_run):
+    workdir, summary = finished_run
+    run = analysis.load_run(workdir)
+    assert run.summary == summary and len(run.metrics) == 1
+    state = analysis.restore_state(run)
+    assert int(state.step) == summary["steps"] == 2
+    (f0, acc0), (f1, acc1) = analysis.ablation_curve(state, DATA, [0.0, 1.0])
+    assert acc0 == summary["final_test_accuracy"]
+
+
+def test_report_and_plots(finished_run, tmp_path):
+    workdir, _ = finished_run
+    runs = analysis.find_runs([str(tmp_path / "nothing"), workdir.rsplit("/", 1)[0]])
+    assert [r.name for r in runs] == ["resnet8_w1_bn_s0"]
+    out = tmp_path / "report"
+    path = analyze.write_report(runs, str(out), fractions=(0.0, 0.5), load_data=lambda config: DATA)
+    text = open(path).read()
+    for needle in ("resnet8_w1_bn_s0", "Disabled (|γ| < 0.01)", "| 0% | 50% |", "ablation_zero_gamma.png"):
+        assert needle in text
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert {"accuracy_vs_trainable.png", "gamma_beta_resnet8_w1_bn_s0.png", "disabled_resnet8_w1_bn_s0.png",
+            "ablation_zero_gamma.png"} <= set(pngs)
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
+        assert f"({name})" in text
+
+
+def test_tensorboard_scalars_round_trip(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from bn_jax import tensorboard_export
+    records = [{"epoch": 1, "test_accuracy": 0.25, "train_loss": 2.0},
+               {"epoch": 2, "test_accuracy": 0.5, "train_loss": 1.5}]
+    assert tensorboard_export.write_scalars(str(tmp_path), records) == 4
+    acc = event_accumulator.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("test_accuracy")] == [(1, 0.25), (2, 0.5)]
+    assert sorted(acc.Tags()["scalars"]) == ["test_accuracy", "train_loss"]
+
+
+def test_random_k_run_restores_with_its_mask(tmp_path):
+    # The entry mask lives in the optimizer state: it must survive the checkpoint round trip.
+    config = Config(model="resnet8", train_mode="random_k", k=3, epochs=1, batch_size=32, schedule="constant")
+    summary = train.train_and_evaluate(config, str(tmp_path / "rk"), data=DATA, log=lambda *_: None)
+    assert summary["trainable_params"] == 3 * (16 + 16 * 2 + 32 * 3 + 64 * 3) + 64 * 10 + 10
+    state = analysis.restore_state(analysis.load_run(str(tmp_path / "rk")))
+    masks = [m for m in jax.tree_util.tree_leaves(state.opt_state) if getattr(m, "dtype", None) == bool]
+    assert masks and all(int(np.asarray(m).reshape(-1, m.shape[-1]).sum(0).max()) == 3 for m in masks if m.ndim == 4)
+    assert analysis.ablation_curve(state, DATA, [0.0])[0][1] == summary["final_test_accuracy"]

@@ -1,0 +1,61 @@
+"""Sweep naming, skipping and command printing (no training: the runner is replaced)."""
+
+import json
+import os
+
+import pytest
+
+from bn_jax.config import Config
+from experiments import sweep
+
+
+def test_modes_preset_names_every_mode_once(tmp_path):
+    runs = sweep.plan("modes", str(tmp_path), ["--epochs", "2"])
+    names = [name for name, _, _ in runs]
+    assert names == ["resnet20_w1_full_s0", "resnet20_w1_bn_s0", "resnet20_w1_bn_output_s0",
+                     "resnet20_w1_output_s0", "resnet20_w1_gamma_only_s0", "resnet20_w1_beta_only_s0",
+                     "resnet20_w1_random_k_k2_s0", "resnet20_w1_no_affine_s0"]
+    assert all(state == "todo" for _, state, _ in runs)
+    assert runs[1][2][-4:] == ["--epochs", "2", "--workdir", str(tmp_path / "resnet20_w1_bn_s0")]
+
+
+def test_names_carry_non_default_hyperparameters(tmp_path):
+    names = [n for n, _, _ in sweep.plan("width", str(tmp_path), ["--bn_placement", "after", "--seed", "3"])]
+    assert "resnet14_w32_bn_bnafter_s3" in names and len(names) == 12
+    k5 = [n for n, _, _ in sweep.plan("modes", str(tmp_path), ["--k", "5"])]
+    assert "resnet20_w1_random_k_k5_s0" in k5
+
+
+def finish(root, name, config):
+    os.makedirs(os.path.join(root, name))
+    config.save(os.path.join(root, name, "config.json"))
+    with open(os.path.join(root, name, "summary.json"), "w") as f:
+        json.dump({}, f)
+
+
+def test_finished_runs_are_skipped_and_changed_configs_refused(tmp_path, capsys):
+    root = str(tmp_path)
+    finish(root, "vgg11_w1_full_s0", Config(model="vgg11", train_mode="full", epochs=3))
+    finish(root, "vgg11_w1_bn_s0", Config(model="vgg11", train_mode="bn", epochs=5))  # other epochs
+    os.makedirs(os.path.join(root, "vgg13_w1_full_s0"))  # started, never finished: runs again
+    runs = sweep.plan("vgg", root, ["--epochs", "3"])
+    states = {name: state for name, state, _ in runs}
+    assert states["vgg11_w1_full_s0"] == "done"
+    assert states["vgg11_w1_bn_s0"] == "conflict"
+    assert states["vgg13_w1_full_s0"] == "todo"
+    ran = []
+    failed = sweep.execute(runs, runner=lambda cmd: ran.append(cmd[cmd.index("--workdir") + 1]) or 0,
+                           log=lambda *_: None)
+    assert failed == 1  # the conflict
+    assert len(ran) == 6 and os.path.join(root, "vgg11_w1_full_s0") not in ran
+
+    assert sweep.main(["--preset", "vgg", "--root", root, "--print_only", "--epochs", "3"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 6 and all(line.startswith("python -m experiments.cifar --model vgg") for line in printed)
+
+
+def test_flags_the_grid_varies_cannot_be_passed_through(tmp_path):
+    with pytest.raises(ValueError, match="--train_mode"):
+        sweep.plan("modes", str(tmp_path), ["--train_mode", "bn"])
+    with pytest.raises(SystemExit):
+        sweep.main(["--preset", "depth", "--root", str(tmp_path), "--model=resnet8"])
