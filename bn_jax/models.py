@@ -47,6 +47,17 @@ def batch_norm(train: bool, bn_init: str = "uniform", affine: bool = True) -> Ca
                              scale_init=BN_INITS[bn_init], bias_init=nn.initializers.zeros)
 
 
+def bn_relu(x, norm, bn_before_relu: bool = True):
+    """BatchNorm then ReLU (the paper's placement), or ReLU then BatchNorm."""
+    return nn.relu(norm()(x)) if bn_before_relu else norm()(nn.relu(x))
+
+
+def head(x, num_classes: int):
+    """The output layer, named "head" so that train_modes can tell it apart."""
+    return nn.Dense(num_classes, kernel_init=conv_init, bias_init=torch_linear_bias_init(x.shape[-1]),
+                    name="head")(x)
+
+
 class Block(nn.Module):
     """Two 3×3 conv-BN pairs and a shortcut (1×1 conv + BN where the shape changes)."""
 
@@ -58,8 +69,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x):
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init)
-        act = lambda y, bn: nn.relu(bn(y)) if self.bn_before_relu else bn(nn.relu(y))
-        y = act(conv(self.features, (3, 3), self.stride, padding=1)(x), self.norm())
+        y = bn_relu(conv(self.features, (3, 3), self.stride, padding=1)(x), self.norm, self.bn_before_relu)
         y = self.norm()(conv(self.features, (3, 3), 1, padding=1)(y))
         if self.stride != 1 or x.shape[-1] != self.features:
             x = self.norm()(conv(self.features, (1, 1), self.stride)(x))
@@ -81,15 +91,12 @@ class CifarResNet(nn.Module):
         n = blocks_per_segment(self.depth)
         norm = batch_norm(train, self.bn_init, self.affine)
         x = nn.Conv(16 * self.width, (3, 3), padding=1, use_bias=False, kernel_init=conv_init)(x)
-        x = nn.relu(norm()(x))
+        x = bn_relu(x, norm, self.bn_before_relu)
         for segment, features in enumerate(self.segment_widths()):
             for i in range(n):
                 stride = 2 if segment > 0 and i == 0 else 1
                 x = Block(features, stride, norm, self.bn_before_relu)(x)
-        x = jnp.mean(x, axis=(1, 2))
-        fan_in = x.shape[-1]
-        return nn.Dense(self.num_classes, kernel_init=conv_init,
-                        bias_init=torch_linear_bias_init(fan_in), name="head")(x)
+        return head(jnp.mean(x, axis=(1, 2)), self.num_classes)
 
     def segment_widths(self) -> Sequence[int]:
         return [16 * self.width, 32 * self.width, 64 * self.width]
@@ -130,10 +137,9 @@ class CifarVGG(nn.Module):
             fan_in = 9 * x.shape[-1]
             x = nn.Conv(spec * self.width, (3, 3), padding=1, kernel_init=conv_init,
                         bias_init=torch_linear_bias_init(fan_in))(x)
-            x = nn.relu(norm()(x)) if self.bn_before_relu else norm()(nn.relu(x))
+            x = bn_relu(x, norm, self.bn_before_relu)
         x = jnp.mean(nn.avg_pool(x, (2, 2), strides=(2, 2)), axis=(1, 2))  # 2×2 → 1×1 at 32×32 input
-        return nn.Dense(self.num_classes, kernel_init=conv_init,
-                        bias_init=torch_linear_bias_init(x.shape[-1]), name="head")(x)
+        return head(x, self.num_classes)
 
 
 class ImageNetBlock(nn.Module):
@@ -148,7 +154,7 @@ class ImageNetBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init)
-        act = lambda y: nn.relu(self.norm()(y)) if self.bn_before_relu else self.norm()(nn.relu(y))
+        act = functools.partial(bn_relu, norm=self.norm, bn_before_relu=self.bn_before_relu)
         if self.bottleneck:
             out = 4 * self.features
             y = act(conv(self.features, (1, 1))(x))
@@ -182,14 +188,12 @@ class ImageNetResNet(nn.Module):
         norm = batch_norm(train, self.bn_init, self.affine)
         blocks, bottleneck = IMAGENET_PLANS[self.depth]
         x = nn.Conv(64 * self.width, (7, 7), 2, padding=3, use_bias=False, kernel_init=conv_init)(x)
-        x = nn.max_pool(nn.relu(norm()(x)), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = nn.max_pool(bn_relu(x, norm, self.bn_before_relu), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, n in enumerate(blocks):
             for i in range(n):
                 x = ImageNetBlock(64 * 2**stage * self.width, 2 if stage > 0 and i == 0 else 1, norm,
                                   bottleneck, self.bn_before_relu)(x)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, kernel_init=conv_init,
-                        bias_init=torch_linear_bias_init(x.shape[-1]), name="head")(x)
+        return head(jnp.mean(x, axis=(1, 2)), self.num_classes)
 
 
 _NAME = re.compile(r"(imagenet_resnet|resnet|vgg)(\d+)$")
