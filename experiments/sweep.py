@@ -3,7 +3,8 @@
 Each run lives in ROOT/<run name> (``experiments.cifar.run_name``: the hyperparameters that tell
 the grid's runs apart). A run with summary.json and the same config.json is finished and skipped,
 so a sweep can be restarted; one whose config.json differs is a conflict and is refused (use
-another --root). Runs without summary.json start again from scratch. ``--print_only`` prints
+another --root). Runs without summary.json are (re)started, and resume from their newest
+checkpoint if an earlier sweep was interrupted (docs/checkpoints.md). ``--print_only`` prints
 one command per unfinished run, for a cluster scheduler. Flags after the known ones are passed
 to every run (e.g. ``--epochs 3 --data_dir ...``).
 
@@ -103,7 +104,9 @@ def execute(runs, runner=subprocess.call, log=print) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0],
                                 epilog="Other flags go to every run, e.g. --epochs 3 --data_dir DIR.")
-    p.add_argument("--preset", required=True, choices=list(PRESETS))
+    p.add_argument("--preset", required=True, choices=list(PRESETS),
+                   help="the grid: depth (ResNet-14…866), width (ResNet-14 ×1…×32), modes (every train mode), "
+                        "vgg (VGG-11…19); each full vs BN-only unless modes")
     p.add_argument("--root", required=True, help="folder that holds one subfolder per run")
     p.add_argument("--print_only", action="store_true", help="print the unfinished runs' commands and exit")
     args, extra = p.parse_known_args(argv)
