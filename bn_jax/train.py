@@ -285,7 +285,8 @@ class _Loop:
             if i % 20 == 19 or i == spe - 1:
                 t = jax.device_get(totals)
                 check_finite(t, epoch, self.ckpt.latest_saved())
-                bar.set_postfix(loss=f"{t['loss'] / t['count']:.3f}", acc=f"{t['correct'] / t['count']:.3f}")
+                bar.set_postfix(loss=f"{t['loss'] / t['count']:.3f}", acc=f"{t['correct'] / t['count']:.3f}",
+                                img_s=f"{(i + 1 - first) * config.batch_size / (time.time() - epoch_start):.0f}")
             checkpoints.fault_hook("BN_JAX_TEST_KILL_AT_STEP", step + 1)
             checkpoints.fault_hook("BN_JAX_TEST_SIGTERM_AT_STEP", step + 1)
             if i < spe - 1:  # the epoch's last step is checkpointed after its evaluation
