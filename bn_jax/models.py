@@ -58,6 +58,17 @@ def head(x, num_classes: int):
                     name="head")(x)
 
 
+class Network(nn.Module):
+    """The fields every registry model takes (what ``create_model`` passes)."""
+
+    depth: int
+    width: int = 1
+    num_classes: int = 10
+    bn_init: str = "uniform"
+    bn_before_relu: bool = True
+    affine: bool = True
+
+
 class Block(nn.Module):
     """Two 3×3 conv-BN pairs and a shortcut (1×1 conv + BN where the shape changes)."""
 
@@ -76,15 +87,9 @@ class Block(nn.Module):
         return nn.relu(x + y)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(Network):
     """ResNet-(6n+2) for 32×32 inputs: three segments of n blocks at 16k, 32k, 64k channels."""
 
-    depth: int
-    width: int = 1
-    num_classes: int = 10
-    bn_init: str = "uniform"
-    bn_before_relu: bool = True
-    affine: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -116,16 +121,10 @@ VGG_PLANS = {  # open_lth cifar_vgg plans: channels, "M" = 2×2 max-pool
 }
 
 
-class CifarVGG(nn.Module):
+class CifarVGG(Network):
     """open_lth ``cifar_vgg_<depth>``: 3×3 conv (with bias) → BN → ReLU stacks, max-pools, then a
     2×2 average pool and one dense layer from 512 (×width) features."""
 
-    depth: int
-    width: int = 1
-    num_classes: int = 10
-    bn_init: str = "uniform"
-    bn_before_relu: bool = True
-    affine: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -172,16 +171,11 @@ class ImageNetBlock(nn.Module):
 IMAGENET_PLANS = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3), True)}
 
 
-class ImageNetResNet(nn.Module):
+class ImageNetResNet(Network):
     """ResNet-18/34/50 for ImageNet (He et al. 2016; torchvision layout): 7×7/2 stem, max-pool,
     four stages at 64·width … 512·width channels, global average pool, dense head."""
 
-    depth: int
-    width: int = 1
     num_classes: int = 1000
-    bn_init: str = "uniform"
-    bn_before_relu: bool = True
-    affine: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
