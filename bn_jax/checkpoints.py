@@ -27,12 +27,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bn_jax import train_modes
+from bn_jax import parallel, train_modes
 
 FORMAT_VERSION = 1
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; re-running the same command resumes
 # Config keys that may differ on resume: they do not change the numbers a run produces.
-RESUMABLE_KEYS = ("eval_batch_size",)
+# (data_dir: the data themselves are fingerprinted; num_devices: results are device-count free.)
+RESUMABLE_KEYS = ("eval_batch_size", "num_devices", "data_dir")
 UNITS = ("epochs", "steps")
 FORMATS = ("full", "small")
 
@@ -248,8 +249,10 @@ class Checkpointer:
         self.log(f"warning: checkpoint step {step} in {self.path} is unreadable "
                  f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
                  f"moving it to {dest} and trying the previous one")
-        os.makedirs(self._quarantine_dir(), exist_ok=True)
-        shutil.move(os.path.join(self.path, str(step)), dest)
+        if parallel.is_writer():  # one process moves it; the others wait for the move
+            os.makedirs(self._quarantine_dir(), exist_ok=True)
+            shutil.move(os.path.join(self.path, str(step)), dest)
+        parallel.barrier(f"quarantine_{step}")
         self.manager.reload()
 
 

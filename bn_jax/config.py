@@ -45,6 +45,9 @@ class Config:
         if self.bn_placement not in BN_PLACEMENTS:
             raise ValueError(f"unknown bn_placement {self.bn_placement!r}; known: {', '.join(BN_PLACEMENTS)}")
         train_modes.check_mode(self.train_mode)
+        if self.model.startswith("imagenet_"):
+            raise ValueError(f"{self.model} is an ImageNet definition (see bn_jax.imagenet); this trainer "
+                             "takes 32×32 models: resnet<6n+2>, vgg11/13/16/19")
         self.create_model()
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")

@@ -23,13 +23,21 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
                                  num_processes: Optional[int] = None,
                                  process_id: Optional[int] = None) -> None:
     """Join a multi-host job when flags or a cluster launcher (SLURM, TPU pod) say there is one."""
-    explicit = coordinator_address is not None
-    launcher = any(v in os.environ for v in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
-    if explicit:
+    flags = (coordinator_address, num_processes, process_id)
+    if any(f is not None for f in flags):
+        if any(f is None for f in flags):
+            raise ValueError("--coordinator_address, --num_processes and --process_id go together")
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id)
-    elif launcher and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
+    elif _under_launcher():
         jax.distributed.initialize()
+
+
+def _under_launcher() -> bool:
+    """An srun step of several tasks, or a TPU pod / multislice worker (their env vars)."""
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # set by srun, not by sbatch alone
+        return True
+    return any(v in os.environ for v in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
 
 
 def make_mesh(num_devices: Optional[int] = None) -> jax.sharding.Mesh:
@@ -72,6 +80,21 @@ def shard_global(array: np.ndarray, mesh):
     per_process = len(array) // jax.process_count()
     start = jax.process_index() * per_process
     return jax.make_array_from_process_local_data(sharding, array[start:start + per_process], array.shape)
+
+
+def any_process(flag: bool) -> bool:
+    """True if ``flag`` is true on any process (an all-gather: every process must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def barrier(name: str) -> None:
+    """Wait for every process (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def is_writer() -> bool:

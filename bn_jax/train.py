@@ -195,6 +195,9 @@ def prepare_workdir(workdir: str, config: Config, restart: bool, log=print) -> N
                 "pass --restart to overwrite them or choose another --workdir")
 
 
+PREEMPTION_SYNC_STEPS = 20
+
+
 class _Loop:
     """The epoch loop's fixed parts: data on the device, the step function, checkpoints, signals."""
 
@@ -230,7 +233,8 @@ class _Loop:
             if self.writer:
                 checkpoints.write_metrics(self.metrics_path, [])
             return state
-        state, self.totals, meta = restored
+        state, totals, meta = restored
+        self.totals = parallel.replicate(totals, self.mesh)
         step = int(state.step)
         if meta["rng"] != self.run_keys_meta(step // self.steps_per_epoch):
             raise checkpoints.CheckpointError(
@@ -249,7 +253,7 @@ class _Loop:
         check_finite(jax.device_get(totals), step // self.steps_per_epoch, self.ckpt.latest_saved())
         self.ckpt.save(state, totals, {**self.expected, "epoch": step // self.steps_per_epoch,
                                        "position": step % self.steps_per_epoch,
-                                       "steps_per_epoch": self.steps_per_epoch, "history": self.history,
+                                       "steps_per_epoch": self.steps_per_epoch, "history": list(self.history),
                                        "wall_time": self.wall_time(),
                                        "rng": self.run_keys_meta(step // self.steps_per_epoch)})
 
@@ -259,13 +263,28 @@ class _Loop:
         ``step`` is the host-side count of steps done (no device sync to read ``state.step``).
         """
         final = step == self.config.epochs * self.steps_per_epoch and epoch_done is not None
-        if self.guard.requested:
-            self.log(f"{self.guard.signame} received: saving a checkpoint at step {step} and exiting")
-        if final or self.guard.requested or self.ckpt.options.due(step, epoch_done):
+        stop = self.stop_requested(step, epoch_done)
+        signame = self.guard.signame or "another process's signal"
+        if stop:
+            self.log(f"{signame} received: saving a checkpoint at step {step} and exiting")
+        if final or stop or self.ckpt.options.due(step, epoch_done):
             self.save(state, totals)
-        if self.guard.requested:
+        if stop:
             self.ckpt.wait()
-            raise checkpoints.Preempted(self.guard.signame, step, self.ckpt.path)
+            raise checkpoints.Preempted(signame, step, self.ckpt.path)
+
+    def stop_requested(self, step: int, epoch_done: Optional[int]) -> bool:
+        """Whether a SIGTERM/SIGINT asks us to checkpoint and exit at this step.
+
+        All processes must stop at the same step (the save and the next step are collective), so
+        a multi-host job combines the local flags with an all-gather, every ``PREEMPTION_SYNC_STEPS``
+        steps and at epoch ends only, to keep the hot path free of host round trips.
+        """
+        if jax.process_count() == 1:
+            return self.guard.requested
+        if step % PREEMPTION_SYNC_STEPS and epoch_done is None:
+            return False
+        return parallel.any_process(self.guard.requested)
 
     def train_epoch(self, state, totals, epoch: int):
         """Steps from the epoch's current position to its end; returns (state, totals, images/s)."""
@@ -343,8 +362,9 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
     writer = parallel.is_writer()
     log = log if writer else (lambda *args: None)
     os.makedirs(workdir, exist_ok=True)  # only now: bad data leaves nothing behind
-    if writer:
+    if writer or not options.restart:  # every process refuses alike; one deletes for --restart
         prepare_workdir(workdir, config, options.restart, log)
+    parallel.barrier("prepare_workdir")
 
     state = create_train_state(config, data.num_classes, data.train_images.shape[1:], steps_per_epoch)
     state = parallel.replicate(state, mesh)

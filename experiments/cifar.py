@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--bn_placement", default=DEFAULTS.bn_placement, choices=config_lib.BN_PLACEMENTS,
                    help="BatchNorm before the ReLU (the paper's, He et al. 2016) or after it")
     t = p.add_argument_group("what trains")
-    t.add_argument("--train_mode", default=DEFAULTS.train_mode, choices=list(train_modes.MODES),
-                   help="which parameters train; all others stay at their initial value. random_k: k "
+    t.add_argument("--train_mode", default=None, choices=list(train_modes.MODES),
+                   help=f"(default: {DEFAULTS.train_mode}) which parameters train; all others stay at their "
+                        "initial value. random_k: k "
                         "random weights per conv output channel + output layer; no_affine: BN without "
                         "γ/β, all else trains")
     t.add_argument("--bn_only", action="store_true", help="shorthand for --train_mode bn")
@@ -119,8 +120,8 @@ def parse_args(argv=None):
     problem = unwritable(workdir)
     if problem:
         parser.error(f"cannot write to workdir {workdir}: {problem}")
-    parallel.maybe_initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     try:
+        parallel.maybe_initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         parallel.check_batch_size(config.batch_size, parallel.make_mesh(config.num_devices))
     except ValueError as e:
         parser.error(str(e))
@@ -136,9 +137,10 @@ def config_from_argv(argv, parser=None):
 def config_from_args(args, parser):
     values = dict(vars(args))
     if values["bn_only"]:
-        if args.train_mode not in (DEFAULTS.train_mode, "bn"):
+        if args.train_mode not in (None, "bn"):
             parser.error(f"--bn_only conflicts with --train_mode {args.train_mode}")
         values["train_mode"] = "bn"
+    values["train_mode"] = values["train_mode"] or DEFAULTS.train_mode
     config = config_lib.Config(**{f.name: values[f.name] for f in dataclasses.fields(config_lib.Config)})
     try:
         config.validate()

@@ -52,6 +52,10 @@ def test_restored_run_reproduces_its_final_accuracy(finished_run):
     assert int(state.step) == summary["steps"] == 2
     (f0, acc0), (f1, acc1) = analysis.ablation_curve(state, DATA, [0.0, 1.0])
     assert acc0 == summary["final_test_accuracy"]
+    # Every γ zeroed: each BN outputs its β whatever the input, so the network predicts one class
+    # for every image and its accuracy is that class's share of the test labels.
+    shares = [float(np.mean(DATA.test_labels == c)) for c in range(10)]
+    assert any(abs(acc1 - share) < 1e-6 for share in shares)
 
 
 def test_report_and_plots(finished_run, tmp_path):

@@ -60,10 +60,13 @@ def test_end_to_end_bn_only_run_writes_documented_files(tmp_path):
 BAD_FLAGS = {
     "unknown model": (["--model", "resnext9"], "unknown model"),
     "depth not 6n+2": (["--model", "resnet21"], "6n+2"),
+    "imagenet model": (["--model", "imagenet_resnet18"], "ImageNet definition"),
     "batch size 0": (["--batch_size", "0"], "batch_size must be >= 1"),
     "negative epochs": (["--epochs", "-1"], "epochs must be >= 0"),
     "unknown mode": (["--train_mode", "most"], "invalid choice"),
     "conflicting mode": (["--bn_only", "--train_mode", "output"], "conflicts"),
+    "bn_only with explicit full": (["--bn_only", "--train_mode", "full"], "conflicts"),
+    "partial cluster flags": (["--num_processes", "2", "--process_id", "0"], "go together"),
     "missing data": (["--data_dir", "/no/such/folder"], "does not exist"),
     "negative lr": (["--lr", "-1"], "lr must be >= 0"),
 }

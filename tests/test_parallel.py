@@ -77,19 +77,25 @@ def cli(data, workdir, *extra):
             "--batch_size", "8", "--data_dir", data, "--workdir", workdir, *extra]
 
 
+def launch_two(data, workdir, extra_env=(None, None), *extra):
+    port = free_port()
+    procs = [subprocess.Popen(cli(data, workdir, "--coordinator_address", f"localhost:{port}",
+                                  "--num_processes", "2", "--process_id", str(i), *extra),
+                              cwd=ROOT, env={**env(1), **(extra_env[i] or {})}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    return [p.returncode for p in procs], outputs
+
+
 def test_two_processes_match_one(tmp_path):
     """jax.distributed over localhost (CPU, gloo collectives), one device per process."""
     data = write_image_folder(str(tmp_path / "data"), per_class=(12, 4))
     single = str(tmp_path / "single")
     subprocess.run(cli(data, single), cwd=ROOT, env=env(1), check=True, timeout=600, capture_output=True)
     multi = str(tmp_path / "multi")
-    port = free_port()
-    procs = [subprocess.Popen(cli(data, multi, "--coordinator_address", f"localhost:{port}",
-                                  "--num_processes", "2", "--process_id", str(i)),
-                              cwd=ROOT, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    codes, outputs = launch_two(data, multi)
+    assert codes == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
 
     summary = json.load(open(os.path.join(multi, "summary.json")))
     assert summary["process_count"] == 2 and summary["device_count"] == 2
@@ -107,3 +113,21 @@ def test_two_processes_match_one(tmp_path):
     for x, y in zip(jax.tree_util.tree_leaves((s.params, s.batch_stats)),
                     jax.tree_util.tree_leaves((m.params, m.batch_stats))):
         np.testing.assert_allclose(x, y, **TOLERANCE)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path):
+    """Preemption in a multi-host job: the processes agree (all-gather) on when to stop."""
+    data = write_image_folder(str(tmp_path / "data"), per_class=(12, 4))
+    single = str(tmp_path / "single")
+    subprocess.run(cli(data, single), cwd=ROOT, env=env(1), check=True, timeout=600, capture_output=True)
+    multi = str(tmp_path / "multi")
+    codes, outputs = launch_two(data, multi, (None, {"BN_JAX_TEST_SIGTERM_AT_STEP": "2"}))
+    assert codes == [75, 75], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert sorted(int(s) for s in os.listdir(os.path.join(multi, "checkpoints")) if s.isdigit()) == [4]
+    codes, outputs = launch_two(data, multi)  # the same command resumes
+    assert codes == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    a = [json.loads(line) for line in open(os.path.join(single, "metrics.jsonl"))]
+    b = [json.loads(line) for line in open(os.path.join(multi, "metrics.jsonl"))]
+    assert [r["epoch"] for r in b] == [1, 2]
+    for x, y in zip(a, b):
+        assert x["test_loss"] == pytest.approx(y["test_loss"], rel=1e-5)

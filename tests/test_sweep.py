@@ -57,5 +57,6 @@ def test_finished_runs_are_skipped_and_changed_configs_refused(tmp_path, capsys)
 def test_flags_the_grid_varies_cannot_be_passed_through(tmp_path):
     with pytest.raises(ValueError, match="--train_mode"):
         sweep.plan("modes", str(tmp_path), ["--train_mode", "bn"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit:
         sweep.main(["--preset", "depth", "--root", str(tmp_path), "--model=resnet8"])
+    assert exit.value.code == 2
