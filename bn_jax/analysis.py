@@ -60,7 +60,7 @@ def find_runs(paths: Sequence[str]) -> List[Run]:
 def restore_state(run: Run, num_classes: Optional[int] = None):
     """The final train state, restored into a fresh state of the run's config (checkpoints.restore)."""
     if num_classes is None:
-        num_classes = NUM_CLASSES.get(run.config.dataset, 10)  # data_dir runs: pass it (CIFAR-10: 10)
+        num_classes = run.summary.get("num_classes") or NUM_CLASSES.get(run.config.dataset, 10)
     template = train.create_train_state(run.config, num_classes, (32, 32, 3), steps_per_epoch=1)
     return checkpoints.restore(run.workdir, template)
 

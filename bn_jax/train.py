@@ -37,8 +37,11 @@ def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
     total = max(1, config.epochs * steps_per_epoch)
     warmup = int(config.warmup_epochs * steps_per_epoch)
     if config.schedule == "step":  # the paper's: ×0.1 at epochs 80 and 120 of 160
-        main = optax.piecewise_constant_schedule(
-            config.lr, {int(0.5 * total) - warmup: 0.1, int(0.75 * total) - warmup: 0.1})
+        drops = {}
+        for fraction in (0.5, 0.75):  # steps counted from the end of warm-up
+            boundary = int(fraction * total) - warmup
+            drops[boundary] = drops.get(boundary, 1.0) * 0.1  # both drops may land on one step
+        main = optax.piecewise_constant_schedule(config.lr, drops)
     elif config.schedule == "cosine":
         main = optax.cosine_decay_schedule(config.lr, max(1, total - warmup))
     else:
@@ -386,7 +389,7 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
     final = history[-1] if history else {"test_accuracy": evaluate(state, loop.test_batches, loop.mean, loop.std)["accuracy"]}
     speeds = [r["images_per_second"] for r in history[1:] or history]
     summary = {"model": config.model, "width": config.width, "train_mode": config.train_mode,
-               "dataset": config.data_dir or config.dataset,
+               "dataset": config.data_dir or config.dataset, "num_classes": data.num_classes,
                "total_params": total, "trainable_params": trainable,
                "trainable_fraction": trainable / total,
                "final_test_accuracy": final["test_accuracy"],

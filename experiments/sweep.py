@@ -85,8 +85,23 @@ def plan(preset: str, root: str, extra: Sequence[str]):
     return runs
 
 
-def execute(runs, runner=subprocess.call, log=print) -> int:
-    """Run the unfinished runs one after another; the number of failed runs."""
+def run_child(argv: List[str]) -> int:
+    """Run one training process; on Ctrl-C let it save its checkpoint and exit (code 75).
+
+    (``subprocess.call`` would SIGKILL the child a quarter second after the interrupt.)
+    """
+    proc = subprocess.Popen(argv)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the child, in our process group, got the same SIGINT
+        return proc.wait()
+
+
+def execute(runs, runner=run_child, log=print) -> int:
+    """Run the unfinished runs one after another; the number of failed runs.
+
+    A preempted run (exit 75) stops the sweep: re-running it resumes that run and goes on.
+    """
     failed = 0
     for name, state, command in runs:
         if state != "todo":
@@ -95,6 +110,9 @@ def execute(runs, runner=subprocess.call, log=print) -> int:
             continue
         log(f"[run] {name}")
         code = runner([sys.executable, *command[1:]])
+        if code == cifar.EXIT_PREEMPTED:
+            log(f"[preempted] {name}: checkpoint saved; re-run the sweep to resume")
+            return failed + 1
         if code:
             log(f"[failed] {name}: exit status {code}")
             failed += 1

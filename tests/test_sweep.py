@@ -6,7 +6,7 @@ import os
 import pytest
 
 from bn_jax.config import Config
-from experiments import sweep
+from experiments import cifar, sweep
 
 
 def test_modes_preset_names_every_mode_once(tmp_path):
@@ -60,3 +60,10 @@ def test_flags_the_grid_varies_cannot_be_passed_through(tmp_path):
     with pytest.raises(SystemExit) as exit:
         sweep.main(["--preset", "depth", "--root", str(tmp_path), "--model=resnet8"])
     assert exit.value.code == 2
+
+
+def test_a_preempted_run_stops_the_sweep(tmp_path):
+    runs = sweep.plan("modes", str(tmp_path), ["--epochs", "1"])
+    ran = []
+    failed = sweep.execute(runs, runner=lambda cmd: ran.append(cmd) or cifar.EXIT_PREEMPTED, log=lambda *a: None)
+    assert failed == 1 and len(ran) == 1  # the later runs wait for the re-run that resumes this one
