@@ -54,6 +54,10 @@ def find_runs(paths: Sequence[str]) -> List[Run]:
             dirs.append(path)
         elif os.path.isdir(path):
             dirs += [os.path.join(path, d) for d in sorted(os.listdir(path)) if is_finished(os.path.join(path, d))]
+    names = [os.path.basename(os.path.normpath(d)) for d in dirs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # their plots and report rows would overwrite each other
+        raise ValueError(f"runs named {', '.join(repeated)} appear in several folders; analyze them separately")
     return [load_run(d) for d in dirs]
 
 

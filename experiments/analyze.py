@@ -232,7 +232,10 @@ def main(argv=None) -> int:
                    help="also write each run's per-epoch metrics as TensorBoard scalars to LOGDIR/<run> "
                         "(needs the optional tensorboard package)")
     args = p.parse_args(argv)
-    runs = analysis.find_runs(args.paths)
+    try:
+        runs = analysis.find_runs(args.paths)
+    except ValueError as e:
+        p.error(str(e))
     if not runs:
         p.error(f"no finished runs (summary.json) in {', '.join(args.paths)}")
     if args.tensorboard:

@@ -1,5 +1,7 @@
 """The analysis on a tiny finished run, and its γ computations on hand-made trees."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -99,3 +101,12 @@ def test_random_k_run_restores_with_its_mask(tmp_path):
     masks = [m for m in jax.tree_util.tree_leaves(state.opt_state) if getattr(m, "dtype", None) == bool]
     assert masks and all(int(np.asarray(m).reshape(-1, m.shape[-1]).sum(0).max()) == 3 for m in masks if m.ndim == 4)
     assert analysis.ablation_curve(state, DATA, [0.0])[0][1] == summary["final_test_accuracy"]
+
+
+def test_runs_with_one_name_in_two_folders_are_refused(finished_run, tmp_path):
+    import shutil
+    workdir, _ = finished_run
+    copy = tmp_path / "other_root" / os.path.basename(workdir)
+    shutil.copytree(workdir, copy)
+    with pytest.raises(ValueError, match="several folders"):
+        analysis.find_runs([os.path.dirname(workdir), str(copy.parent)])
