@@ -11,7 +11,6 @@ import shutil
 import time
 from typing import Any, Dict, Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np

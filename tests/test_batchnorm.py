@@ -1,6 +1,5 @@
 """Flax BatchNorm as configured in our models, against a NumPy reference (PyTorch semantics)."""
 
-import jax
 import numpy as np
 
 from bn_jax import models

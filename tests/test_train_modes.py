@@ -1,6 +1,5 @@
 """Masked (BN-only and friends) against unmasked updates, on a small ResNet."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
