@@ -33,7 +33,7 @@ FORMAT_VERSION = 1
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; re-running the same command resumes
 # Config keys that may differ on resume: they do not change the numbers a run produces.
 # (data_dir: the data themselves are fingerprinted; num_devices: results are device-count free.)
-RESUMABLE_KEYS = ("eval_batch_size", "num_devices", "data_dir")
+RESUMABLE_KEYS = ("eval_batch_size", "num_devices", "data_dir", "steps_per_call", "loop")
 UNITS = ("epochs", "steps")
 FORMATS = ("full", "small")
 
@@ -306,6 +306,14 @@ class PreemptionGuard:
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+FAULT_HOOKS = ("BN_JAX_TEST_KILL_AT_STEP", "BN_JAX_TEST_SIGTERM_AT_STEP")
+
+
+def fault_steps() -> List[int]:
+    """Steps at which a test asked a fault hook to act (the fused loop ends a call there)."""
+    return [int(os.environ[name]) for name in FAULT_HOOKS if name in os.environ]
 
 
 def fault_hook(name: str, step: int) -> None:

@@ -13,6 +13,9 @@ from typing import Optional
 from bn_jax import models, train_modes
 
 SCHEDULES = ("step", "cosine", "constant")
+# fused: a chunk of an epoch as one compiled loop; step: one jitted call per step; auto: fused
+# except on CPU, where XLA runs convolutions inside loops far slower (jax-ml/jax#12868).
+LOOPS = ("auto", "fused", "step")
 BN_PLACEMENTS = ("before", "after")  # BatchNorm before (paper, He et al. 2016) or after the ReLU
 
 
@@ -39,6 +42,9 @@ class Config:
     augment: bool = True
     seed: int = 0
     num_devices: Optional[int] = None  # None: every visible device; results do not depend on it
+    precision: str = "float32"  # compute dtype; "bfloat16" keeps float32 params, BN stats, optimizer
+    loop: str = "auto"
+    steps_per_call: int = 100  # fused loop: steps per compiled call (progress, signals in between)
 
     def validate(self) -> "Config":
         """Raise ValueError with one readable line for anything that cannot run."""
@@ -51,7 +57,10 @@ class Config:
         self.create_model()
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
-        positive = {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}
+        if self.loop not in LOOPS:
+            raise ValueError(f"unknown loop {self.loop!r}; known: {', '.join(LOOPS)}")
+        positive = {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
+                    "steps_per_call": self.steps_per_call}
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -7,6 +7,7 @@ there only), or an image folder / tarball in the layout ``train/<class>/*.{jpg,p
 
 import concurrent.futures
 import dataclasses
+import functools
 import io
 import os
 import tarfile
@@ -194,6 +195,8 @@ def augment(key, images, pad: int = 4):
     return jnp.where(flip[:, None, None, None], crops[:, :, ::-1], crops)
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The training order of one epoch: a pure function of (seed, epoch), so resumes can replay it."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+@functools.partial(jax.jit, static_argnums=2)
+def epoch_order(key, epoch, n: int):
+    """The training order of one epoch, drawn on the device: a pure function of (key, epoch), so a
+    resume replays it and the host never shuffles or copies indices."""
+    return jax.random.permutation(jax.random.fold_in(key, epoch), n)

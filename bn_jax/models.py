@@ -10,15 +10,21 @@ Initialisation follows open_lth's defaults, which the paper used:
 BatchNorm momentum is PyTorch's 0.1 (Flax ``momentum=0.9``), epsilon 1e-5. Flax updates the
 running variance with the biased batch variance where PyTorch uses the unbiased one; at batch
 128 × 32 × 32 positions the difference is below 0.01%.
+
+``dtype`` is the compute precision (``PRECISIONS``): with bfloat16, convolutions and the dense
+layer run in bfloat16 while parameters stay float32 and Flax computes BatchNorm statistics
+(and keeps the running ones) in float32; logits are returned as float32 for the loss.
 """
 
 import functools
 import re
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
@@ -37,13 +43,14 @@ def torch_linear_bias_init(fan_in: int) -> Callable:
     return init
 
 
-def batch_norm(train: bool, bn_init: str = "uniform", affine: bool = True) -> Callable[..., nn.BatchNorm]:
+def batch_norm(train: bool, bn_init: str = "uniform", affine: bool = True,
+               dtype: Any = jnp.float32) -> Callable[..., nn.BatchNorm]:
     """BatchNorm as PyTorch/open_lth configure it (momentum 0.1, eps 1e-5).
 
     ``affine=False`` drops γ and β (PyTorch's ``affine=False``): the paper's Figure 1 ablation.
     """
     return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             use_scale=affine, use_bias=affine,
+                             use_scale=affine, use_bias=affine, dtype=dtype,
                              scale_init=BN_INITS[bn_init], bias_init=nn.initializers.zeros)
 
 
@@ -52,10 +59,10 @@ def bn_relu(x, norm, bn_before_relu: bool = True):
     return nn.relu(norm()(x)) if bn_before_relu else norm()(nn.relu(x))
 
 
-def head(x, num_classes: int):
-    """The output layer, named "head" so that train_modes can tell it apart."""
+def head(x, num_classes: int, dtype: Any = jnp.float32):
+    """The output layer, named "head" so that train_modes can tell it apart; float32 logits."""
     return nn.Dense(num_classes, kernel_init=conv_init, bias_init=torch_linear_bias_init(x.shape[-1]),
-                    name="head")(x)
+                    dtype=dtype, name="head")(x).astype(jnp.float32)
 
 
 class Network(nn.Module):
@@ -67,6 +74,10 @@ class Network(nn.Module):
     bn_init: str = "uniform"
     bn_before_relu: bool = True
     affine: bool = True
+    dtype: Any = jnp.float32  # compute precision; parameters are always float32
+
+    def norm(self, train: bool) -> Callable[..., nn.BatchNorm]:
+        return batch_norm(train, self.bn_init, self.affine, self.dtype)
 
 
 class Block(nn.Module):
@@ -76,10 +87,11 @@ class Block(nn.Module):
     stride: int
     norm: Callable
     bn_before_relu: bool = True
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init)
+        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
         y = bn_relu(conv(self.features, (3, 3), self.stride, padding=1)(x), self.norm, self.bn_before_relu)
         y = self.norm()(conv(self.features, (3, 3), 1, padding=1)(y))
         if self.stride != 1 or x.shape[-1] != self.features:
@@ -94,14 +106,15 @@ class CifarResNet(Network):
     @nn.compact
     def __call__(self, x, train: bool = False):
         n = blocks_per_segment(self.depth)
-        norm = batch_norm(train, self.bn_init, self.affine)
-        x = nn.Conv(16 * self.width, (3, 3), padding=1, use_bias=False, kernel_init=conv_init)(x)
+        norm = self.norm(train)
+        x = nn.Conv(16 * self.width, (3, 3), padding=1, use_bias=False, kernel_init=conv_init,
+                    dtype=self.dtype)(x)
         x = bn_relu(x, norm, self.bn_before_relu)
         for segment, features in enumerate(self.segment_widths()):
             for i in range(n):
                 stride = 2 if segment > 0 and i == 0 else 1
-                x = Block(features, stride, norm, self.bn_before_relu)(x)
-        return head(jnp.mean(x, axis=(1, 2)), self.num_classes)
+                x = Block(features, stride, norm, self.bn_before_relu, self.dtype)(x)
+        return head(jnp.mean(x, axis=(1, 2)), self.num_classes, self.dtype)
 
     def segment_widths(self) -> Sequence[int]:
         return [16 * self.width, 32 * self.width, 64 * self.width]
@@ -128,17 +141,17 @@ class CifarVGG(Network):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        norm = batch_norm(train, self.bn_init, self.affine)
+        norm = self.norm(train)
         for spec in VGG_PLANS[self.depth]:
             if spec == "M":
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
                 continue
             fan_in = 9 * x.shape[-1]
             x = nn.Conv(spec * self.width, (3, 3), padding=1, kernel_init=conv_init,
-                        bias_init=torch_linear_bias_init(fan_in))(x)
+                        bias_init=torch_linear_bias_init(fan_in), dtype=self.dtype)(x)
             x = bn_relu(x, norm, self.bn_before_relu)
         x = jnp.mean(nn.avg_pool(x, (2, 2), strides=(2, 2)), axis=(1, 2))  # 2×2 → 1×1 at 32×32 input
-        return head(x, self.num_classes)
+        return head(x, self.num_classes, self.dtype)
 
 
 class ImageNetBlock(nn.Module):
@@ -149,10 +162,11 @@ class ImageNetBlock(nn.Module):
     norm: Callable
     bottleneck: bool
     bn_before_relu: bool = True
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init)
+        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
         act = functools.partial(bn_relu, norm=self.norm, bn_before_relu=self.bn_before_relu)
         if self.bottleneck:
             out = 4 * self.features
@@ -179,15 +193,16 @@ class ImageNetResNet(Network):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        norm = batch_norm(train, self.bn_init, self.affine)
+        norm = self.norm(train)
         blocks, bottleneck = IMAGENET_PLANS[self.depth]
-        x = nn.Conv(64 * self.width, (7, 7), 2, padding=3, use_bias=False, kernel_init=conv_init)(x)
+        x = nn.Conv(64 * self.width, (7, 7), 2, padding=3, use_bias=False, kernel_init=conv_init,
+                    dtype=self.dtype)(x)
         x = nn.max_pool(bn_relu(x, norm, self.bn_before_relu), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, n in enumerate(blocks):
             for i in range(n):
                 x = ImageNetBlock(64 * 2**stage * self.width, 2 if stage > 0 and i == 0 else 1, norm,
-                                  bottleneck, self.bn_before_relu)(x)
-        return head(jnp.mean(x, axis=(1, 2)), self.num_classes)
+                                  bottleneck, self.bn_before_relu, self.dtype)(x)
+        return head(jnp.mean(x, axis=(1, 2)), self.num_classes, self.dtype)
 
 
 _NAME = re.compile(r"(imagenet_resnet|resnet|vgg)(\d+)$")
@@ -199,7 +214,7 @@ def model_names() -> str:
 
 
 def create_model(name: str, *, width: int = 1, num_classes: int = 10, bn_init: str = "uniform",
-                 bn_before_relu: bool = True, affine: bool = True) -> nn.Module:
+                 bn_before_relu: bool = True, affine: bool = True, precision: str = "float32") -> nn.Module:
     """Build a model from its registry name; raises ValueError with the accepted names."""
     match = _NAME.match(name.lower())
     if not match:
@@ -215,9 +230,11 @@ def create_model(name: str, *, width: int = 1, num_classes: int = 10, bn_init: s
         raise ValueError(f"width must be >= 1, got {width}")
     if bn_init not in BN_INITS:
         raise ValueError(f"unknown bn_init {bn_init!r}; known: {', '.join(BN_INITS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
     cls = {"resnet": CifarResNet, "vgg": CifarVGG, "imagenet_resnet": ImageNetResNet}[family]
     return cls(depth=depth, width=width, num_classes=num_classes, bn_init=bn_init,
-               bn_before_relu=bn_before_relu, affine=affine)
+               bn_before_relu=bn_before_relu, affine=affine, dtype=PRECISIONS[precision])
 
 
 def init_variables(model: nn.Module, key, image_shape=(32, 32, 3)):

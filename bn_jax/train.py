@@ -2,6 +2,14 @@
 
 Everything random is a function of ``config.seed`` and the step number (init key, epoch order,
 augmentation key), so a run is reproducible and can be replayed from any step.
+
+The whole training set lives on the device as uint8. Each epoch's order is drawn there, and a
+step gathers its batch, augments it and trains without the host touching the data. The ``fused``
+loop runs ``steps_per_call`` such steps as one compiled ``fori_loop``, so the host only wakes
+between calls (progress bar, signals, checkpoints); the ``step`` loop makes one jitted call per
+step. Both trace the same step function (``train_step_at``). ``auto`` picks ``step`` on CPU only,
+where XLA compiles convolutions inside a loop body to much slower code (jax-ml/jax#12868; see
+docs/performance.md for the measurement).
 """
 
 import functools
@@ -27,9 +35,9 @@ class TrainState(train_state.TrainState):
 
 
 def run_keys(seed: int):
-    """(init key, augmentation key) of a run."""
+    """(init key, augmentation key, data-order key) of a run (train_modes' masks use tag 2)."""
     root = jax.random.key(seed)
-    return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+    return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1), jax.random.fold_in(root, 3)
 
 
 def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
@@ -52,7 +60,7 @@ def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
 
 def create_train_state(config: Config, num_classes: int, image_shape, steps_per_epoch: int) -> TrainState:
     model = config.create_model(num_classes)
-    init_key, _ = run_keys(config.seed)
+    init_key, _, _ = run_keys(config.seed)
     variables = models.init_variables(model, init_key, image_shape)
     params = variables["params"]
     tx = train_modes.make_optimizer(params, config.train_mode, make_schedule(config, steps_per_epoch),
@@ -82,6 +90,51 @@ def train_step(state: TrainState, images, labels, key, mean, std, augment: bool 
                "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
                "count": labels.shape[0]}
     return state, metrics
+
+
+def train_step_at(state: TrainState, totals, data, order, i, step, key, mean, std, *,
+                  batch_size: int, augment: bool, sharding=None):
+    """Step ``i`` of an epoch whose shuffled order is ``order`` (global step ``step``).
+
+    Gathers the batch from the device-resident ``data`` (images, labels), trains on it and adds
+    its metrics to ``totals``; ``i`` and ``step`` may be traced, so one compilation serves all.
+    """
+    idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
+    images, labels = data[0][idx], data[1][idx]
+    if sharding is not None:
+        images, labels = jax.lax.with_sharding_constraint((images, labels), sharding)
+    state, metrics = train_step(state, images, labels, jax.random.fold_in(key, step), mean, std, augment)
+    return state, accumulate(totals, metrics, step)
+
+
+def train_steps(state: TrainState, totals, data, order, start, stop, epoch_step, key, mean, std, **kw):
+    """Steps ``start``…``stop - 1`` of an epoch as one ``fori_loop`` (``epoch_step``: its first step)."""
+    def body(i, carry):
+        return train_step_at(*carry, data, order, i, epoch_step + i, key, mean, std, **kw)
+    return jax.lax.fori_loop(start, stop, body, (state, totals))
+
+
+def resolve_loop(loop: str, platform: str) -> str:
+    if loop != "auto":
+        return loop
+    return "step" if platform == "cpu" else "fused"
+
+
+def jit_epoch_steps(config: Config, mesh=None):
+    """The loop's jitted step function: ``fused`` runs a range of steps, ``step`` exactly one.
+
+    Both take ``(state, totals, data, order, start, epoch_step, key, mean, std)`` plus ``stop``
+    for the fused one; state is donated, so its buffers are reused in place.
+    """
+    kw = dict(batch_size=config.batch_size, augment=config.augment,
+              sharding=None if mesh is None else parallel.sharded(mesh))
+    out = None if mesh is None else parallel.replicated(mesh)
+    platform = (jax.devices() if mesh is None else mesh.devices.flat)[0].platform
+    if resolve_loop(config.loop, platform) == "fused":
+        return jax.jit(functools.partial(train_steps, **kw), donate_argnums=0, out_shardings=out)
+    step = jax.jit(functools.partial(train_step_at, **kw), donate_argnums=0, out_shardings=out)
+    return lambda state, totals, data, order, start, stop, epoch_step, key, mean, std: step(
+        state, totals, data, order, start, epoch_step + start, key, mean, std)
 
 
 def eval_step(state: TrainState, images, labels, valid, mean, std):
@@ -209,10 +262,13 @@ class _Loop:
         self.n_train = len(data.train_labels)
         self.steps_per_epoch = self.n_train // config.batch_size
         self.mean, self.std = parallel.replicate(input_pipeline.channel_stats(data.train_images), mesh)
-        self.train_images, self.train_labels = parallel.replicate((data.train_images, data.train_labels), mesh)
+        self.train_data = parallel.replicate((data.train_images, data.train_labels), mesh)
         self.test_batches = pad_batches(data.test_images, data.test_labels, config.eval_batch_size, mesh)
-        self.step_fn = jit_train_step(config.augment, mesh)
-        _, self.augment_key = run_keys(config.seed)
+        self.steps_fn = jit_epoch_steps(config, mesh)
+        self.loop = resolve_loop(config.loop, mesh.devices.flat[0].platform)
+        _, self.augment_key, self.order_key = run_keys(config.seed)
+        self.order_fn = jax.jit(functools.partial(input_pipeline.epoch_order, n=self.n_train),
+                                out_shardings=parallel.replicated(mesh))
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
         self.history = []
         self.past_wall_time = 0.0
@@ -222,7 +278,7 @@ class _Loop:
         return self.past_wall_time + time.time() - self.session_start
 
     def run_keys_meta(self, epoch: int) -> Dict[str, Any]:
-        order = input_pipeline.epoch_order(self.config.seed, epoch, self.n_train)
+        order = np.asarray(jax.device_get(self.order_fn(self.order_key, epoch)))
         return {"seed": self.config.seed, "epoch": epoch,
                 "augment_key_data": np.asarray(jax.random.key_data(self.augment_key)).tolist(),
                 "epoch_order_sha256": checkpoints.order_hash(order)}
@@ -284,34 +340,47 @@ class _Loop:
         """
         if jax.process_count() == 1:
             return self.guard.requested
-        if step % PREEMPTION_SYNC_STEPS and epoch_done is None:
+        if self.loop == "step" and step % PREEMPTION_SYNC_STEPS and epoch_done is None:
             return False
         return parallel.any_process(self.guard.requested)
+
+    def call_end(self, epoch: int, i: int) -> int:
+        """Where the call starting at step ``i`` of ``epoch`` ends: the epoch's end, ``steps_per_call``
+        steps on, or the next step that must reach the host (a checkpoint, a test's fault hook)."""
+        if self.loop == "step":
+            return i + 1
+        spe, base = self.steps_per_epoch, epoch * self.steps_per_epoch
+        ends = [spe, i + self.config.steps_per_call]
+        if self.ckpt.options.unit == "steps":
+            every = self.ckpt.options.every
+            ends.append((base + i) // every * every + every - base)
+        ends += [s - base for s in checkpoints.fault_steps()]
+        return min(e for e in ends if e > i)
 
     def train_epoch(self, state, totals, epoch: int):
         """Steps from the epoch's current position to its end; returns (state, totals, images/s)."""
         config, spe = self.config, self.steps_per_epoch
-        order = input_pipeline.epoch_order(config.seed, epoch, self.n_train)
-        first = int(state.step) - epoch * spe
+        order = self.order_fn(self.order_key, epoch)
+        first = i = int(state.step) - epoch * spe
         epoch_start = time.time()
-        bar = tqdm(range(first, spe), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+        bar = tqdm(total=spe, initial=first, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                    dynamic_ncols=True, disable=not self.writer)
-        for i in bar:
-            step = epoch * spe + i
-            images, labels = get_batch(self.train_images, self.train_labels,
-                                       order[i * config.batch_size:(i + 1) * config.batch_size], self.mesh)
-            state, m = self.step_fn(state, images, labels, jax.random.fold_in(self.augment_key, step),
-                                    self.mean, self.std)
-            totals = accumulate(totals, m, step)
-            if i % 20 == 19 or i == spe - 1:
+        while i < spe:
+            end = self.call_end(epoch, i)
+            state, totals = self.steps_fn(state, totals, self.train_data, order, i, end, epoch * spe,
+                                          self.augment_key, self.mean, self.std)
+            bar.update(end - i)
+            if self.loop == "fused" or end % 20 == 0 or end == spe:  # reading totals waits for the device
                 t = jax.device_get(totals)
                 check_finite(t, epoch, self.ckpt.latest_saved())
                 bar.set_postfix(loss=f"{t['loss'] / t['count']:.3f}", acc=f"{t['correct'] / t['count']:.3f}",
-                                img_s=f"{(i + 1 - first) * config.batch_size / (time.time() - epoch_start):.0f}")
-            checkpoints.fault_hook("BN_JAX_TEST_KILL_AT_STEP", step + 1)
-            checkpoints.fault_hook("BN_JAX_TEST_SIGTERM_AT_STEP", step + 1)
-            if i < spe - 1:  # the epoch's last step is checkpointed after its evaluation
-                self.after_step(state, totals, step + 1)
+                                img_s=f"{(end - first) * config.batch_size / (time.time() - epoch_start):.0f}")
+            for hook in checkpoints.FAULT_HOOKS:
+                checkpoints.fault_hook(hook, epoch * spe + end)
+            if end < spe:  # the epoch's last step is checkpointed after its evaluation
+                self.after_step(state, totals, epoch * spe + end)
+            i = end
+        bar.close()
         return state, totals, (spe - first) * config.batch_size / (time.time() - epoch_start)
 
     def end_epoch(self, state, totals, epoch: int, images_per_second: float) -> None:
@@ -395,7 +464,7 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
                "best_test_accuracy": max([r["test_accuracy"] for r in history] or [final["test_accuracy"]]),
                "epochs": config.epochs, "steps": int(state.step),
                "images_per_second": float(np.mean(speeds)) if speeds else None,
-               "wall_time": loop.wall_time(), "checkpoints": ckpt.path, **devices}
+               "wall_time": loop.wall_time(), "checkpoints": ckpt.path, "loop": loop.loop, **devices}
     if writer:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

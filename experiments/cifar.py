@@ -75,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on a fixed random subset of this size (for quick looks)")
     d.add_argument("--max_test_examples", type=int, default=None,
                    help="evaluate on a fixed random subset of this size")
+    s = p.add_argument_group("speed")
+    s.add_argument("--precision", default=DEFAULTS.precision, choices=list(models.PRECISIONS),
+                   help="compute dtype of convolutions and the dense layer; bfloat16 keeps parameters, "
+                        "BatchNorm statistics and optimizer state in float32 (see docs/performance.md)")
+    s.add_argument("--loop", default=DEFAULTS.loop, choices=config_lib.LOOPS,
+                   help="fused: --steps_per_call steps per compiled call (lax.fori_loop); step: one "
+                        "jitted call per step (same results up to float rounding); auto: fused, except "
+                        "on CPU where XLA runs convolutions in loops slowly. Data, shuffling and "
+                        "augmentation stay on the device in both")
+    s.add_argument("--steps_per_call", type=int, default=DEFAULTS.steps_per_call,
+                   help="fused loop: steps per call; the progress bar, signals and step checkpoints "
+                        "are handled between calls")
     c = p.add_argument_group("devices and clusters")
     c.add_argument("--num_devices", type=int, default=None,
                    help="data-parallel over the first N local devices (default: all); the global "
