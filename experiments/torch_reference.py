@@ -1,0 +1,220 @@
+"""A PyTorch comparison baseline for ``experiments.benchmark``: the BN-only training loop of the
+blog post "Taking BatchNorm for granted", on a CIFAR ResNet shaped exactly like
+``bn_jax.models.CifarResNet``.
+
+Each step of the blog's loop is ``zero_grad``, forward, cross-entropy, ``backward``, SGD ``step``,
+then ``model.apply(freeze_others)``, which sets ``requires_grad=False`` on the weight and bias of
+every module that is not a BatchNorm. We keep its flaw on purpose, since that is the loop being
+compared against: the freeze runs *after* the first optimizer step, so step 1 trains every
+weight. From step 2 on the frozen weights get no gradient (``zero_grad`` left them ``None``), SGD
+skips them, and autograd no longer computes their weight gradients, which is where the loop saves
+time. Not part of the library: only the benchmark imports this module, and torch is imported
+lazily so that ``available()`` works without it.
+
+``python -m experiments.torch_reference --model resnet20 --mode bn --steps 5`` prints images/s.
+"""
+
+import argparse
+import functools
+import re
+import time
+
+_RESNET = re.compile(r"resnet(\d+)$")
+
+
+def available() -> bool:
+    """Whether torch imports (the benchmark skips the PyTorch rows otherwise)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def blocks_per_segment(model: str) -> int:
+    """n for a "resnet<6n+2>" name; the same names bn_jax accepts for CIFAR ResNets."""
+    match = _RESNET.match(model.lower())
+    if not match:
+        raise ValueError(f"unknown model {model!r}: the PyTorch reference only builds CIFAR ResNets "
+                         "named resnet<6n+2> (resnet20, resnet56, resnet110, ...)")
+    depth = int(match.group(1))
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 56, 110, ...), got {depth}")
+    return (depth - 2) // 6
+
+
+@functools.cache
+def _classes():
+    """The nn.Module classes, defined on first use so that importing this module needs no torch."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Block(nn.Module):
+        """conv3×3(stride)-BN-ReLU-conv3×3-BN plus a shortcut (1×1 conv + BN where the shape changes)."""
+
+        def __init__(self, cin: int, cout: int, stride: int):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.shortcut = nn.Identity()
+            if stride != 1 or cin != cout:
+                self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            y = F.relu(self.bn1(self.conv1(x)))
+            return F.relu(self.shortcut(x) + self.bn2(self.conv2(y)))
+
+    class CifarResNet(nn.Module):
+        """ResNet-(6n+2): stem, three segments of n blocks at 16w, 32w, 64w channels, pool, linear."""
+
+        def __init__(self, n: int, width: int, num_classes: int):
+            super().__init__()
+            widths = [16 * width, 32 * width, 64 * width]
+            self.conv = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(widths[0])
+            blocks, cin = [], widths[0]
+            for segment, cout in enumerate(widths):
+                for i in range(n):
+                    blocks.append(Block(cin, cout, 2 if segment > 0 and i == 0 else 1))
+                    cin = cout
+            self.blocks = nn.Sequential(*blocks)
+            self.fc = nn.Linear(widths[-1], num_classes)
+
+        def forward(self, x):
+            x = self.blocks(F.relu(self.bn(self.conv(x))))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    return CifarResNet
+
+
+def _init_open_lth(module) -> None:
+    """open_lth's init, as bn_jax uses: Kaiming-normal conv/linear weights, BN γ ~ U[0, 1), β = 0.
+    The linear bias keeps PyTorch's default, like bn_jax's head."""
+    from torch import nn
+
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.uniform_(module.weight, 0.0, 1.0)
+        nn.init.zeros_(module.bias)
+
+
+def build_resnet(model: str, width: int = 1, num_classes: int = 10):
+    """A CIFAR ResNet with bn_jax's shapes (BN before ReLU; momentum 0.1, eps 1e-5 are PyTorch's
+    defaults), initialised from torch's global RNG (seed it with ``torch.manual_seed``)."""
+    n = blocks_per_segment(model)
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    net = _classes()(n, width, num_classes)
+    net.apply(_init_open_lth)
+    return net
+
+
+def bn_parameter_names(module) -> set:
+    """Names (as in ``named_parameters``) of the BatchNorm parameters, the ones the blog trains."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return {f"{prefix}.{name}" if prefix else name
+            for prefix, m in module.named_modules() if isinstance(m, _BatchNorm)
+            for name, _ in m.named_parameters(recurse=False)}
+
+
+def count_parameters(module, trainable_only: bool = False, bn_only: bool = False) -> int:
+    """Parameter count; ``trainable_only`` keeps those with requires_grad, ``bn_only`` BatchNorm's."""
+    bn = bn_parameter_names(module) if bn_only else None
+    return sum(p.numel() for name, p in module.named_parameters()
+               if (not trainable_only or p.requires_grad) and (bn is None or name in bn))
+
+
+def freeze_others(module) -> None:
+    """The blog's ``freezeOthers``: stop gradients to the weight and bias of a non-BatchNorm module."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if isinstance(module, _BatchNorm):
+        return
+    for name in ("weight", "bias"):
+        param = getattr(module, name, None)
+        if param is not None:
+            param.requires_grad_(False)
+
+
+def make_runner(model: str, width: int, batch_size: int, mode: str, compile: bool = False,
+                device: str | None = None, seed: int = 0, channels_last: bool = False):
+    """``run(n)``: n steps of the blog loop on one fixed random batch already on the device, then a
+    device sync; returns the last step's loss tensor (None for n = 0). ``run.model`` is the
+    (uncompiled) network, whose parameters the steps update.
+
+    mode "bn" freezes non-BN weights after every step as the blog does (so step 1 still trains
+    them and step 2 is the first frozen one; under ``compile`` it also recompiles for the frozen
+    graph, so warm up with at least 2 steps); mode "full" is the same loop without the freeze.
+    The batch is N(0, 1) noise standing in for normalised images: no data loading in the loop.
+    """
+    import torch
+
+    if mode not in ("bn", "full"):
+        raise ValueError(f"mode must be 'bn' or 'full', got {mode!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    net = build_resnet(model, width).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, 32, 32, generator=gen).to(device)
+    labels = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    net.train()
+    forward = torch.compile(net) if compile else net  # compiles lazily, on run's first step
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def run(n: int):
+        loss = None
+        for _ in range(n):
+            optimizer.zero_grad()
+            loss = loss_fn(forward(images), labels)
+            loss.backward()
+            optimizer.step()
+            if mode == "bn":
+                net.apply(freeze_others)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return None if loss is None else loss.detach()
+
+    run.model = net
+    return run
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m experiments.torch_reference", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="resnet20", help="CIFAR ResNet, resnet<6n+2>")
+    p.add_argument("--width", type=int, default=1, help="width multiplier")
+    p.add_argument("--batch_size", type=int, default=128, help="images per step")
+    p.add_argument("--mode", choices=("bn", "full"), default="bn",
+                   help="bn: the blog's loop, freezing non-BN weights after each step; full: no freeze")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, the unfrozen step 1)")
+    p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile (default mode)")
+    p.add_argument("--channels_last", action="store_true", help="channels-last memory format for model and batch")
+    p.add_argument("--device", default=None, help="torch device; cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0, help="seeds the init and the random batch")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    run = make_runner(args.model, args.width, args.batch_size, args.mode, args.compile, args.device,
+                      args.seed, args.channels_last)
+    run(args.warmup)
+    t = time.perf_counter()
+    loss = run(args.steps)
+    elapsed = time.perf_counter() - t
+    print(f"{args.model} ×{args.width} {args.mode}{' compiled' if args.compile else ''}, batch "
+          f"{args.batch_size}: {args.batch_size * args.steps / elapsed:.0f} images/s, "
+          f"{1000 * elapsed / args.steps:.1f} ms/step, loss {float(loss):.3f}")
+
+
+if __name__ == "__main__":
+    main()
