@@ -83,6 +83,7 @@ class Config:
         """The model this config describes (architecture, BN placement, and what the mode implies)."""
         return models.create_model(self.model, width=self.width, num_classes=num_classes,
                                    bn_init=self.bn_init, bn_before_relu=self.bn_placement == "before",
+                                   precision=self.precision,
                                    **train_modes.model_options(self.train_mode))
 
     def to_dict(self):

@@ -1,65 +1,233 @@
-"""Train-step throughput per train mode and device count: ``python -m experiments.benchmark``.
+"""The performance report: training images/s of every configuration, measured side by side in one
+process: ``python -m experiments.benchmark``.
 
-A benchmark, not a test: each (mode, device count) jitted step is compiled and warmed up, then
-timed in interleaved rounds so that machine noise hits every configuration alike; the median
-round is reported, with step time as a ratio of the first configuration's. On a CPU,
-``--simulate_cpu_devices 8 --num_devices 1,2,4,8`` shows that the sharded program scales
+For each model × batch size it times bn_jax's step for each train mode, precision, loop (``step``:
+one jitted call per step; ``fused``: all timed steps in one compiled ``fori_loop``) and device
+count, and, when PyTorch is installed, the blog post's PyTorch loop (``freezeOthers`` after each
+step; experiments/torch_reference.py) eager and under ``torch.compile``, on the same device, model
+shape and batch. Every configuration is compiled and warmed up, then timed in interleaved rounds
+so that machine noise hits all alike; the median round is reported. Beside each measurement is a
+roofline limit for this device (bn_jax/roofline.py) and the fraction of it reached.
+
+Writes ``<out>/benchmark.json`` (every row, the device, versions and the command),
+``<out>/benchmark.md`` (the table) and ``<out>/benchmark.png`` (a bar chart). On a CPU,
+``--simulate_cpu_devices 8 --num_devices 1,2,4,8`` checks that the sharded program scales
 correctly (all simulated devices share the same cores, so it is no speed claim).
 """
 
 import argparse
+import dataclasses
+import datetime
+import json
 import os
+import platform
 import statistics
+import sys
 import time
+from typing import Callable, Dict, List, Optional
+
+from tqdm import tqdm
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="resnet20", help="architecture, as for experiments.cifar")
+    p.add_argument("--models", default="resnet20", help="comma-separated architectures, as for experiments.cifar")
     p.add_argument("--width", type=int, default=1, help="width multiplier")
-    p.add_argument("--batch_size", type=int, default=128, help="global images per step")
-    p.add_argument("--modes", default="full,bn", help="comma-separated train modes; ratios are to the first")
+    p.add_argument("--batch_sizes", default="128", help="comma-separated global images per step")
+    p.add_argument("--modes", default="full,bn", help="comma-separated bn_jax train modes")
+    p.add_argument("--precisions", default="float32,bfloat16", help="comma-separated compute precisions")
+    p.add_argument("--loops", default="step,fused", help="comma-separated training loops (step, fused)")
     p.add_argument("--num_devices", default="all",
                    help="comma-separated device counts to run the sharded step on, or 'all'")
     p.add_argument("--unsharded", action="store_true",
                    help="also time the plain single-device step (no mesh), to measure sharding overhead")
     p.add_argument("--simulate_cpu_devices", type=int, default=None,
                    help="split the CPU into this many XLA devices (set before JAX starts)")
+    p.add_argument("--torch", default="eager,compile",
+                   help="PyTorch baselines to time when torch is installed: comma-separated eager, "
+                        "compile, or 'none' (CIFAR ResNets, float32, modes bn and full only)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per configuration")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (>= 2 for "
+                                                         "torch bn: its step 2 recompiles)")
+    p.add_argument("--no_limits", dest="limits", action="store_false",
+                   help="skip measuring the device's peaks and the roofline columns")
+    p.add_argument("--out", default="runs/benchmark", help="folder for benchmark.json/.md/.png")
     return p
 
 
-def make_runner(config, batch_size: int, mesh):
-    """A closure that runs n train steps on one fixed random batch and waits for them."""
+@dataclasses.dataclass
+class Case:
+    framework: str  # "bn_jax" or "torch"
+    model: str
+    batch_size: int
+    mode: str
+    precision: str
+    loop: str  # bn_jax: step | fused; torch: eager | compile
+    devices: Optional[int]  # bn_jax: mesh size, None = unsharded; torch: 1
+
+    @property
+    def name(self) -> str:
+        dev = "" if self.framework == "torch" else f" ×{self.devices or 'unsharded'}"
+        return f"{self.framework} {self.model} b{self.batch_size} {self.mode} {self.precision} {self.loop}{dev}"
+
+
+def split(value: str) -> List[str]:
+    return [v for v in value.split(",") if v]
+
+
+def jax_cases(args, device_counts) -> List[Case]:
+    counts = device_counts + ([None] if args.unsharded else [])
+    return [Case("bn_jax", m, b, mode, prec, loop, n)
+            for m in split(args.models) for b in map(int, split(args.batch_sizes))
+            for mode in split(args.modes) for prec in split(args.precisions)
+            for loop in split(args.loops) for n in counts]
+
+
+def torch_cases(args) -> List[Case]:
+    from experiments import torch_reference
+    variants = [] if args.torch == "none" else split(args.torch)
+    if not variants or not torch_reference.available():
+        return []
+    out = []
+    for m in split(args.models):
+        try:
+            torch_reference.blocks_per_segment(m)
+        except ValueError:
+            continue  # the reference builds CIFAR ResNets only
+        out += [Case("torch", m, b, mode, "float32", v, 1) for b in map(int, split(args.batch_sizes))
+                for mode in split(args.modes) if mode in ("bn", "full") for v in variants]
+    return out
+
+
+def jax_runner(case: Case, width: int, steps: int):
+    """``run(n)`` (n <= steps) trains n steps on a random device-resident dataset and waits;
+    also returns the compiled single step, for its cost analysis."""
     import jax
     import numpy as np
     from bn_jax import input_pipeline, parallel, train
+    from bn_jax.config import Config
 
-    state = train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=1000)
+    config = Config(model=case.model, width=width, train_mode=case.mode, batch_size=case.batch_size,
+                    precision=case.precision, loop=case.loop).validate()
+    mesh = None if case.devices is None else parallel.make_mesh(case.devices)
+    n = case.batch_size * steps
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, batch_size).astype(np.int32)
-    mean, std = input_pipeline.channel_stats(images)
+    data = (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32))
+    mean, std = input_pipeline.channel_stats(data[0])
+    state = train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=steps)
+    _, augment_key, order_key = train.run_keys(0)
     if mesh is None:
-        images, labels = jax.device_put((images, labels))
+        state, data, mean, std = jax.device_put((state, data, mean, std))
+        order = input_pipeline.epoch_order(order_key, 0, n)
     else:
-        state = parallel.replicate(state, mesh)
-        images, labels = parallel.shard_global(images, mesh), parallel.shard_global(labels, mesh)
-    step = train.jit_train_step(True, mesh)
-    key = jax.random.key(0)
-    holder = [state]
+        parallel.check_batch_size(case.batch_size, mesh)
+        state, data, mean, std = parallel.replicate((state, data, mean, std), mesh)
+        order = jax.jit(input_pipeline.epoch_order, static_argnums=2,
+                        out_shardings=parallel.replicated(mesh))(order_key, 0, n)
+    steps_fn = train.jit_epoch_steps(config, mesh)
+    holder = {"state": state, "totals": train.zero_totals()}
 
-    def run(n):
-        s = holder[0]
-        for i in range(n):
-            s, m = step(s, images, labels, jax.random.fold_in(key, i), mean, std)
-        jax.block_until_ready((s, m))
-        holder[0] = s
+    def run(k: int):
+        s, t = holder["state"], holder["totals"]
+        if case.loop == "fused":
+            s, t = steps_fn(s, t, data, order, 0, k, 0, augment_key, mean, std)
+        else:
+            for i in range(k):
+                s, t = steps_fn(s, t, data, order, i, i + 1, 0, augment_key, mean, std)
+        jax.block_until_ready(s)
+        holder["state"], holder["totals"] = s, t
 
-    return run, state
+    one_step = jax.jit(train.jit_epoch_steps(dataclasses.replace(config, loop="step"), mesh))
+    compiled = one_step.lower(state, holder["totals"], data, order, 0, 1, 0, augment_key, mean, std).compile()
+    return run, compiled
+
+
+def torch_runner(case: Case, width: int):
+    from experiments import torch_reference
+    run = torch_reference.make_runner(case.model, width, case.batch_size, case.mode, case.loop == "compile",
+                                      device="cuda" if _jax_platform() == "gpu" else "cpu")
+    return lambda n: run(n)
+
+
+def _jax_platform() -> str:
+    import jax
+    return jax.devices()[0].platform
+
+
+def time_rounds(runners: Dict[str, Callable[[int], None]], steps: int, rounds: int) -> Dict[str, List[float]]:
+    """Seconds per step of each runner, one entry per round; rounds interleave the runners."""
+    times = {name: [] for name in runners}
+    with tqdm(total=rounds * len(runners), desc="timing", leave=False) as bar:
+        for _ in range(rounds):
+            for name, run in runners.items():
+                t = time.perf_counter()
+                run(steps)
+                times[name].append((time.perf_counter() - t) / steps)
+                bar.update()
+    return times
+
+
+def comparisons(rows: List[Dict]) -> List[Dict]:
+    """The ratios the issue asks about: bn/full step time, and bn_jax bn against PyTorch bn."""
+    by = {(r["framework"], r["model"], r["batch_size"], r["mode"], r["precision"], r["loop"], r["devices"]): r
+          for r in rows}
+    out = []
+    for r in rows:
+        key = (r["framework"], r["model"], r["batch_size"], "full", r["precision"], r["loop"], r["devices"])
+        if r["mode"] == "bn" and key in by:
+            out.append({"what": f"bn/full step time, {r['framework']} {r['model']} b{r['batch_size']} "
+                                f"{r['precision']} {r['loop']}",
+                        "ratio": r["ms_per_step"] / by[key]["ms_per_step"]})
+    jax_bn = [r for r in rows if r["framework"] == "bn_jax" and r["mode"] == "bn" and r["precision"] == "float32"]
+    for t in (r for r in rows if r["framework"] == "torch" and r["mode"] == "bn"):
+        mine = [r for r in jax_bn if (r["model"], r["batch_size"]) == (t["model"], t["batch_size"])]
+        if mine:
+            best = max(mine, key=lambda r: r["images_per_second"])
+            out.append({"what": f"bn_jax bn float32 {best['loop']} ×{best['devices'] or 'unsharded'} over torch "
+                                f"{t['loop']} bn, {t['model']} b{t['batch_size']} (images/s)",
+                        "ratio": best["images_per_second"] / t["images_per_second"]})
+    return out
+
+
+def format_table(rows: List[Dict], comps: List[Dict]) -> str:
+    head = ("| framework | model | batch | mode | precision | loop | devices | ms/step | images/s | "
+            "roofline images/s | % of roofline |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        limit = f"{r['limit_images_per_second']:.0f}" if r.get("limit_images_per_second") else "–"
+        frac = f"{100 * r['fraction_of_limit']:.1f}" if r.get("fraction_of_limit") else "–"
+        lines.append(f"| {r['framework']} | {r['model']} | {r['batch_size']} | {r['mode']} | {r['precision']} | "
+                     f"{r['loop']} | {r['devices'] or 'unsharded'} | {r['ms_per_step']:.2f} | "
+                     f"{r['images_per_second']:.0f} | {limit} | {frac} |")
+    lines += ["", "| comparison | ratio |", "|---|---|"] + [f"| {c['what']} | {c['ratio']:.2f} |" for c in comps]
+    return "\n".join(lines)
+
+
+def plot(rows: List[Dict], path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [Case(**{k: r[k] for k in ("framework", "model", "batch_size", "mode", "precision", "loop",
+                                         "devices")}).name for r in rows]
+    colors = ["tab:blue" if r["framework"] == "bn_jax" else "tab:orange" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
+    y = range(len(rows))
+    ax.barh(y, [r["images_per_second"] for r in rows], color=colors)
+    limits = [(i, r["limit_images_per_second"]) for i, r in enumerate(rows) if r.get("limit_images_per_second")]
+    if limits:
+        ax.scatter([v for _, v in limits], [i for i, _ in limits], marker="|", s=200, color="black",
+                   label="roofline limit")
+        ax.legend(loc="lower right")
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("training images/s (higher is better)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -68,39 +236,79 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.simulate_cpu_devices}")
     import jax
-    from bn_jax import parallel, train_modes
-    from bn_jax.config import Config
+    from bn_jax import models, roofline
 
-    modes = args.modes.split(",")
-    counts = [len(jax.devices())] if args.num_devices == "all" else [int(n) for n in args.num_devices.split(",")]
-    configs = [(mode, n) for mode in modes for n in counts] + \
-              ([(mode, None) for mode in modes] if args.unsharded else [])
-    runners = {}
-    for mode, n in configs:
-        config = Config(model=args.model, width=args.width, train_mode=mode, batch_size=args.batch_size).validate()
-        mesh = None if n is None else parallel.make_mesh(n)
-        if mesh is not None:
-            parallel.check_batch_size(args.batch_size, mesh)
-        runners[mode, n], state = make_runner(config, args.batch_size, mesh)
+    if args.warmup < 0 or args.steps < 1 or args.rounds < 1:
+        sys.exit("error: --steps and --rounds must be >= 1 and --warmup >= 0")
+    counts = [len(jax.devices())] if args.num_devices == "all" else [int(n) for n in split(args.num_devices)]
+    cases = jax_cases(args, counts) + torch_cases(args)
+    runners, costs = {}, {}
+    for case in tqdm(cases, desc="compiling", leave=False):
         t = time.perf_counter()
-        runners[mode, n](1)
-        print(f"{mode} on {n or 'unsharded'}: compiled in {time.perf_counter() - t:.1f}s, "
-              f"{train_modes.describe(state.params, mode)}", flush=True)
-        runners[mode, n](args.warmup)
-    times = {c: [] for c in configs}
-    for _ in range(args.rounds):
-        for c in configs:
-            t = time.perf_counter()
-            runners[c](args.steps)
-            times[c].append((time.perf_counter() - t) / args.steps)
+        try:
+            if case.framework == "bn_jax":
+                runners[case.name], compiled = jax_runner(case, args.width, max(args.steps, args.warmup, 1))
+                costs[case.name] = roofline.step_cost(compiled)
+            else:
+                runners[case.name] = torch_runner(case, args.width)
+            runners[case.name](1)
+            runners[case.name](args.warmup)
+        except ValueError as e:
+            sys.exit(f"error: {case.name}: {e}")
+        tqdm.write(f"{case.name}: ready in {time.perf_counter() - t:.1f}s")
+    peaks = {}
+    if args.limits:
+        for precision in sorted({c.precision for c in cases}):
+            peaks[precision] = roofline.measure_peaks(models.PRECISIONS[precision])
+    times = time_rounds(runners, args.steps, args.rounds)
+
+    rows = []
+    for case in cases:
+        t = statistics.median(times[case.name])
+        row = {**dataclasses.asdict(case), "ms_per_step": 1000 * t, "images_per_second": case.batch_size / t,
+               "ms_per_step_rounds": [1000 * x for x in times[case.name]]}
+        cost = costs.get(case.name)
+        if cost:
+            row["flops_per_image"] = cost["flops"] / case.batch_size
+            row["bytes_per_image"] = cost["bytes"] / case.batch_size
+        if cost and case.precision in peaks:
+            devices = case.devices or 1
+            limit = devices * peaks[case.precision].limit(row["flops_per_image"], row["bytes_per_image"])
+            row["limit_images_per_second"] = limit
+            row["fraction_of_limit"] = row["images_per_second"] / limit
+        rows.append(row)
+    comps = comparisons(rows)
+
     device = jax.devices()[0]
-    print(f"\n{args.model} ×{args.width}, global batch {args.batch_size}, {device.platform} "
-          f"({device.device_kind}), median of {args.rounds} rounds × {args.steps} steps")
-    print(f"{'mode':<12}{'devices':>10}{'ms/step':>10}{'images/s':>12}{'time ratio':>12}")
-    base = statistics.median(times[configs[0]])
-    for mode, n in configs:
-        t = statistics.median(times[mode, n])
-        print(f"{mode:<12}{n or 'unsharded':>10}{1000 * t:>10.1f}{args.batch_size / t:>12.0f}{t / base:>12.2f}")
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": "python -m experiments.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "device": {"platform": device.platform, "kind": device.device_kind, "count": len(jax.devices()),
+                         "host": platform.node(), "cpu_count": os.cpu_count()},
+              "versions": _versions(), "steps": args.steps, "rounds": args.rounds, "width": args.width,
+              "peaks": {p: dataclasses.asdict(v) for p, v in peaks.items()},
+              "rows": rows, "comparisons": comps}
+    os.makedirs(args.out, exist_ok=True)
+    table = format_table(rows, comps)
+    title = (f"{device.platform} ({device.device_kind}), median of {args.rounds} rounds × {args.steps} steps, "
+             f"{report['date']}")
+    with open(os.path.join(args.out, "benchmark.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(args.out, "benchmark.md"), "w") as f:
+        f.write(f"{title}\n\n`{report['command']}`\n\n{table}\n")
+    plot(rows, os.path.join(args.out, "benchmark.png"), title)
+    print(f"\n{title}\n{table}\n\nwrote {args.out}/benchmark.json, benchmark.md, benchmark.png")
+
+
+def _versions() -> Dict[str, str]:
+    import flax
+    import jax
+    versions = {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__}
+    try:
+        import torch
+        versions["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return versions
 
 
 if __name__ == "__main__":

@@ -1,0 +1,56 @@
+"""How fast could a train step be on this device? A roofline estimate for the benchmark.
+
+A step can go no faster than its arithmetic at the device's matmul rate, nor than its memory
+traffic at the device's copy bandwidth. XLA's cost analysis of the compiled step gives both
+amounts (FLOPs, and bytes accessed summed over its fused kernels); short timed kernels give the
+two rates. The bound is optimistic on purpose: convolutions rarely reach the large-matmul rate,
+so a step at 50% of it is already good.
+"""
+
+import dataclasses
+import time
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass
+class Peaks:
+    matmul_flops: float  # FLOP/s of a large square matmul in the compute dtype
+    copy_bytes: float  # bytes/s read + written by a large elementwise copy
+
+    def limit(self, flops: float, nbytes: float) -> float:
+        """Items/s at the roofline for work of ``flops`` FLOPs and ``nbytes`` bytes per item."""
+        return min(self.matmul_flops / flops, self.copy_bytes / nbytes)
+
+
+def step_cost(compiled) -> Dict[str, float]:
+    """{"flops", "bytes"} of one call of a compiled function (``jit(f).lower(...).compile()``)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per device program
+        analysis = analysis[0]
+    return {"flops": float(analysis["flops"]), "bytes": float(analysis["bytes accessed"])}
+
+
+def _best_time(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure_peaks(dtype=jnp.float32, matmul_size: int = None, copy_mib: int = None,
+                  repeats: int = 5) -> Peaks:
+    """Measured matmul rate and copy bandwidth of the default device (sizes scale with it)."""
+    on_cpu = jax.devices()[0].platform == "cpu"
+    n = matmul_size or (1024 if on_cpu else 8192)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    matmul = _best_time(jax.jit(jnp.matmul), a, a, repeats=repeats)
+    elements = (copy_mib or (64 if on_cpu else 1024)) * 2**20 // 4
+    x = jnp.zeros(elements, jnp.float32)
+    copy = _best_time(jax.jit(lambda v: v + 1.0), x, repeats=repeats)  # reads and writes every byte
+    return Peaks(matmul_flops=2 * n**3 / matmul, copy_bytes=2 * x.nbytes / copy)

@@ -1,0 +1,76 @@
+"""experiments.benchmark (the performance report) and the roofline estimate beside it."""
+
+import json
+import os
+
+import pytest
+
+from bn_jax import roofline
+from experiments import benchmark
+
+if os.environ.get("CI"):
+    import torch  # noqa: F401  (CI installs it: the PyTorch rows must be exercised there)
+
+# ResNet-8's convolutions written out by hand: (output side, kernel side, in channels, out channels).
+RESNET8_CONVS = [(32, 3, 3, 16), (32, 3, 16, 16), (32, 3, 16, 16),
+                 (16, 3, 16, 32), (16, 3, 32, 32), (16, 1, 16, 32),
+                 (8, 3, 32, 64), (8, 3, 64, 64), (8, 1, 32, 64)]
+FORWARD_FLOPS = sum(2 * side**2 * k**2 * cin * cout for side, k, cin, cout in RESNET8_CONVS)
+
+
+def step_flops_per_image(mode):
+    case = benchmark.Case("bn_jax", "resnet8", 8, mode, "float32", "step", None)
+    _, compiled = benchmark.jax_runner(case, width=1, steps=1)
+    return roofline.step_cost(compiled)["flops"] / 8
+
+
+def test_cost_analysis_counts_three_conv_passes_for_full_and_two_for_bn_only():
+    full, bn = step_flops_per_image("full"), step_flops_per_image("bn")
+    assert 2.6 < full / FORWARD_FLOPS < 3.3  # forward, input gradient, weight gradient
+    assert 1.7 < bn / FORWARD_FLOPS < 2.2  # no weight gradients
+    assert bn / full < 0.72
+
+
+def test_roofline_limit_is_the_tighter_of_compute_and_memory():
+    peaks = roofline.Peaks(matmul_flops=100.0, copy_bytes=10.0)
+    assert peaks.limit(flops=5.0, nbytes=1.0) == 10.0  # memory-bound: 10 B/s ÷ 1 B
+    assert peaks.limit(flops=50.0, nbytes=0.01) == 2.0  # compute-bound: 100 FLOP/s ÷ 50 FLOP
+
+
+def test_measured_peaks_are_plausible_for_a_cpu():
+    peaks = roofline.measure_peaks(matmul_size=256, copy_mib=8, repeats=2)
+    assert 1e8 < peaks.matmul_flops < 1e14 and 1e8 < peaks.copy_bytes < 1e13
+
+
+def test_report_times_every_configuration_and_writes_json_markdown_and_png(tmp_path, capsys):
+    out = tmp_path / "bench"
+    torch_variants = "eager" if benchmark.torch_cases(benchmark.build_parser().parse_args([])) else "none"
+    benchmark.main(["--models", "resnet8", "--batch_sizes", "8", "--precisions", "float32",
+                    "--loops", "step,fused", "--torch", torch_variants, "--steps", "2", "--rounds", "2",
+                    "--warmup", "2", "--out", str(out)])
+    report = json.loads((out / "benchmark.json").read_text())
+    jax_rows = [r for r in report["rows"] if r["framework"] == "bn_jax"]
+    assert {(r["mode"], r["loop"]) for r in jax_rows} == {("full", "step"), ("full", "fused"),
+                                                          ("bn", "step"), ("bn", "fused")}
+    for r in report["rows"]:
+        assert len(r["ms_per_step_rounds"]) == 2 and r["images_per_second"] > 0
+        assert r["images_per_second"] == pytest.approx(8 / (r["ms_per_step"] / 1000))
+    for r in jax_rows:
+        assert r["fraction_of_limit"] == pytest.approx(r["images_per_second"] / r["limit_images_per_second"])
+    ratios = {c["what"]: c["ratio"] for c in report["comparisons"]}
+    assert "bn/full step time, bn_jax resnet8 b8 float32 step" in ratios
+    if torch_variants != "none":
+        assert {r["mode"] for r in report["rows"] if r["framework"] == "torch"} == {"bn", "full"}
+        assert any(w.startswith("bn_jax bn float32") and "over torch eager bn" in w for w in ratios)
+    assert report["command"].startswith("python -m experiments.benchmark --models resnet8")
+    assert (out / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "benchmark.md").read_text()
+    assert table.count("| bn_jax | resnet8 | 8 |") == 4
+    assert "% of roofline" in capsys.readouterr().out
+
+
+def test_bad_arguments_exit_with_a_message():
+    with pytest.raises(SystemExit, match="--steps and --rounds must be >= 1"):
+        benchmark.main(["--steps", "0", "--no_limits"])
+    with pytest.raises(SystemExit, match=r"resnet9 .*depth must be 6n\+2"):
+        benchmark.main(["--models", "resnet9", "--torch", "none", "--no_limits", "--steps", "1"])
