@@ -110,6 +110,19 @@ def test_kill_and_resume_at_several_points_is_bitwise_exact(env, baseline):
     assert_same_run(workdir, baseline)
 
 
+def test_fused_loop_stops_at_the_signalled_step_and_resumes_bitwise(env, tmp_path):
+    """The fused loop ends a compiled call at every step that must reach the host."""
+    fused = ("--loop", "fused", "--steps_per_call", "100")
+    reference = tmp_path / "fused_reference"
+    cli(env, reference, *fused)
+    workdir = tmp_path / "fused"
+    out = cli(env, workdir, *fused, hooks={"BN_JAX_TEST_SIGTERM_AT_STEP": "5"}, expect=checkpoints.EXIT_PREEMPTED)
+    assert "step 5" in out.stderr and max(finalized_steps(workdir)) == 5
+    out = cli(env, workdir, *fused, "--steps_per_call", "1")  # steps per call may change on resume
+    assert "resumed from checkpoint step 5 (epoch 2, step 2 of 3)" in out.stdout
+    assert_same_run(workdir, reference)
+
+
 def test_external_sigint_saves_a_checkpoint_and_exits_75(env):
     workdir = env["root"] / "sigint"
     environ = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": env["cache"],
