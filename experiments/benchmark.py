@@ -193,14 +193,15 @@ def comparisons(rows: List[Dict]) -> List[Dict]:
 
 def format_table(rows: List[Dict], comps: List[Dict]) -> str:
     head = ("| framework | model | batch | mode | precision | loop | devices | ms/step | images/s | "
-            "roofline images/s | % of roofline |")
+            "compute-bound images/s | memory-bound images/s | % of roofline |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        limit = f"{r['limit_images_per_second']:.0f}" if r.get("limit_images_per_second") else "–"
+        compute, memory = (f"{r[k]:.0f}" if r.get(k) else "–" for k in ("compute_limit_images_per_second",
+                                                                         "memory_limit_images_per_second"))
         frac = f"{100 * r['fraction_of_limit']:.1f}" if r.get("fraction_of_limit") else "–"
         lines.append(f"| {r['framework']} | {r['model']} | {r['batch_size']} | {r['mode']} | {r['precision']} | "
                      f"{r['loop']} | {r['devices'] or 'unsharded'} | {r['ms_per_step']:.2f} | "
-                     f"{r['images_per_second']:.0f} | {limit} | {frac} |")
+                     f"{r['images_per_second']:.0f} | {compute} | {memory} | {frac} |")
     lines += ["", "| comparison | ratio |", "|---|---|"] + [f"| {c['what']} | {c['ratio']:.2f} |" for c in comps]
     return "\n".join(lines)
 
@@ -220,7 +221,7 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
     if limits:
         ax.scatter([v for _, v in limits], [i for i, _ in limits], marker="|", s=200, color="black",
                    label="roofline limit")
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper right", bbox_to_anchor=(1.0, -0.08), fontsize=8, frameon=False)
     ax.set_yticks(list(y), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("training images/s (higher is better)")
@@ -272,10 +273,11 @@ def main(argv=None):
             row["flops_per_image"] = cost["flops"] / case.batch_size
             row["bytes_per_image"] = cost["bytes"] / case.batch_size
         if cost and case.precision in peaks:
-            devices = case.devices or 1
-            limit = devices * peaks[case.precision].limit(row["flops_per_image"], row["bytes_per_image"])
-            row["limit_images_per_second"] = limit
-            row["fraction_of_limit"] = row["images_per_second"] / limit
+            devices, peak = case.devices or 1, peaks[case.precision]
+            row["compute_limit_images_per_second"] = devices * peak.compute_limit(row["flops_per_image"])
+            row["memory_limit_images_per_second"] = devices * peak.memory_limit(row["bytes_per_image"])
+            row["limit_images_per_second"] = devices * peak.limit(row["flops_per_image"], row["bytes_per_image"])
+            row["fraction_of_limit"] = row["images_per_second"] / row["limit_images_per_second"]
         rows.append(row)
     comps = comparisons(rows)
 

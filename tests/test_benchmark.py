@@ -56,6 +56,8 @@ def test_report_times_every_configuration_and_writes_json_markdown_and_png(tmp_p
         assert len(r["ms_per_step_rounds"]) == 2 and r["images_per_second"] > 0
         assert r["images_per_second"] == pytest.approx(8 / (r["ms_per_step"] / 1000))
     for r in jax_rows:
+        assert r["limit_images_per_second"] == min(r["compute_limit_images_per_second"],
+                                                   r["memory_limit_images_per_second"])
         assert r["fraction_of_limit"] == pytest.approx(r["images_per_second"] / r["limit_images_per_second"])
     ratios = {c["what"]: c["ratio"] for c in report["comparisons"]}
     assert "bn/full step time, bn_jax resnet8 b8 float32 step" in ratios
