@@ -354,7 +354,8 @@ class _Loop:
         if self.ckpt.options.unit == "steps":
             every = self.ckpt.options.every
             ends.append((base + i) // every * every + every - base)
-        ends += [s - base for s in checkpoints.fault_steps()]
+        if jax.process_count() == 1:  # every process must make the same calls
+            ends += [s - base for s in checkpoints.fault_steps()]
         return min(e for e in ends if e > i)
 
     def train_epoch(self, state, totals, epoch: int):
@@ -376,7 +377,8 @@ class _Loop:
                 bar.set_postfix(loss=f"{t['loss'] / t['count']:.3f}", acc=f"{t['correct'] / t['count']:.3f}",
                                 img_s=f"{(end - first) * config.batch_size / (time.time() - epoch_start):.0f}")
             for hook in checkpoints.FAULT_HOOKS:
-                checkpoints.fault_hook(hook, epoch * spe + end)
+                for done in range(epoch * spe + i + 1, epoch * spe + end + 1):
+                    checkpoints.fault_hook(hook, done)
             if end < spe:  # the epoch's last step is checkpointed after its evaluation
                 self.after_step(state, totals, epoch * spe + end)
             i = end

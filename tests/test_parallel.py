@@ -115,16 +115,17 @@ def test_two_processes_match_one(tmp_path):
         np.testing.assert_allclose(x, y, **TOLERANCE)
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path):
+@pytest.mark.parametrize("loop", ["step", "fused"])
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path, loop):
     """Preemption in a multi-host job: the processes agree (all-gather) on when to stop."""
     data = write_image_folder(str(tmp_path / "data"), per_class=(12, 4))
     single = str(tmp_path / "single")
     subprocess.run(cli(data, single), cwd=ROOT, env=env(1), check=True, timeout=600, capture_output=True)
     multi = str(tmp_path / "multi")
-    codes, outputs = launch_two(data, multi, (None, {"BN_JAX_TEST_SIGTERM_AT_STEP": "2"}))
+    codes, outputs = launch_two(data, multi, (None, {"BN_JAX_TEST_SIGTERM_AT_STEP": "2"}), "--loop", loop)
     assert codes == [75, 75], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert sorted(int(s) for s in os.listdir(os.path.join(multi, "checkpoints")) if s.isdigit()) == [4]
-    codes, outputs = launch_two(data, multi)  # the same command resumes
+    codes, outputs = launch_two(data, multi, (None, None), "--loop", loop)  # the same command resumes
     assert codes == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     a = [json.loads(line) for line in open(os.path.join(single, "metrics.jsonl"))]
     b = [json.loads(line) for line in open(os.path.join(multi, "metrics.jsonl"))]
