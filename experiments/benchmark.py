@@ -297,8 +297,13 @@ def main(argv=None):
         json.dump(report, f, indent=2)
     with open(os.path.join(args.out, "benchmark.md"), "w") as f:
         f.write(f"{title}\n\n`{report['command']}`\n\n{table}\n")
-    plot(rows, os.path.join(args.out, "benchmark.png"), title)
-    print(f"\n{title}\n{table}\n\nwrote {args.out}/benchmark.json, benchmark.md, benchmark.png")
+    written = ["benchmark.json", "benchmark.md"]
+    try:
+        plot(rows, os.path.join(args.out, "benchmark.png"), title)
+        written.append("benchmark.png")
+    except ImportError as e:  # a bare accelerator image may lack matplotlib; keep the measurements
+        print(f"no bar chart ({e}); pip install matplotlib to get benchmark.png", file=sys.stderr)
+    print(f"\n{title}\n{table}\n\nwrote {', '.join(os.path.join(args.out, w) for w in written)}")
 
 
 def _versions() -> Dict[str, str]:
