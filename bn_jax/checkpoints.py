@@ -29,10 +29,11 @@ import orbax.checkpoint as ocp
 
 from bn_jax import parallel, train_modes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: epoch order drawn by jax.random on the device (issue 6)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; re-running the same command resumes
-# Config keys that may differ on resume: they do not change the numbers a run produces.
-# (data_dir: the data themselves are fingerprinted; num_devices: results are device-count free.)
+# Config keys that may differ on resume: they do not change the numbers a run produces beyond
+# float rounding. (data_dir: the data themselves are fingerprinted; num_devices and loop: the
+# same steps, summed in another order; steps_per_call: bit for bit the same.)
 RESUMABLE_KEYS = ("eval_batch_size", "num_devices", "data_dir", "steps_per_call", "loop")
 UNITS = ("epochs", "steps")
 FORMATS = ("full", "small")

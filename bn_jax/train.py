@@ -285,7 +285,7 @@ class _Loop:
 
     def resume(self, state):
         """Restore the newest good checkpoint (if any) into ``state`` and the partial-epoch sums."""
-        self.totals = zero_totals()
+        self.totals = parallel.replicate(zero_totals(), self.mesh)
         restored = self.ckpt.restore_latest(state, zero_totals(), self.expected)
         if restored is None:
             if self.writer:
@@ -403,7 +403,9 @@ class _Loop:
     def run(self, state):
         for epoch in range(int(state.step) // self.steps_per_epoch, self.config.epochs):
             # A mid-epoch resume continues the restored partial-epoch sums.
-            totals = self.totals if int(state.step) > epoch * self.steps_per_epoch else zero_totals()
+            # (replicated like the step's outputs, so the step compiles once, not twice)
+            totals = (self.totals if int(state.step) > epoch * self.steps_per_epoch
+                      else parallel.replicate(zero_totals(), self.mesh))
             state, totals, speed = self.train_epoch(state, totals, epoch)
             self.end_epoch(state, totals, epoch, speed)
             self.after_step(state, zero_totals(), (epoch + 1) * self.steps_per_epoch, epoch_done=epoch + 1)

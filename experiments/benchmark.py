@@ -85,10 +85,24 @@ def jax_cases(args, device_counts) -> List[Case]:
             for loop in split(args.loops) for n in counts]
 
 
+TORCH_VARIANTS = ("eager", "compile")
+
+
+def torch_variants(value: str) -> List[str]:
+    variants = [] if value == "none" else split(value)
+    unknown = [v for v in variants if v not in TORCH_VARIANTS]
+    if unknown:
+        raise ValueError(f"--torch: unknown {', '.join(unknown)}; use eager, compile or none")
+    return variants
+
+
 def torch_cases(args) -> List[Case]:
     from experiments import torch_reference
-    variants = [] if args.torch == "none" else split(args.torch)
-    if not variants or not torch_reference.available():
+    variants = torch_variants(args.torch)
+    if not variants:
+        return []
+    if not torch_reference.available():
+        print("PyTorch is not installed: no PyTorch rows (pip install -e '.[torch]')", file=sys.stderr)
         return []
     out = []
     for m in split(args.models):
@@ -127,7 +141,8 @@ def jax_runner(case: Case, width: int, steps: int):
         order = jax.jit(input_pipeline.epoch_order, static_argnums=2,
                         out_shardings=parallel.replicated(mesh))(order_key, 0, n)
     steps_fn = train.jit_epoch_steps(config, mesh)
-    holder = {"state": state, "totals": train.zero_totals()}
+    totals = train.zero_totals() if mesh is None else parallel.replicate(train.zero_totals(), mesh)
+    holder = {"state": state, "totals": totals}
 
     def run(k: int):
         s, t = holder["state"], holder["totals"]
@@ -232,18 +247,25 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        wants_torch = bool(torch_variants(args.torch))
+        counts = None if args.num_devices == "all" else [int(n) for n in split(args.num_devices)]
+    except ValueError as e:
+        parser.error(str(e))
+    if args.warmup < 0 or args.steps < 1 or args.rounds < 1:
+        parser.error("--steps and --rounds must be >= 1 and --warmup >= 0")
+    if wants_torch:  # JAX would otherwise take 75% of GPU memory before PyTorch's rows run
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.simulate_cpu_devices:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.simulate_cpu_devices}")
     import jax
     from bn_jax import models, roofline
 
-    if args.warmup < 0 or args.steps < 1 or args.rounds < 1:
-        sys.exit("error: --steps and --rounds must be >= 1 and --warmup >= 0")
-    counts = [len(jax.devices())] if args.num_devices == "all" else [int(n) for n in split(args.num_devices)]
-    cases = jax_cases(args, counts) + torch_cases(args)
-    runners, costs = {}, {}
+    cases = jax_cases(args, counts or [len(jax.devices())]) + torch_cases(args)
+    runners, costs, skipped = {}, {}, []
     for case in tqdm(cases, desc="compiling", leave=False):
         t = time.perf_counter()
         try:
@@ -254,8 +276,14 @@ def main(argv=None):
                 runners[case.name] = torch_runner(case, args.width)
             runners[case.name](1)
             runners[case.name](args.warmup)
-        except ValueError as e:
+        except ValueError as e:  # a bad configuration: nothing is worth timing
             sys.exit(f"error: {case.name}: {e}")
+        except Exception as e:  # out of memory, a failed torch.compile: report it, time the rest
+            tqdm.write(f"{case.name}: skipped, {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            runners.pop(case.name, None)
+            costs.pop(case.name, None)
+            skipped.append(case.name)
+            continue
         tqdm.write(f"{case.name}: ready in {time.perf_counter() - t:.1f}s")
     peaks = {}
     if args.limits:
@@ -264,14 +292,15 @@ def main(argv=None):
     times = time_rounds(runners, args.steps, args.rounds)
 
     rows = []
-    for case in cases:
+    for case in (c for c in cases if c.name in runners):
         t = statistics.median(times[case.name])
         row = {**dataclasses.asdict(case), "ms_per_step": 1000 * t, "images_per_second": case.batch_size / t,
                "ms_per_step_rounds": [1000 * x for x in times[case.name]]}
         cost = costs.get(case.name)
-        if cost:
-            row["flops_per_image"] = cost["flops"] / case.batch_size
-            row["bytes_per_image"] = cost["bytes"] / case.batch_size
+        if cost:  # XLA costs one device's share of the sharded step: its per-device batch
+            per_device = case.batch_size / (case.devices or 1)
+            row["flops_per_image"] = cost["flops"] / per_device
+            row["bytes_per_image"] = cost["bytes"] / per_device
         if cost and case.precision in peaks:
             devices, peak = case.devices or 1, peaks[case.precision]
             row["compute_limit_images_per_second"] = devices * peak.compute_limit(row["flops_per_image"])
@@ -288,7 +317,7 @@ def main(argv=None):
                          "host": platform.node(), "cpu_count": os.cpu_count()},
               "versions": _versions(), "steps": args.steps, "rounds": args.rounds, "width": args.width,
               "peaks": {p: dataclasses.asdict(v) for p, v in peaks.items()},
-              "rows": rows, "comparisons": comps}
+              "rows": rows, "comparisons": comps, "skipped": skipped}
     os.makedirs(args.out, exist_ok=True)
     table = format_table(rows, comps)
     title = (f"{device.platform} ({device.device_kind}), median of {args.rounds} rounds × {args.steps} steps, "

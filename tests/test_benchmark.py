@@ -71,8 +71,34 @@ def test_report_times_every_configuration_and_writes_json_markdown_and_png(tmp_p
     assert "% of roofline" in capsys.readouterr().out
 
 
-def test_bad_arguments_exit_with_a_message():
-    with pytest.raises(SystemExit, match="--steps and --rounds must be >= 1"):
-        benchmark.main(["--steps", "0", "--no_limits"])
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps and --rounds must be >= 1"),
+    (["--torch", "eagre"], "--torch: unknown eagre"),
+    (["--num_devices", "two"], "invalid literal"),
+])
+def test_bad_flags_exit_2_with_a_message(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unbuildable_model_exits_with_a_message():
     with pytest.raises(SystemExit, match=r"resnet9 .*depth must be 6n\+2"):
         benchmark.main(["--models", "resnet9", "--torch", "none", "--no_limits", "--steps", "1"])
+
+
+def test_per_image_costs_do_not_depend_on_the_device_count(tmp_path):
+    """XLA costs one device's share of a sharded step; per image it must come out the same."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-m", "experiments.benchmark", "--simulate_cpu_devices", "2",
+                    "--num_devices", "1,2", "--models", "resnet8", "--batch_sizes", "8", "--modes", "bn",
+                    "--precisions", "float32", "--loops", "step", "--torch", "none", "--steps", "1",
+                    "--rounds", "1", "--warmup", "0", "--out", str(tmp_path)],
+                   cwd=root, check=True, capture_output=True, timeout=600)
+    one, two = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
+    assert (one["devices"], two["devices"]) == (1, 2)
+    assert two["flops_per_image"] == pytest.approx(one["flops_per_image"], rel=0.05)
+    peak_flops = one["compute_limit_images_per_second"] * one["flops_per_image"]
+    assert two["compute_limit_images_per_second"] == pytest.approx(2 * peak_flops / two["flops_per_image"])
