@@ -23,10 +23,11 @@ def config(**kw):
 
 def run(monkeypatch, tmp_path, name, **kw):
     """Train; return (final state, summary, the (start, stop) of every compiled step call)."""
-    calls, states = [], []
+    calls, states, compiled = [], [], []
 
     def counting(cfg, mesh=None):
         fn = JIT_EPOCH_STEPS(cfg, mesh)
+        compiled.append(fn)
 
         def wrapped(*args):
             calls.append(tuple(int(a) for a in args[4:6]))
@@ -37,6 +38,8 @@ def run(monkeypatch, tmp_path, name, **kw):
 
     monkeypatch.setattr(train, "jit_epoch_steps", counting)
     summary = train.train_and_evaluate(config(**kw), str(tmp_path / name), data=DATA, log=lambda *a: None)
+    if kw.get("loop", "fused") == "fused":  # one compilation for the whole run, whatever the calls
+        assert compiled[0]._cache_size() == 1
     return jax.device_get(states[0]), summary, calls
 
 
