@@ -78,6 +78,10 @@ class CheckpointOptions:
             return step % self.every == 0
         return epoch_done is not None and epoch_done % self.every == 0
 
+    def next_due_step(self, step: int) -> Optional[int]:
+        """The first step after ``step`` that ``due`` names by step count (None for epoch units)."""
+        return (step // self.every + 1) * self.every if self.unit == "steps" else None
+
 
 # ---- hashes and fingerprints ----------------------------------------------------------------
 

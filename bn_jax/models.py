@@ -154,15 +154,10 @@ class CifarVGG(Network):
         return head(x, self.num_classes, self.dtype)
 
 
-class ImageNetBlock(nn.Module):
+class ImageNetBlock(Block):
     """torchvision's BasicBlock (two 3×3) or Bottleneck (1×1, 3×3 with the stride, 1×1 ×4)."""
 
-    features: int
-    stride: int
-    norm: Callable
-    bottleneck: bool
-    bn_before_relu: bool = True
-    dtype: Any = jnp.float32
+    bottleneck: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -201,7 +196,7 @@ class ImageNetResNet(Network):
         for stage, n in enumerate(blocks):
             for i in range(n):
                 x = ImageNetBlock(64 * 2**stage * self.width, 2 if stage > 0 and i == 0 else 1, norm,
-                                  bottleneck, self.bn_before_relu, self.dtype)(x)
+                                  self.bn_before_relu, self.dtype, bottleneck=bottleneck)(x)
         return head(jnp.mean(x, axis=(1, 2)), self.num_classes, self.dtype)
 
 

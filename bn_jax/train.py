@@ -120,6 +120,17 @@ def resolve_loop(loop: str, platform: str) -> str:
     return "step" if platform == "cpu" else "fused"
 
 
+def loop_for(config: Config, mesh=None) -> str:
+    """The loop ``config.loop`` means on the mesh's devices (or the default device)."""
+    return resolve_loop(config.loop, (jax.devices() if mesh is None else mesh.devices.flat)[0].platform)
+
+
+def epoch_order_fn(n: int, mesh=None):
+    """``order(key, epoch)``: the jitted epoch permutation, replicated over ``mesh`` if given."""
+    out = None if mesh is None else parallel.replicated(mesh)
+    return jax.jit(functools.partial(input_pipeline.epoch_order, n=n), out_shardings=out)
+
+
 def jit_epoch_steps(config: Config, mesh=None):
     """The loop's jitted step function: ``fused`` runs a range of steps, ``step`` exactly one.
 
@@ -129,8 +140,7 @@ def jit_epoch_steps(config: Config, mesh=None):
     kw = dict(batch_size=config.batch_size, augment=config.augment,
               sharding=None if mesh is None else parallel.sharded(mesh))
     out = None if mesh is None else parallel.replicated(mesh)
-    platform = (jax.devices() if mesh is None else mesh.devices.flat)[0].platform
-    if resolve_loop(config.loop, platform) == "fused":
+    if loop_for(config, mesh) == "fused":
         return jax.jit(functools.partial(train_steps, **kw), donate_argnums=0, out_shardings=out)
     step = jax.jit(functools.partial(train_step_at, **kw), donate_argnums=0, out_shardings=out)
     return lambda state, totals, data, order, start, stop, epoch_step, key, mean, std: step(
@@ -153,16 +163,6 @@ def jit_train_step(augment: bool, mesh=None):
 
 
 jit_eval_step = jax.jit(eval_step)
-
-
-@functools.partial(jax.jit, static_argnums=3)
-def _gather(images, labels, idx, sharding):
-    return jax.lax.with_sharding_constraint((images[idx], labels[idx]), sharding)
-
-
-def get_batch(images, labels, idx: np.ndarray, mesh):
-    """Gather one global batch from the device-resident dataset, sharded over the mesh."""
-    return _gather(images, labels, parallel.shard_global(idx, mesh), parallel.sharded(mesh))
 
 
 def _sum(a, b):
@@ -265,10 +265,9 @@ class _Loop:
         self.train_data = parallel.replicate((data.train_images, data.train_labels), mesh)
         self.test_batches = pad_batches(data.test_images, data.test_labels, config.eval_batch_size, mesh)
         self.steps_fn = jit_epoch_steps(config, mesh)
-        self.loop = resolve_loop(config.loop, mesh.devices.flat[0].platform)
+        self.loop = loop_for(config, mesh)
         _, self.augment_key, self.order_key = run_keys(config.seed)
-        self.order_fn = jax.jit(functools.partial(input_pipeline.epoch_order, n=self.n_train),
-                                out_shardings=parallel.replicated(mesh))
+        self.order_fn = epoch_order_fn(self.n_train, mesh)
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
         self.history = []
         self.past_wall_time = 0.0
@@ -351,9 +350,9 @@ class _Loop:
             return i + 1
         spe, base = self.steps_per_epoch, epoch * self.steps_per_epoch
         ends = [spe, i + self.config.steps_per_call]
-        if self.ckpt.options.unit == "steps":
-            every = self.ckpt.options.every
-            ends.append((base + i) // every * every + every - base)
+        due = self.ckpt.options.next_due_step(base + i)
+        if due is not None:
+            ends.append(due - base)
         if jax.process_count() == 1:  # every process must make the same calls
             ends += [s - base for s in checkpoints.fault_steps()]
         return min(e for e in ends if e > i)

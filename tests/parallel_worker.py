@@ -34,11 +34,11 @@ def run(mode: str, num_devices: int, steps: int = 3):
     mesh = parallel.make_mesh(num_devices)
     state = parallel.replicate(train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=4), mesh)
     mean, std = parallel.replicate((np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)), mesh)
-    images, labels = parallel.replicate((data.train_images, data.train_labels), mesh)
     step = train.jit_train_step(True, mesh)
     losses = []
     for i in range(steps):
-        x, y = train.get_batch(images, labels, np.arange(16 * i, 16 * (i + 1)), mesh)
+        batch = slice(16 * i, 16 * (i + 1))
+        x, y = (parallel.shard_global(a[batch], mesh) for a in (data.train_images, data.train_labels))
         state, m = step(state, x, y, jax.random.key(i), mean, std)
         losses.append(float(m["loss"]) / 16)
     return state, np.array(losses)

@@ -20,8 +20,8 @@ FORWARD_FLOPS = sum(2 * side**2 * k**2 * cin * cout for side, k, cin, cout in RE
 
 def step_flops_per_image(mode):
     case = benchmark.Case("bn_jax", "resnet8", 8, mode, "float32", "step", None)
-    _, compiled = benchmark.jax_runner(case, width=1, steps=1)
-    return roofline.step_cost(compiled)["flops"] / 8
+    _, cost = benchmark.jax_runner(case, width=1, steps=1)
+    return cost()["flops"] / 8
 
 
 def test_cost_analysis_counts_three_conv_passes_for_full_and_two_for_bn_only():
