@@ -115,9 +115,20 @@ def torch_cases(args) -> List[Case]:
     return out
 
 
-def jax_runner(case: Case, width: int, steps: int):
-    """``run(n)`` (n <= steps) trains n steps on a random device-resident dataset and waits;
-    also returns ``cost()``, which compiles a single step for XLA's cost analysis."""
+@dataclasses.dataclass
+class JaxRunner:
+    run: Callable[[int], None]  # n (<= steps) training steps on the device, then wait
+    cost: Callable[[], Dict[str, float]]  # XLA's cost analysis of one step
+    compile_s: float  # fused: the XLA compile of the loop program; step: the first call (compile + 1 step)
+
+
+def jax_runner(case: Case, width: int, steps: int) -> JaxRunner:
+    """Compiles bn_jax's training program for ``case`` on a random device-resident dataset.
+
+    The fused program is compiled ahead of time and its cost analysis is taken from that same
+    executable (XLA counts a loop body once, so that is one step's cost); the step loop compiles
+    on its first call and ``cost`` compiles one single step for the analysis.
+    """
     import jax
     import numpy as np
     from bn_jax import input_pipeline, parallel, roofline, train
@@ -141,10 +152,15 @@ def jax_runner(case: Case, width: int, steps: int):
     steps_fn = train.jit_epoch_steps(config, mesh)
     totals = train.zero_totals() if mesh is None else parallel.replicate(train.zero_totals(), mesh)
     holder = {"state": state, "totals": totals}
+    fused = case.loop == "fused"
+    t = time.perf_counter()
+    if fused:
+        steps_fn = steps_fn.lower(state, totals, data, order, 0, 1, 0, augment_key, mean, std).compile()
+    compiled_at = time.perf_counter()
 
     def run(k: int):
         s, t = holder["state"], holder["totals"]
-        if case.loop == "fused":
+        if fused:
             s, t = steps_fn(s, t, data, order, 0, k, 0, augment_key, mean, std)
         else:
             for i in range(k):
@@ -152,12 +168,17 @@ def jax_runner(case: Case, width: int, steps: int):
         jax.block_until_ready(s)
         holder["state"], holder["totals"] = s, t
 
+    if not fused:
+        run(1)
+
     def cost():
+        if fused:
+            return roofline.step_cost(steps_fn)
         one_step = jax.jit(train.jit_epoch_steps(dataclasses.replace(config, loop="step"), mesh))
         lowered = one_step.lower(holder["state"], holder["totals"], data, order, 0, 1, 0, augment_key, mean, std)
         return roofline.step_cost(lowered.compile())
 
-    return run, cost
+    return JaxRunner(run, cost, time.perf_counter() - t if not fused else compiled_at - t)
 
 
 def cost_key(case: Case):
@@ -187,6 +208,27 @@ def time_rounds(runners: Dict[str, Callable[[int], None]], steps: int, rounds: i
                 times[name].append((time.perf_counter() - t) / steps)
                 bar.update()
     return times
+
+
+def make_row(case: Case, seconds_per_step: List[float], cost: Optional[Dict[str, float]] = None,
+             peak=None) -> Dict:
+    """A report row: the median of the timed rounds and, given XLA's cost of one step and the
+    device's peaks (bn_jax.roofline), the roofline limits beside it."""
+    t = statistics.median(seconds_per_step)
+    row = {**dataclasses.asdict(case), "ms_per_step": 1000 * t, "images_per_second": case.batch_size / t,
+           "ms_per_step_rounds": [1000 * x for x in seconds_per_step]}
+    if cost:  # XLA costs one device's share of the sharded step: its per-device batch
+        per_device = case.batch_size / (case.devices or 1)
+        row["flops_per_image"] = None if cost["flops"] is None else cost["flops"] / per_device
+        row["bytes_per_image"] = cost["bytes"] / per_device
+    if cost and peak:
+        devices = case.devices or 1
+        if row["flops_per_image"] is not None:  # unknown where convolutions are cuDNN calls
+            row["compute_limit_images_per_second"] = devices * peak.compute_limit(row["flops_per_image"])
+        row["memory_limit_images_per_second"] = devices * peak.memory_limit(row["bytes_per_image"])
+        row["limit_images_per_second"] = devices * peak.limit(row["flops_per_image"], row["bytes_per_image"])
+        row["fraction_of_limit"] = row["images_per_second"] / row["limit_images_per_second"]
+    return row
 
 
 def comparisons(rows: List[Dict]) -> List[Dict]:
@@ -275,9 +317,10 @@ def main(argv=None):
         t = time.perf_counter()
         try:
             if case.framework == "bn_jax":
-                runners[case.name], cost = jax_runner(case, args.width, max(args.steps, args.warmup, 1))
+                runner = jax_runner(case, args.width, max(args.steps, args.warmup, 1))
+                runners[case.name] = runner.run
                 if args.limits and cost_key(case) not in costs:  # the same step whatever the loop
-                    costs[cost_key(case)] = cost()
+                    costs[cost_key(case)] = runner.cost()
             else:
                 runners[case.name] = torch_runner(case, args.width)
             runners[case.name](1)
@@ -296,23 +339,8 @@ def main(argv=None):
             peaks[precision] = roofline.measure_peaks(models.PRECISIONS[precision])
     times = time_rounds(runners, args.steps, args.rounds)
 
-    rows = []
-    for case in (c for c in cases if c.name in runners):
-        t = statistics.median(times[case.name])
-        row = {**dataclasses.asdict(case), "ms_per_step": 1000 * t, "images_per_second": case.batch_size / t,
-               "ms_per_step_rounds": [1000 * x for x in times[case.name]]}
-        cost = costs.get(cost_key(case))
-        if cost:  # XLA costs one device's share of the sharded step: its per-device batch
-            per_device = case.batch_size / (case.devices or 1)
-            row["flops_per_image"] = cost["flops"] / per_device
-            row["bytes_per_image"] = cost["bytes"] / per_device
-        if cost and case.precision in peaks:
-            devices, peak = case.devices or 1, peaks[case.precision]
-            row["compute_limit_images_per_second"] = devices * peak.compute_limit(row["flops_per_image"])
-            row["memory_limit_images_per_second"] = devices * peak.memory_limit(row["bytes_per_image"])
-            row["limit_images_per_second"] = devices * peak.limit(row["flops_per_image"], row["bytes_per_image"])
-            row["fraction_of_limit"] = row["images_per_second"] / row["limit_images_per_second"]
-        rows.append(row)
+    rows = [make_row(case, times[case.name], costs.get(cost_key(case)), peaks.get(case.precision))
+            for case in cases if case.name in runners]
     comps = comparisons(rows)
 
     device = jax.devices()[0]

@@ -18,10 +18,9 @@ RESNET8_CONVS = [(32, 3, 3, 16), (32, 3, 16, 16), (32, 3, 16, 16),
 FORWARD_FLOPS = sum(2 * side**2 * k**2 * cin * cout for side, k, cin, cout in RESNET8_CONVS)
 
 
-def step_flops_per_image(mode):
-    case = benchmark.Case("bn_jax", "resnet8", 8, mode, "float32", "step", None)
-    _, cost = benchmark.jax_runner(case, width=1, steps=1)
-    return cost()["flops"] / 8
+def step_flops_per_image(mode, loop="step"):
+    case = benchmark.Case("bn_jax", "resnet8", 8, mode, "float32", loop, None)
+    return benchmark.jax_runner(case, width=1, steps=1).cost()["flops"] / 8
 
 
 def test_cost_analysis_counts_three_conv_passes_for_full_and_two_for_bn_only():
@@ -29,6 +28,12 @@ def test_cost_analysis_counts_three_conv_passes_for_full_and_two_for_bn_only():
     assert 2.6 < full / FORWARD_FLOPS < 3.3  # forward, input gradient, weight gradient
     assert 1.7 < bn / FORWARD_FLOPS < 2.2  # no weight gradients
     assert bn / full < 0.72
+
+
+def test_fused_program_cost_is_one_steps_cost():
+    # The fused loop's cost is read off its own executable (no second compile): XLA counts the
+    # loop body once, so it must match a single step's cost, whatever the trip count.
+    assert step_flops_per_image("bn", "fused") == pytest.approx(step_flops_per_image("bn", "step"), rel=0.01)
 
 
 def test_roofline_limit_is_the_tighter_of_compute_and_memory():
@@ -102,3 +107,16 @@ def test_per_image_costs_do_not_depend_on_the_device_count(tmp_path):
     assert two["flops_per_image"] == pytest.approx(one["flops_per_image"], rel=0.05)
     peak_flops = one["compute_limit_images_per_second"] * one["flops_per_image"]
     assert two["compute_limit_images_per_second"] == pytest.approx(2 * peak_flops / two["flops_per_image"])
+
+
+def test_convolution_counts_read_cpu_and_cudnn_hlo():
+    # One line of each form, as XLA:CPU and XLA:GPU print them.
+    hlo = "\n".join([
+        "  %convolution.3 = f32[8,32,32,16]{3,2,1,0} convolution(f32[8,32,32,3]{3,2,1,0} %p0, f32[3,3,3,16]{3,2,1,0} %p1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f",
+        '  %custom-call.1 = (f32[8,16,32,32]{3,2,1,0}, u8[0]{0}) custom-call(f32[8,3,32,32]{3,2,1,0} %a, f32[16,3,3,3]{3,2,1,0} %b), window={size=3x3 pad=1_1x1_1}, custom_call_target="__cudnn$convForward", backend_config={}',
+        '  %custom-call.2 = (f32[16,3,3,3]{3,2,1,0}, u8[0]{0}) custom-call(%x, %y), custom_call_target="__cudnn$convBackwardFilter"',
+        '  %custom-call.3 = f32[8]{0} custom-call(%z), custom_call_target="SomethingElse"',
+        '  %add.1 = f32[8]{0} add(%a, %b), metadata={op_name="jit(step)/conv_general_dilated"}',
+    ])
+    assert roofline.convolution_counts(hlo) == {"convolution": 1, "__cudnn$convForward": 1,
+                                                "__cudnn$convBackwardFilter": 1}

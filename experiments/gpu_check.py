@@ -1,0 +1,672 @@
+"""The whole accelerator check as one command: ``python -m experiments.gpu_check --out DIR``.
+
+GPU time is rare and short, so everything only an accelerator can show is one prepared command
+that spends its minutes measuring. In order of priority, within ``--budget_s``:
+
+1. environment: versions, device kind and memory;
+2. correctness on this backend: the fused loop equals the step loop over a few steps of a small
+   ResNet; frozen leaves are bit-identical after BN-only steps; the compiled BN-only step has
+   fewer convolutions than the full step;
+3. throughput of ResNet-110 at batch 128, one case after another in this process, compile time
+   apart from step time, each with its roofline limit: bn_jax BN-only float32 fused, the blog's
+   PyTorch loop eager, bn_jax full float32 and BN-only bfloat16 fused, the PyTorch loop under
+   ``torch.compile``;
+4. the paper's 160-epoch BN-only ResNet-110 run on the budget left. At the deadline it stops
+   through the trainer's own preemption path (checkpoint, then exit), and its workdir, with
+   small checkpoints, is packed into DIR so a later job resumes it (``--resume_run``).
+
+DIR receives at most five files, each rewritten as soon as there is something new, so a kill at
+any moment keeps what was measured: ``gpu_check.json`` (everything), ``gpu_check.md`` (the report),
+``gpu_check.log``, ``throughput.png`` and ``run.tar.gz``. ``--smoke`` runs the same code at tiny
+sizes on generated data, on any device: CI runs it on CPU.
+
+Exit codes: 0 every stage ran and every check passed; 1 a check failed or a stage raised (the
+report names it); 2 bad flags or data.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import traceback
+from typing import Any, Dict, List, Optional
+
+from experiments import benchmark
+
+STAGES = ("environment", "correctness", "throughput", "run")
+DEFAULT_DATA = os.path.join("data", "cifar10-jpg.tar.gz")  # git-ignored; see docs/gpu_check.md
+TARGETS = {"bn_over_torch_eager": 3.0, "bn_over_torch_compile": 1.0, "bn_over_full_time": 0.75,
+           "run_160_epochs_s": 300.0}  # the GPU targets (one H100, ResNet-110 BN-only, batch 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """How big each stage is; ``SMOKE`` shrinks every one so the same code runs in seconds on CPU."""
+    check_model: str = "resnet8"
+    check_batch: int = 32
+    check_steps: int = 6  # one epoch of the correctness runs, in fused calls of check_steps - 2
+    model: str = "resnet110"
+    batch_size: int = 128
+    steps: int = 50  # timed steps per round
+    rounds: int = 5
+    warmup: int = 3  # untimed steps after compiling (torch bn: step 2 recompiles)
+    epochs: int = 160
+    min_case_s: float = 40.0  # a throughput case starts only with this much budget left
+    min_run_s: float = 45.0  # likewise the run
+    pack_s: float = 15.0  # kept back at the end to checkpoint and pack the run
+
+
+FULL = Sizes()
+SMOKE = Sizes(check_batch=8, check_steps=3, model="resnet8", batch_size=16, steps=2, rounds=2, warmup=2,
+              epochs=3, min_case_s=0.0, min_run_s=0.0, pack_s=0.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.gpu_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for the results (at most five files)")
+    p.add_argument("--budget_s", type=float, default=480.0,
+                   help="seconds the whole check may take, start-up included (default 480)")
+    p.add_argument("--data_dir", default=None,
+                   help=f"CIFAR-10 for the run stage: image-folder .tar.gz or folder (default {DEFAULT_DATA}; "
+                        "--smoke generates a tiny one)")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {', '.join(STAGES)}")
+    p.add_argument("--torch", default="eager,compile",
+                   help="PyTorch baselines: comma-separated eager, compile, or none (default eager,compile)")
+    p.add_argument("--run_s", type=float, default=None,
+                   help="give the run stage at most this many seconds (default: all the budget left); "
+                        "0 stops it after its first compiled call")
+    p.add_argument("--workdir", default=None,
+                   help="the run stage's workdir (default runs/gpu_check/<run name>); an earlier run "
+                        "there is resumed")
+    p.add_argument("--resume_run", default=None,
+                   help="run.tar.gz from an earlier check: unpacked into --workdir's parent, so the "
+                        "160-epoch run continues where it stopped")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes and generated data: checks the command itself, on any device")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        parser.error(f"--stages: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(STAGES)}")
+    args.stages = stages
+    try:
+        args.torch = benchmark.torch_variants(args.torch)
+    except ValueError as e:
+        parser.error(str(e))
+    if not math.isfinite(args.budget_s) or args.budget_s <= 0:
+        parser.error(f"--budget_s must be a positive number of seconds, got {args.budget_s}")
+    if args.run_s is not None and (not math.isfinite(args.run_s) or args.run_s < 0):
+        parser.error(f"--run_s must be >= 0 seconds, got {args.run_s}")
+    if args.data_dir is None and not args.smoke:
+        args.data_dir = DEFAULT_DATA
+    if "run" in stages and args.data_dir is not None and not os.path.exists(args.data_dir):
+        parser.error(f"no data at {args.data_dir}: copy cifar10-jpg.tar.gz there (see docs/gpu_check.md), "
+                     "pass --data_dir, or leave the run out with --stages")
+    if args.resume_run is not None and not os.path.isfile(args.resume_run):
+        parser.error(f"--resume_run: no such file {args.resume_run}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a file")
+    return args
+
+
+# ---- the report -----------------------------------------------------------------------------
+
+def _finite(value):
+    """JSON holds no NaN/Inf: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class Report:
+    """The check's results, rewritten to ``gpu_check.json`` and ``.md`` after every change."""
+
+    def __init__(self, out: str, argv: List[str], budget_s: float, smoke: bool):
+        self.out, self.start = out, time.time()
+        os.makedirs(out, exist_ok=True)
+        self.data: Dict[str, Any] = {
+            "command": "python -m experiments.gpu_check " + " ".join(argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), "budget_s": budget_s, "smoke": smoke, "stages": {}}
+        self._log = open(os.path.join(out, "gpu_check.log"), "w")
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def log(self, message: str) -> None:
+        line = f"[{self.elapsed():6.1f}s] {message}"
+        print(line, flush=True)
+        self._log.write(line + "\n")
+        self._log.flush()
+
+    def update(self, stage: str, **values) -> None:
+        self.data["stages"].setdefault(stage, {}).update(values)
+        self.data["elapsed_s"] = self.elapsed()
+        self.write()
+
+    def write(self) -> None:
+        _write_atomic(os.path.join(self.out, "gpu_check.json"), json.dumps(_finite(self.data), indent=2))
+        _write_atomic(os.path.join(self.out, "gpu_check.md"), render_markdown(self.data))
+
+    def failures(self) -> List[str]:
+        out = []
+        for name, stage in self.data["stages"].items():
+            if stage.get("error"):
+                out.append(f"{name}: {stage['error']}")
+            out += [f"{name}: {c['name']}" for c in stage.get("checks", []) if not c["passed"]]
+        return out
+
+
+class Clock:
+    """The budget's deadline, counted from the start of the command."""
+
+    def __init__(self, budget_s: float, start: float):
+        self.deadline = start + budget_s
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+
+# ---- stage 1: environment -------------------------------------------------------------------
+
+def environment() -> Dict[str, Any]:
+    import jax
+    import numpy as np
+
+    versions = benchmark._versions()
+    for name in ("jaxlib", "optax", "orbax.checkpoint"):
+        try:
+            versions[name] = __import__(name, fromlist=["_"]).__version__
+        except (ImportError, AttributeError):
+            versions[name] = None
+    versions["numpy"] = np.__version__
+    device = jax.devices()[0]
+    stats = {}
+    with contextlib.suppress(Exception):  # not every backend reports memory
+        stats = device.memory_stats() or {}
+    return {"versions": versions, "platform": device.platform, "device_kind": device.device_kind,
+            "device_count": jax.device_count(), "memory_bytes_limit": stats.get("bytes_limit"),
+            "default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+            "nvidia_smi": _nvidia_smi(), "cpu_count": os.cpu_count()}
+
+
+def _nvidia_smi() -> Optional[str]:
+    if not shutil.which("nvidia-smi"):
+        return None
+    query = "name,memory.total,driver_version,clocks.max.sm,clocks.max.mem,power.limit"
+    try:
+        return subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"failed: {e}"
+
+
+# ---- stage 2: correctness -------------------------------------------------------------------
+
+def _random_dataset(n_train: int, n_test: int, seed: int = 0):
+    import numpy as np
+    from bn_jax import input_pipeline
+    rng = np.random.default_rng(seed)
+    return input_pipeline.Dataset(rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+                                  rng.integers(0, 10, n_train).astype(np.int32),
+                                  rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+                                  rng.integers(0, 10, n_test).astype(np.int32), [f"c{i}" for i in range(10)])
+
+
+def _check(name: str, passed: bool, **detail) -> Dict[str, Any]:
+    return {"name": name, "passed": bool(passed), **detail}
+
+
+def _relative_differences(a, b) -> Dict[str, float]:
+    """‖a − b‖ / ‖b‖ per leaf, named by path."""
+    import jax
+    import numpy as np
+    out = {}
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        out[jax.tree_util.keystr(path)] = float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
+    return out
+
+
+def train_small(sizes: Sizes, workroot: str, loop: str, mode: str = "bn"):
+    """(initial state, final state) of one epoch of the small ResNet, trained by the real trainer."""
+    from bn_jax import checkpoints, train
+    from bn_jax.config import Config
+
+    data = _random_dataset(sizes.check_batch * sizes.check_steps, sizes.check_batch)
+    config = Config(model=sizes.check_model, train_mode=mode, epochs=1, batch_size=sizes.check_batch,
+                    eval_batch_size=sizes.check_batch, lr=0.02, schedule="cosine", seed=3, loop=loop,
+                    steps_per_call=max(1, sizes.check_steps - 2))  # two fused calls, one of them partial
+    workdir = os.path.join(workroot, f"small_{mode}_{loop}")
+    train.train_and_evaluate(config, workdir, data=data, log=lambda *a: None,
+                             checkpointing=checkpoints.CheckpointOptions(keep=1, async_save=False))
+    fresh = train.create_train_state(config, data.num_classes, data.train_images.shape[1:], sizes.check_steps)
+    return fresh, checkpoints.restore(workdir, fresh)
+
+
+def correctness(sizes: Sizes, workroot: str, report: Report) -> None:
+    import jax
+    import numpy as np
+    from bn_jax import train_modes
+
+    checks = []
+    initial, fused = train_small(sizes, workroot, "fused")
+    _, step = train_small(sizes, workroot, "step")
+    diffs = _relative_differences({"params": fused.params, "batch_stats": fused.batch_stats},
+                                  {"params": step.params, "batch_stats": step.batch_stats})
+    worst = max(diffs, key=diffs.get)
+    # Both loops trace the same step; only the compiled program around it differs. On a GPU,
+    # float32 convolutions run as TF32 and XLA may pick other cuDNN algorithms per program, so
+    # rounding differs; 1e-3 is TF32's scale (METHOD: ~3e-4 per product), far above rounding
+    # of float32 and far below a wrong step (a different batch or key moves leaves by O(1)).
+    bitwise = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(
+        jax.tree_util.tree_leaves(fused.params), jax.tree_util.tree_leaves(step.params)))
+    checks.append(_check(f"fused loop equals step loop ({sizes.check_steps} steps of {sizes.check_model})",
+                         diffs[worst] <= 1e-3 and int(fused.step) == int(step.step) == sizes.check_steps,
+                         max_relative_difference=diffs[worst], worst_leaf=worst, bitwise_equal=bitwise,
+                         tolerance=1e-3))
+    report.update("correctness", checks=checks)
+
+    mask = jax.tree_util.tree_leaves(train_modes.trainable_mask(initial.params, "bn"))
+    pairs = list(zip(mask, jax.tree_util.tree_leaves(initial.params), jax.tree_util.tree_leaves(fused.params)))
+    frozen_same = [np.array_equal(np.asarray(a), np.asarray(b)) for t, a, b in pairs if not t]
+    trained_moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for t, a, b in pairs if t]
+    checks.append(_check("frozen leaves bit-identical after BN-only steps",
+                         all(frozen_same) and any(trained_moved), frozen_leaves=len(frozen_same),
+                         frozen_changed=frozen_same.count(False), trainable_leaves=len(trained_moved),
+                         trainable_moved=sum(trained_moved)))
+    report.update("correctness", checks=checks)
+
+    counts = {mode: convolution_counts(sizes, mode) for mode in ("full", "bn")}
+    total = {mode: sum(c.values()) for mode, c in counts.items()}
+    checks.append(_check("compiled BN-only step has fewer convolutions than the full step",
+                         total["bn"] < total["full"], convolutions=counts, totals=total))
+    report.update("correctness", checks=checks, fused_cost_over_step_cost=fused_cost_ratio(sizes))
+
+
+def convolution_counts(sizes: Sizes, mode: str) -> Dict[str, int]:
+    """Convolutions in the compiled single train step of the small ResNet, on this backend."""
+    import jax
+    from bn_jax import input_pipeline, roofline, train
+    from bn_jax.config import Config
+
+    config = Config(model=sizes.check_model, train_mode=mode, batch_size=sizes.check_batch)
+    state = train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=1)
+    data = _random_dataset(sizes.check_batch, 1)
+    mean, std = input_pipeline.channel_stats(data.train_images)
+    compiled = jax.jit(train.train_step).lower(state, data.train_images, data.train_labels, jax.random.key(0),
+                                               mean, std).compile()
+    return roofline.convolution_counts(compiled.as_text())
+
+
+def fused_cost_ratio(sizes: Sizes) -> Optional[float]:
+    """XLA's cost of the fused program over one step's, on this backend: the throughput rows take
+    the roofline from the fused program's cost, which is right only if this is ~1."""
+    costs = {}
+    for loop in ("fused", "step"):
+        case = benchmark.Case("bn_jax", sizes.check_model, sizes.check_batch, "bn", "float32", loop, 1)
+        costs[loop] = benchmark.jax_runner(case, 1, 1).cost()["flops"]
+    return costs["fused"] / costs["step"] if costs["step"] else None
+
+
+# ---- stage 3: throughput --------------------------------------------------------------------
+
+def throughput_cases(sizes: Sizes, torch_variants: List[str]) -> List[benchmark.Case]:
+    """The cases in order of priority (torch.compile last: its compiles cost the most time)."""
+    def case(framework, mode, precision, loop):
+        return benchmark.Case(framework, sizes.model, sizes.batch_size, mode, precision, loop, 1)
+    cases = [case("bn_jax", "bn", "float32", "fused")]
+    if "eager" in torch_variants:
+        cases += [case("torch", "bn", "float32", "eager"), case("torch", "full", "float32", "eager")]
+    cases += [case("bn_jax", "full", "float32", "fused"), case("bn_jax", "bn", "bfloat16", "fused")]
+    if "compile" in torch_variants:
+        cases.append(case("torch", "bn", "float32", "compile"))
+    return cases
+
+
+def measure_case(case: benchmark.Case, sizes: Sizes, peaks) -> Dict[str, Any]:
+    """Compile, warm up and time one case; compile time is reported apart from the step time,
+    and set-up (model initialisation, data, cost analysis) apart from both."""
+    start = time.perf_counter()
+    if case.framework == "bn_jax":
+        runner = benchmark.jax_runner(case, 1, max(sizes.steps, sizes.warmup))
+        run, cost, compile_s = runner.run, runner.cost(), runner.compile_s
+    else:
+        run, cost, compile_s = benchmark.torch_runner(case, 1), None, None
+    t = time.perf_counter()
+    setup_s = t - start - (compile_s or 0.0)
+    run(sizes.warmup)
+    warmup_s = time.perf_counter() - t
+    times = benchmark.time_rounds({case.name: run}, sizes.steps, sizes.rounds)[case.name]
+    row = benchmark.make_row(case, times, cost, peaks.get(case.precision) if cost else None)
+    if compile_s is None:  # torch: compiles (or initialises cuDNN) inside its warm-up steps
+        compile_s = max(0.0, warmup_s - sizes.warmup * row["ms_per_step"] / 1000)
+    row.update(compile_s=compile_s, warmup_s=warmup_s, setup_s=setup_s)
+    return row
+
+
+def throughput(sizes: Sizes, torch_variants: List[str], clock: Clock, report: Report) -> None:
+    from bn_jax import models, roofline
+    from experiments import torch_reference
+
+    if torch_variants and not torch_reference.available():
+        report.log("PyTorch is not installed: no PyTorch rows")
+        torch_variants = []
+    peaks = {p: roofline.measure_peaks(models.PRECISIONS[p]) for p in ("float32", "bfloat16")}
+    report.update("throughput", peaks={p: dataclasses.asdict(v) for p, v in peaks.items()}, rows=[], skipped=[])
+    rows, skipped = [], []
+    for case in throughput_cases(sizes, torch_variants):
+        if clock.left() < sizes.min_case_s:
+            skipped.append({"case": case.name, "reason": f"{clock.left():.0f}s of budget left"})
+            continue
+        report.log(f"throughput: {case.name} ...")
+        try:
+            rows.append(measure_case(case, sizes, peaks))
+        except Exception as e:  # noqa: BLE001  (out of memory, a failed torch.compile: keep the rest)
+            skipped.append({"case": case.name, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+            report.log(f"throughput: {case.name} failed: {skipped[-1]['reason']}")
+        else:
+            r = rows[-1]
+            report.log(f"throughput: {case.name}: {r['images_per_second']:.0f} img/s, {r['ms_per_step']:.2f} ms/step, "
+                       f"compile {r['compile_s']:.1f}s")
+        report.update("throughput", rows=rows, skipped=skipped, comparisons=benchmark.comparisons(rows))
+        with contextlib.suppress(ImportError):
+            if rows:
+                benchmark.plot(rows, os.path.join(report.out, "throughput.png"),
+                               f"{rows[0]['model']} b{sizes.batch_size}, {report.data['date']}")
+
+
+# ---- stage 4: the 160-epoch run -------------------------------------------------------------
+
+@contextlib.contextmanager
+def stop_at(when: float):
+    """From ``when`` on, SIGTERM this process every second: the trainer's PreemptionGuard turns
+    that into a checkpoint and a clean stop at its next step boundary. Before the guard is up
+    (data loading, compiling), this context's own handler ignores the signal."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    done = threading.Event()
+
+    def ping():
+        if done.wait(max(0.0, when - time.time())):
+            return
+        while not done.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.wait(1.0)
+
+    thread = threading.Thread(target=ping, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_config(sizes: Sizes, data_dir: str):
+    from bn_jax.config import Config
+    return Config(model=sizes.model, train_mode="bn", epochs=sizes.epochs, batch_size=sizes.batch_size,
+                  data_dir=data_dir, loop="fused").validate()
+
+
+def summarize_run(history: List[Dict[str, Any]], epochs: int, session_first_epoch: int) -> Dict[str, Any]:
+    """Progress of the run and its projection to ``epochs`` epochs from this session's steady epochs
+    (the session's first epoch includes compilation, so it is left out when there are others)."""
+    if not history:
+        return {"epochs_done": 0}
+    last = history[-1]
+    steady = [r for r in history if r["epoch"] > session_first_epoch] or \
+             [r for r in history if r["epoch"] >= session_first_epoch] or history
+    images_per_second = sorted(r["images_per_second"] for r in steady)[len(steady) // 2]
+    by_epoch = {r["epoch"]: r for r in history}
+    epoch_s = [r["wall_time"] - by_epoch[r["epoch"] - 1]["wall_time"] for r in steady if r["epoch"] - 1 in by_epoch]
+    out = {"epochs_done": last["epoch"], "steps": last["step"], "test_accuracy": last["test_accuracy"],
+           "best_test_accuracy": max(r["test_accuracy"] for r in history), "train_loss": last["train_loss"],
+           "wall_time_s": last["wall_time"], "images_per_second": images_per_second,
+           "steady_epochs": [r["epoch"] for r in steady]}
+    if epoch_s:
+        out["epoch_s"] = sorted(epoch_s)[len(epoch_s) // 2]
+        out[f"projected_{epochs}_epochs_s"] = epochs * out["epoch_s"]
+    return out
+
+
+def _read_history(workdir: str) -> List[Dict[str, Any]]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def unpack_run(archive: str, workdir: str) -> None:
+    """Unpack a run.tar.gz of an earlier check as ``workdir`` (its one top folder must match)."""
+    name = os.path.basename(os.path.normpath(workdir))
+    with tarfile.open(archive) as tar:
+        tops = {m.name.split("/")[0] for m in tar.getmembers()}
+        if tops != {name}:
+            raise ValueError(f"--resume_run {archive} holds {', '.join(sorted(tops))}, not the run {name}")
+        if os.path.exists(workdir):
+            raise ValueError(f"--resume_run: {workdir} exists already; remove it or pass another --workdir")
+        tar.extractall(os.path.dirname(os.path.abspath(workdir)), filter="data")
+
+
+def pack_run(workdir: str, out: str) -> str:
+    path = os.path.join(out, "run.tar.gz")
+    with tarfile.open(path + ".tmp", "w:gz") as tar:
+        tar.add(workdir, arcname=os.path.basename(os.path.normpath(workdir)))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def run_stage(args, sizes: Sizes, clock: Clock, report: Report, data_dir: str, scratch: str) -> None:
+    from bn_jax import checkpoints, train
+    from experiments import cifar
+
+    config = run_config(sizes, data_dir)
+    # a smoke run's data are generated afresh each time, so its run lives and dies with them
+    workdir = args.workdir or os.path.join(scratch if args.smoke else "runs", "gpu_check", cifar.run_name(config))
+    if args.resume_run:
+        unpack_run(args.resume_run, workdir)
+    first_epoch = len(_read_history(workdir)) + 1
+    until = clock.deadline - sizes.pack_s
+    if args.run_s is not None:
+        until = min(until, time.time() + args.run_s)
+    resume = (f"python -m experiments.gpu_check --out DIR --stages run --resume_run run.tar.gz"
+              f"{' --smoke' if args.smoke else ''}")
+    report.update("run", workdir=workdir, config=config.to_dict(), status="running",
+                  stop_at_elapsed_s=until - report.start, resume_command=resume,
+                  continue_command=(f"python -m experiments.cifar --bn_only --model {config.model} "
+                                    f"--epochs {config.epochs} --small_checkpoints --data_dir {data_dir} "
+                                    f"--workdir {workdir}"))
+
+    def log(message: str) -> None:
+        report.log(f"run: {message}")
+        if message.startswith("epoch "):
+            report.update("run", **summarize_run(_read_history(workdir), config.epochs, first_epoch))
+
+    options = checkpoints.CheckpointOptions(format="small", keep=2)
+    try:
+        with stop_at(until):
+            train.train_and_evaluate(config, workdir, log=log, checkpointing=options)
+        status = "finished"
+    except checkpoints.Preempted as e:
+        status = f"stopped at the budget's end, checkpoint at step {e.step}"
+    report.update("run", status=status, **summarize_run(_read_history(workdir), config.epochs, first_epoch))
+    report.update("run", archive=os.path.basename(pack_run(workdir, report.out)))
+
+
+# ---- smoke data and the report's text --------------------------------------------------------
+
+def smoke_data(root: str) -> str:
+    """A tiny CIFAR-like tarball (4 classes of random 32×32 PNGs) in the image-folder layout."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = os.path.join(root, "smoke_data")
+    for split, n in (("train", 16), ("test", 4)):
+        for c in range(4):
+            os.makedirs(os.path.join(folder, split, f"class{c}"), exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    os.path.join(folder, split, f"class{c}", f"{i:04d}.png"))
+    path = os.path.join(root, "smoke_data.tar.gz")
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(os.path.join(folder, split), arcname=split)
+    return path
+
+
+def targets(data: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The GPU targets against what was measured (None where it was not)."""
+    rows = data["stages"].get("throughput", {}).get("rows", [])
+
+    def speed(framework, mode, loop, precision="float32"):
+        match = [r for r in rows if (r["framework"], r["mode"], r["loop"], r["precision"]) ==
+                 (framework, mode, loop, precision)]
+        return match[0]["images_per_second"] if match else None
+
+    bn, full = speed("bn_jax", "bn", "fused"), speed("bn_jax", "full", "fused")
+    eager, compiled = speed("torch", "bn", "eager"), speed("torch", "bn", "compile")
+    run = data["stages"].get("run", {})
+    projected = next((v for k, v in run.items() if k.startswith("projected_")), None)
+    measured = [("bn_jax BN-only images/s over the PyTorch loop (eager)", bn and eager and bn / eager,
+                 TARGETS["bn_over_torch_eager"], ">="),
+                ("bn_jax BN-only images/s over the PyTorch loop (torch.compile)", bn and compiled and bn / compiled,
+                 TARGETS["bn_over_torch_compile"], ">"),
+                ("BN-only step time over full step time", bn and full and full / bn, TARGETS["bn_over_full_time"], "<="),
+                ("the 160-epoch run, projected seconds", projected, TARGETS["run_160_epochs_s"], "<=")]
+    out = []
+    for what, value, target, op in measured:
+        met = None if value is None else {">=": value >= target, ">": value > target, "<=": value <= target}[op]
+        out.append({"target": f"{what} {op} {target:g}", "measured": value, "met": met})
+    return out
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "not measured"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_markdown(data: Dict[str, Any]) -> str:
+    stages = data["stages"]
+    env = stages.get("environment", {})
+    lines = [f"# GPU check: {env.get('device_kind', '?')} ({env.get('platform', '?')}), {data['date']}", "",
+             f"`{data['command']}`", "", f"Elapsed {data.get('elapsed_s', 0):.0f} s of a {data['budget_s']:.0f} s budget"
+             + (" (smoke sizes)." if data["smoke"] else "."), ""]
+    for name in STAGES:
+        if stages.get(name, {}).get("error"):
+            lines += [f"**{name} failed:** `{stages[name]['error']}`", ""]
+    if env:
+        lines += ["## Environment", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in env.get("versions", {}).items()]
+        lines += [f"| {k} | {_fmt(env.get(k))} |" for k in ("device_count", "memory_bytes_limit",
+                                                             "default_matmul_precision", "cpu_count")]
+        if env.get("nvidia_smi"):
+            lines += ["", "```", env["nvidia_smi"], "```"]
+        lines.append("")
+    checks = stages.get("correctness", {}).get("checks", [])
+    if checks:
+        lines += ["## Correctness", "", "| check | passed | detail |", "|---|---|---|"]
+        for c in checks:
+            detail = {k: v for k, v in c.items() if k not in ("name", "passed")}
+            lines.append(f"| {c['name']} | {'yes' if c['passed'] else '**NO**'} | `{json.dumps(_finite(detail))}` |")
+        ratio = stages["correctness"].get("fused_cost_over_step_cost")
+        if ratio is not None:
+            lines.append(f"\nXLA's cost of the fused program over one step's: {ratio:.4f} (1 = the roofline "
+                         "columns below, read off the fused programs, are per step).")
+        lines.append("")
+    tp = stages.get("throughput", {})
+    if tp.get("rows"):
+        lines += ["## Throughput", "", benchmark.format_table(tp["rows"], tp.get("comparisons", [])), "",
+                  "| case | set-up s | compile s | warm-up s |", "|---|---|---|---|"]
+        lines += [f"| {benchmark.Case(**{k: r[k] for k in ('framework', 'model', 'batch_size', 'mode', 'precision', 'loop', 'devices')}).name} "
+                  f"| {_fmt(r.get('setup_s'))} | {r['compile_s']:.1f} | {r['warmup_s']:.2f} |" for r in tp["rows"]]
+        lines.append("")
+    for s in tp.get("skipped", []):
+        lines.append(f"- skipped {s['case']}: {s['reason']}")
+    run = stages.get("run", {})
+    if run:
+        lines += ["", "## The 160-epoch run", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(run.get(k))} |" for k in run if k not in ("config",)]
+        lines.append("")
+    lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {_fmt(t['measured'])} | {'–' if t['met'] is None else ('yes' if t['met'] else 'no')} |"
+              for t in targets(data)]
+    return "\n".join(lines) + "\n"
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    sizes = SMOKE if args.smoke else FULL
+    if args.torch:  # JAX would otherwise hold 75% of GPU memory while PyTorch runs
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    report = Report(args.out, argv, args.budget_s, args.smoke)
+    clock = Clock(args.budget_s, report.start)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
+        # Every case initialises its ResNet in a compiled program (19 s to compile for ResNet-110
+        # on the 2-core dev CPU; on the H200 each ResNet-110 case spent about 70 s outside its
+        # step's compile and timing). A persistent cache compiles each distinct program once.
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(scratch, "xla_cache"))
+        data_dir = args.data_dir or smoke_data(scratch)
+        stage_fns = {"environment": lambda: report.update("environment", **environment()),
+                     "correctness": lambda: correctness(sizes, scratch, report),
+                     "throughput": lambda: throughput(sizes, args.torch, clock, report),
+                     "run": lambda: run_stage(args, sizes, clock, report, data_dir, scratch)}
+        for name in (s for s in STAGES if s in args.stages):
+            if name == "run" and clock.left() < sizes.min_run_s + sizes.pack_s:
+                report.update("run", status=f"skipped: {clock.left():.0f}s of budget left")
+                continue
+            report.log(f"{name} ...")
+            try:
+                stage_fns[name]()
+            except Exception as e:  # noqa: BLE001  (report it, go on with the next stage)
+                report.update(name, error=f"{type(e).__name__}: {str(e)[:500]}", traceback=traceback.format_exc())
+                report.log(f"{name} failed: {type(e).__name__}: {e}")
+    report.data["tensorflow_imported"] = any(m in sys.modules for m in ("tensorflow", "tensorflow_datasets"))
+    report.data["targets"] = targets(report.data)
+    report.data["elapsed_s"] = report.elapsed()
+    report.write()
+    failures = report.failures()
+    report.log(f"done in {report.elapsed():.0f}s; results in {args.out}"
+               + (f"; FAILED: {'; '.join(failures)}" if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""experiments.gpu_check, the one-command accelerator check, at --smoke sizes on the CPU: the same
+code paths a GPU run takes, so the command is known to work before a GPU ever sees it. Its
+subprocesses run with TensorFlow and TFDS made unimportable, as on the GPU image."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from experiments import gpu_check, torch_reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FILES = {"gpu_check.json", "gpu_check.md", "gpu_check.log", "throughput.png", "run.tar.gz"}
+
+
+def block_tensorflow(tmp_path) -> str:
+    """A folder whose tensorflow and tensorflow_datasets packages raise ImportError on import."""
+    folder = tmp_path / "no_tensorflow"
+    for name in ("tensorflow", "tensorflow_datasets"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked by the test')\n")
+    return str(folder)
+
+
+def run_module(tmp_path, module, *args, timeout=900):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([block_tensorflow(tmp_path), ROOT]),
+               PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def report(out):
+    return json.loads((out / "gpu_check.json").read_text())
+
+
+def test_smoke_check_runs_every_stage_and_writes_its_report(tmp_path):
+    out = tmp_path / "out"
+    torch = "eager" if torch_reference.available() or os.environ.get("CI") else "none"
+    proc = run_module(tmp_path, "experiments.gpu_check", "--smoke", "--torch", torch, "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == FILES  # at most 8 files may come back from a GPU job
+    data = report(out)
+    assert not data["tensorflow_imported"]
+    assert data["stages"]["environment"]["device_count"] >= 1
+    checks = data["stages"]["correctness"]["checks"]
+    assert len(checks) == 3 and all(c["passed"] for c in checks), checks
+    assert data["stages"]["correctness"]["fused_cost_over_step_cost"] == pytest.approx(1.0, rel=0.01)
+    rows = data["stages"]["throughput"]["rows"]
+    jax_rows = {(r["mode"], r["precision"]) for r in rows if r["framework"] == "bn_jax"}
+    assert jax_rows == {("bn", "float32"), ("full", "float32"), ("bn", "bfloat16")}
+    assert {r["loop"] for r in rows if r["framework"] == "bn_jax"} == {"fused"}
+    assert len([r for r in rows if r["framework"] == "torch"]) == (2 if torch == "eager" else 0)
+    for r in rows:
+        assert r["images_per_second"] > 0 and r["compile_s"] >= 0
+        if r["framework"] == "bn_jax":
+            assert r["compile_s"] > 0 and r["limit_images_per_second"] > 0
+    run = data["stages"]["run"]
+    assert run["status"] == "finished" and run["epochs_done"] == 3 and run["archive"] == "run.tar.gz"
+    assert run["projected_3_epochs_s"] == pytest.approx(3 * run["epoch_s"])
+    md = (out / "gpu_check.md").read_text()
+    for section in ("## Environment", "## Correctness", "## Throughput", "## The 160-epoch run", "## Targets"):
+        assert section in md
+
+
+def test_run_stops_at_its_deadline_and_resumes_from_the_archive_exactly(tmp_path):
+    stopped, resumed, straight = tmp_path / "stopped", tmp_path / "resumed", tmp_path / "straight"
+    base = ["--smoke", "--stages", "run", "--torch", "none"]
+    proc = run_module(tmp_path, "experiments.gpu_check", *base, "--run_s", "0", "--out", str(stopped))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = report(stopped)["stages"]["run"]
+    assert first["status"].startswith("stopped at the budget's end")
+    assert 1 <= first["epochs_done"] < 3
+    with tarfile.open(stopped / "run.tar.gz") as tar:
+        assert any("/checkpoints/" in m.name for m in tar.getmembers())
+
+    proc = run_module(tmp_path, "experiments.gpu_check", *base, "--resume_run", str(stopped / "run.tar.gz"),
+                      "--out", str(resumed))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from checkpoint" in proc.stdout
+    proc = run_module(tmp_path, "experiments.gpu_check", *base, "--out", str(straight))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = report(resumed)["stages"]["run"], report(straight)["stages"]["run"]
+    assert a["status"] == b["status"] == "finished" and a["epochs_done"] == b["epochs_done"] == 3
+    # the same final numbers as the run that was never stopped (CPU: bit for bit)
+    assert (a["train_loss"], a["test_accuracy"]) == (b["train_loss"], b["test_accuracy"])
+
+
+def test_cifar_trains_without_tensorflow(tmp_path):
+    from conftest import write_image_folder
+    data = write_image_folder(str(tmp_path / "data"), size=32)
+    proc = run_module(tmp_path, "experiments.cifar", "--bn_only", "--model", "resnet8", "--epochs", "1",
+                      "--batch_size", "4", "--data_dir", data, "--workdir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 4  # 3 classes × 6 images, batch 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stages", "bogus"], "--stages: unknown bogus"),
+    (["--budget_s", "0"], "--budget_s must be a positive"),
+    (["--budget_s", "nan"], "--budget_s must be a positive"),
+    (["--run_s", "-1"], "--run_s must be >= 0"),
+    (["--torch", "jit"], "--torch: unknown jit"),
+    ([], "no data at data/cifar10-jpg.tar.gz"),
+    (["--smoke", "--resume_run", "missing.tar.gz"], "--resume_run: no such file"),
+])
+def test_bad_flags_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--out", str(tmp_path / "out"), *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_archive_must_hold_the_run_it_resumes(tmp_path):
+    (tmp_path / "other_run").mkdir()
+    archive = tmp_path / "run.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "other_run", arcname="other_run")
+    with pytest.raises(ValueError, match="holds other_run, not the run resnet8_w1_bn_s0"):
+        gpu_check.unpack_run(str(archive), str(tmp_path / "runs" / "resnet8_w1_bn_s0"))
+
+
+def history(wall_times, speeds):
+    return [{"epoch": i + 1, "step": 10 * (i + 1), "test_accuracy": 0.1 * (i + 1), "train_loss": 1.0,
+             "wall_time": w, "images_per_second": s} for i, (w, s) in enumerate(zip(wall_times, speeds))]
+
+
+def test_run_projection_leaves_out_the_sessions_first_epoch():
+    # epoch 1 includes compilation (12 s, 500 img/s); epochs 2-4 take 3, 4 and 3 s
+    s = gpu_check.summarize_run(history([12.0, 15.0, 19.0, 22.0], [500.0, 900.0, 800.0, 1000.0]), 160, 1)
+    assert s["steady_epochs"] == [2, 3, 4]
+    assert s["epoch_s"] == 3.0 and s["projected_160_epochs_s"] == 480.0
+    assert s["images_per_second"] == 900.0  # the median of the steady epochs
+    assert s["epochs_done"] == 4 and s["best_test_accuracy"] == pytest.approx(0.4)
+    # resumed at epoch 3: this session's first epoch (3) includes its compilation
+    s = gpu_check.summarize_run(history([12.0, 15.0, 40.0, 43.0], [500.0, 900.0, 300.0, 1000.0]), 160, 3)
+    assert s["steady_epochs"] == [4] and s["epoch_s"] == 3.0 and s["images_per_second"] == 1000.0
+
+
+def test_targets_compare_the_measured_ratios():
+    rows = [{"framework": "bn_jax", "mode": "bn", "loop": "fused", "precision": "float32", "images_per_second": 1200.0},
+            {"framework": "bn_jax", "mode": "full", "loop": "fused", "precision": "float32", "images_per_second": 800.0},
+            {"framework": "torch", "mode": "bn", "loop": "eager", "precision": "float32", "images_per_second": 300.0}]
+    data = {"stages": {"throughput": {"rows": rows}, "run": {"projected_160_epochs_s": 400.0}}}
+    got = {t["target"]: (t["measured"], t["met"]) for t in gpu_check.targets(data)}
+    assert list(got.values()) == [(4.0, True), (None, None), (800.0 / 1200.0, True), (400.0, False)]
