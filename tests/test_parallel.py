@@ -17,8 +17,22 @@ from conftest import write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 8
-# float32 reassociation: the global-batch sums are split over devices in a different order.
-TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+# How far may 8 devices differ from 1? Over 8 devices every BN statistic and gradient is summed in
+# another order, and float32 addition is not associative: each sum moves by a few ulps (~1e-7
+# relative). Through a smooth network that would stay at rounding level. ReLU is not smooth: a
+# pre-activation within rounding distance of 0 can land on the other side, and then that element's
+# whole share of a gradient switches on or off. A share is one of batch × height × width terms of
+# the sum, so the leaf moves by a small part of its update. Measured here (3 steps of ResNet-8 with
+# jax 0.12.0.1), such a flip changed a BN bias by 0.5% of the distance training moved it. The
+# 1-device run of the same steps stayed within 3e-9 of a float64 run. So each leaf may differ by
+# MOVED_FRACTION of the distance it moved from its initial value, plus 4 ulps of its size for leaves
+# that barely moved. Per-device ("ghost") BN statistics are what pmap without a BN axis_name gives.
+# They move leaves by up to 120% of that distance, and test_ghost_batch_norm_breaks_the_tolerance
+# shows the tolerance catches them.
+MOVED_FRACTION = 0.02
+# The loss follows from the parameters: the flip above moved it by 2e-7 relative. Ghost BN moves
+# the very first loss by 8e-4, before any update.
+LOSS_RTOL = 1e-4
 
 
 def env(devices=N):
@@ -34,15 +48,37 @@ def results(tmp_path_factory):
     return dict(np.load(out))
 
 
+def trained_leaves(results, mode):
+    return [k[len(f"{mode}/1/"):] for k in results if k.startswith(f"{mode}/1/[")]
+
+
+def reassociated(other, one, initial) -> bool:
+    """Whether ``other`` is within float32 reassociation of ``one`` (see MOVED_FRACTION)."""
+    one, initial = np.asarray(one), np.asarray(initial)
+    tolerance = MOVED_FRACTION * np.abs(one - initial).max() + 4 * np.spacing(np.abs(one).max())
+    return bool(np.abs(np.asarray(other) - one).max() <= tolerance)
+
+
+def beyond_tolerance(results, mode, run):
+    """Leaves of ``run`` farther from the 1-device result than float32 reassociation explains."""
+    return [leaf for leaf in trained_leaves(results, mode) if not reassociated(
+        results[f"{mode}/{run}/{leaf}"], results[f"{mode}/1/{leaf}"], results[f"{mode}/initial/{leaf}"])]
+
+
 @pytest.mark.parametrize("mode", ["full", "bn"])
 def test_eight_devices_match_one(results, mode):
     assert results[f"{mode}/{N}/num_shards"] == N  # really replicated over 8 devices
-    np.testing.assert_allclose(results[f"{mode}/{N}/loss"], results[f"{mode}/1/loss"], **TOLERANCE)
-    leaves = [k[len(f"{mode}/1/"):] for k in results if k.startswith(f"{mode}/1/[")]
-    assert len(leaves) > 20
-    for leaf in leaves:
-        np.testing.assert_allclose(results[f"{mode}/{N}/{leaf}"], results[f"{mode}/1/{leaf}"],
-                                   err_msg=leaf, **TOLERANCE)
+    np.testing.assert_allclose(results[f"{mode}/{N}/loss"], results[f"{mode}/1/loss"], rtol=LOSS_RTOL)
+    assert len(trained_leaves(results, mode)) > 20
+    assert beyond_tolerance(results, mode, str(N)) == []
+
+
+@pytest.mark.parametrize("mode", ["full", "bn"])
+def test_ghost_batch_norm_breaks_the_tolerance(results, mode):
+    # The same steps on one device with BN statistics over each eighth of the batch: the tolerance
+    # above must not let per-device statistics pass for synchronised ones.
+    assert len(beyond_tolerance(results, mode, "ghost")) >= 5
+    assert abs(results[f"{mode}/ghost/loss"][0] / results[f"{mode}/1/loss"][0] - 1) > LOSS_RTOL
 
 
 @pytest.mark.parametrize("mode", ["full", "bn"])
@@ -110,9 +146,10 @@ def test_two_processes_match_one(tmp_path):
     config = Config(**json.load(open(os.path.join(single, "config.json"))))
     fresh = train.create_train_state(config, 3, (8, 8, 3), steps_per_epoch=4)
     s, m = checkpoints.restore(single, fresh), checkpoints.restore(multi, fresh)
-    for x, y in zip(jax.tree_util.tree_leaves((s.params, s.batch_stats)),
-                    jax.tree_util.tree_leaves((m.params, m.batch_stats))):
-        np.testing.assert_allclose(x, y, **TOLERANCE)
+    for (path, x), y, x0 in zip(jax.tree_util.tree_leaves_with_path((s.params, s.batch_stats)),
+                                jax.tree_util.tree_leaves((m.params, m.batch_stats)),
+                                jax.tree_util.tree_leaves((fresh.params, fresh.batch_stats))):
+        assert reassociated(y, x, x0), jax.tree_util.keystr(path)
 
 
 @pytest.mark.parametrize("loop", ["step", "fused"])
