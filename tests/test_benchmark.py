@@ -8,7 +8,9 @@ import pytest
 from bn_jax import roofline
 from experiments import benchmark
 
-if os.environ.get("CI"):
+from conftest import TORCH_REQUIRED
+
+if TORCH_REQUIRED:
     import torch  # noqa: F401  (CI installs it: the PyTorch rows must be exercised there)
 
 # ResNet-8's convolutions written out by hand: (output side, kernel side, in channels, out channels).

@@ -10,6 +10,7 @@ import tarfile
 
 import pytest
 
+from conftest import TORCH_REQUIRED
 from experiments import gpu_check, torch_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +39,7 @@ def report(out):
 
 def test_smoke_check_runs_every_stage_and_writes_its_report(tmp_path):
     out = tmp_path / "out"
-    torch = "eager" if torch_reference.available() or os.environ.get("CI") else "none"
+    torch = "eager" if torch_reference.available() or TORCH_REQUIRED else "none"
     proc = run_module(tmp_path, "experiments.gpu_check", "--smoke", "--torch", torch, "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == FILES  # at most 8 files may come back from a GPU job

@@ -1,14 +1,15 @@
 """The PyTorch baseline of experiments.benchmark: same shapes as bn_jax, and the blog's loop."""
 
 import math
-import os
 
 import jax
 import numpy as np
 import pytest
 
-if os.environ.get("CI"):
-    import torch  # CI must fail loudly, not skip, when torch is missing
+from conftest import TORCH_REQUIRED
+
+if TORCH_REQUIRED:
+    import torch  # CI's torch leg must fail loudly, not skip, when torch is missing
 else:
     torch = pytest.importorskip("torch")
 
