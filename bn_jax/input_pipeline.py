@@ -5,12 +5,16 @@ there only), or an image folder / tarball in the layout ``train/<class>/*.{jpg,p
 ``test/<class>/*`` decoded with Pillow, with no TensorFlow at all.
 """
 
+import bz2
 import concurrent.futures
 import dataclasses
 import functools
+import gzip
 import io
+import lzma
 import os
 import tarfile
+import zlib
 from typing import Dict, List, Optional, Tuple
 
 import jax
@@ -37,6 +41,19 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def class_counts(self) -> Dict[str, Dict[str, int]]:
+        """Images per class in each split (logged and saved in summary.json: nothing lost unseen)."""
+        return {split: dict(zip(self.class_names, np.bincount(labels, minlength=self.num_classes).tolist()))
+                for split, labels in (("train", self.train_labels), ("test", self.test_labels))}
+
+    def describe(self) -> str:
+        def one(split, counts):
+            values = set(counts.values())
+            per = f"{values.pop():,} per class" if len(values) == 1 else \
+                ", ".join(f"{c} {n:,}" for c, n in counts.items())
+            return f"{split} {sum(counts.values()):,} ({per})"
+        return f"{self.num_classes} classes; " + "; ".join(one(s, c) for s, c in self.class_counts().items())
 
     def subset(self, max_train: Optional[int], max_test: Optional[int]) -> "Dataset":
         """A fixed random subset (independent of the run's seed, so every run sees the same)."""
@@ -111,27 +128,67 @@ def _file_reader(path):
     return read
 
 
-def _list_tar(path: str):
-    """Index a tarball; an optional single top-level folder above train/ and test/ is allowed."""
+_COMPRESSED = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
+_CORRUPT = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+def _open_archive(path: str):
+    """The archive's decompressed bytes. Read to the end, gzip, bzip2 and xz verify their checksums."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    opener = next((o for prefix, o in _COMPRESSED if magic.startswith(prefix)), open)
+    return opener(path, "rb")
+
+
+def _read_tar(path: str) -> Dict[str, bytes]:
+    """Every file member of the archive, read and checked to the archive's very end.
+
+    ``tarfile`` stops quietly at a header it cannot parse, and a compressed stream is only checked
+    when read to its end; either would silently drop images. So this reads past tarfile's end
+    (only zero padding may follow) and to the end of the compressed stream.
+    """
+    member = None
     try:
-        tar = tarfile.open(path)
-        members = [m for m in tar.getmembers() if m.isfile()]
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"{path}: not a readable folder or tar archive ({e})") from e
-    contents = {}
-    for m in members:
-        f = tar.extractfile(m)
-        contents[m.name] = f.read()
+        with _open_archive(path) as stream:
+            tar = tarfile.open(fileobj=stream, mode="r:")
+            members = tar.getmembers()
+            end = tar.offset
+            contents = {}
+            for member in (m for m in members if m.isfile()):
+                contents[member.name] = tar.extractfile(member).read()
+            member = None
+            stream.seek(end)
+            while chunk := stream.read(1 << 20):
+                if chunk.strip(b"\0"):
+                    raise DataError(f"{path}: corrupt member header after "
+                                    f"{members[-1].name if members else 'the start'}; the members after it "
+                                    "cannot be read")
+    except _CORRUPT as e:
+        where = f"member {member.name}" if member else "archive"
+        raise DataError(f"{path}: unreadable {where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                        "(not a complete tar, .tar.gz, .tar.bz2 or .tar.xz)") from e
+    return contents
+
+
+def _list_tar(path: str):
+    """Index a tarball; one optional top-level folder above train/ and test/ is allowed."""
     files = {split: {} for split in SPLITS}
-    for name, data in contents.items():
+    tops = set()
+    for name, data in _read_tar(path).items():
         parts = name.lstrip("./").split("/")
+        top = ""
         if len(parts) == 4 and parts[1] in SPLITS:
-            parts = parts[1:]
+            top, parts = parts[0], parts[1:]
         if len(parts) != 3 or parts[0] not in SPLITS:
             raise DataError(f"{path}: unexpected member {name} (expected train/<class>/<image> "
                             "or test/<class>/<image>)")
+        tops.add(top)
         split, c, _ = parts
         files[split].setdefault(c, {})[f"{path}:{name}"] = (lambda d=data: d)
+    if len(tops) > 1:
+        where = ", ".join(f"{t}/" if t else "the archive's top" for t in sorted(tops))
+        raise DataError(f"{path}: train/ and test/ found in more than one place ({where}); "
+                        "pack one dataset per archive")
     for split in SPLITS:
         if not files[split]:
             raise DataError(f"{path}: no {split}/<class>/ images in the archive")
@@ -140,8 +197,9 @@ def _list_tar(path: str):
 
 def _check_layout(files, path) -> List[str]:
     classes = sorted(files["train"])
-    if not classes:
-        raise DataError(f"{path}: train/ holds no class folders")
+    if len(classes) < 2:
+        raise DataError(f"{path}: train/ holds {len(classes)} class folder{'s' if len(classes) != 1 else ''} "
+                        f"({', '.join(classes) or 'none'}); a classifier needs at least 2")
     if sorted(files["test"]) != classes:
         raise DataError(f"{path}: train/ classes {classes} differ from test/ classes {sorted(files['test'])}")
     for split in SPLITS:

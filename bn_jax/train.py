@@ -424,6 +424,7 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
     options = (checkpointing or checkpoints.CheckpointOptions()).validate()
     if data is None:
         data = input_pipeline.load(config.dataset, config.data_dir)
+    loaded = data.class_counts()
     data = data.subset(config.max_train_examples, config.max_test_examples)
     n_train = len(data.train_labels)
     if n_train < config.batch_size:
@@ -443,6 +444,7 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
     state = create_train_state(config, data.num_classes, data.train_images.shape[1:], steps_per_epoch)
     state = parallel.replicate(state, mesh)
     trainable, total = train_modes.count(state.params, config.train_mode, config.k)
+    log(f"data: {data.describe()}")
     log(f"{config.model} ×{config.width}, mode {config.train_mode}: "
         f"{train_modes.describe(state.params, config.train_mode, config.k)}; {devices['device_count']} "
         f"{devices['platform']} device(s), {devices['per_device_batch_size']} images per device")
@@ -461,6 +463,7 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
     speeds = [r["images_per_second"] for r in history[1:] or history]
     summary = {"model": config.model, "width": config.width, "train_mode": config.train_mode,
                "dataset": config.data_dir or config.dataset, "num_classes": data.num_classes,
+               "examples_per_class": data.class_counts(), "examples_per_class_loaded": loaded,
                "total_params": total, "trainable_params": trainable,
                "trainable_fraction": trainable / total,
                "final_test_accuracy": final["test_accuracy"],

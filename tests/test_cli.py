@@ -45,6 +45,9 @@ def test_end_to_end_bn_only_run_writes_documented_files(tmp_path):
     assert summary["final_test_accuracy"] == lines[-1]["test_accuracy"]
     assert summary["best_test_accuracy"] == max(r["test_accuracy"] for r in lines)
     assert summary["device_count"] >= 1 and summary["device_kind"]
+    per_class = {"train": {"cat": 12, "dog": 12, "frog": 12}, "test": {"cat": 4, "dog": 4, "frog": 4}}
+    assert summary["examples_per_class"] == summary["examples_per_class_loaded"] == per_class
+    assert "data: 3 classes; train 36 (12 per class); test 12 (4 per class)" in result.stdout
 
     # The checkpoint restores into a fresh state: frozen leaves equal the init, BN leaves moved.
     fresh = train.create_train_state(Config(**config), 3, (8, 8, 3), steps_per_epoch=4)

@@ -25,3 +25,17 @@ def test_bn_only_learns_on_real_cifar10(tmp_path):
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     assert summary["trainable_params"] == 1_120
     assert summary["final_test_accuracy"] > 0.2  # chance is 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(SHARED_CIFAR), reason="needs ../shared/data/cifar10-jpg.tar.gz")
+def test_real_archive_with_16_flipped_bytes_is_refused_not_shrunk(tmp_path):
+    # Before: 9,717 of the 10,000 test images loaded, and the run reported accuracy on them.
+    from bn_jax import input_pipeline
+    raw = bytearray(open(SHARED_CIFAR, "rb").read())
+    for i in range(len(raw) - 2000, len(raw) - 1984):
+        raw[i] ^= 0xFF
+    damaged = tmp_path / "cifar10-jpg.tar.gz"
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(input_pipeline.DataError, match="cifar10-jpg.tar.gz: unreadable"):
+        input_pipeline.load_image_folder(str(damaged))
