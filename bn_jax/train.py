@@ -26,7 +26,7 @@ import optax
 from flax.training import train_state
 from tqdm import tqdm
 
-from bn_jax import checkpoints, input_pipeline, models, parallel, train_modes
+from bn_jax import checkpoints, input_pipeline, models, parallel, train_modes, workdir_lock
 from bn_jax.config import Config
 
 
@@ -413,6 +413,23 @@ class _Loop:
         return state
 
 
+def run_summary(config: Config, data, loaded_counts, state, loop: _Loop, devices) -> Dict[str, Any]:
+    """summary.json's content (README, "Output files")."""
+    history = loop.history
+    final = history[-1] if history else {"test_accuracy": evaluate(state, loop.test_batches, loop.mean, loop.std)["accuracy"]}
+    speeds = [r["images_per_second"] for r in history[1:] or history]
+    trainable, total = train_modes.count(state.params, config.train_mode, config.k)
+    return {"model": config.model, "width": config.width, "train_mode": config.train_mode,
+            "dataset": config.data_dir or config.dataset, "num_classes": data.num_classes,
+            "examples_per_class": data.class_counts(), "examples_per_class_loaded": loaded_counts,
+            "total_params": total, "trainable_params": trainable, "trainable_fraction": trainable / total,
+            "final_test_accuracy": final["test_accuracy"],
+            "best_test_accuracy": max([r["test_accuracy"] for r in history] or [final["test_accuracy"]]),
+            "epochs": config.epochs, "steps": int(state.step),
+            "images_per_second": float(np.mean(speeds)) if speeds else None,
+            "wall_time": loop.wall_time(), "checkpoints": loop.ckpt.path, "loop": loop.loop, **devices}
+
+
 def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeline.Dataset] = None,
                        log=print, checkpointing: Optional[checkpoints.CheckpointOptions] = None) -> Dict[str, Any]:
     """Train, evaluate every epoch, and write config/metrics/summary/checkpoints into workdir.
@@ -437,41 +454,29 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
     writer = parallel.is_writer()
     log = log if writer else (lambda *args: None)
     os.makedirs(workdir, exist_ok=True)  # only now: bad data leaves nothing behind
-    if writer or not options.restart:  # every process refuses alike; one deletes for --restart
-        prepare_workdir(workdir, config, options.restart, log)
-    parallel.barrier("prepare_workdir")
+    with workdir_lock.exclusive(workdir):  # one run per workdir, until its summary is written
+        if writer or not options.restart:  # every process refuses alike; one deletes for --restart
+            prepare_workdir(workdir, config, options.restart, log)
+        parallel.barrier("prepare_workdir")
 
-    state = create_train_state(config, data.num_classes, data.train_images.shape[1:], steps_per_epoch)
-    state = parallel.replicate(state, mesh)
-    trainable, total = train_modes.count(state.params, config.train_mode, config.k)
-    log(f"data: {data.describe()}")
-    log(f"{config.model} ×{config.width}, mode {config.train_mode}: "
-        f"{train_modes.describe(state.params, config.train_mode, config.k)}; {devices['device_count']} "
-        f"{devices['platform']} device(s), {devices['per_device_batch_size']} images per device")
-    expected = {"config": config.to_dict(), "data_fingerprint": checkpoints.data_fingerprint(data),
-                "frozen_hash": checkpoints.frozen_hash(state.params, config.train_mode)}
+        state = create_train_state(config, data.num_classes, data.train_images.shape[1:], steps_per_epoch)
+        state = parallel.replicate(state, mesh)
+        log(f"data: {data.describe()}")
+        log(f"{config.model} ×{config.width}, mode {config.train_mode}: "
+            f"{train_modes.describe(state.params, config.train_mode, config.k)}; {devices['device_count']} "
+            f"{devices['platform']} device(s), {devices['per_device_batch_size']} images per device")
+        expected = {"config": config.to_dict(), "data_fingerprint": checkpoints.data_fingerprint(data),
+                    "frozen_hash": checkpoints.frozen_hash(state.params, config.train_mode)}
 
-    with checkpoints.Checkpointer(workdir, options, log) as ckpt, checkpoints.PreemptionGuard() as guard:
-        loop = _Loop(config, data, workdir, mesh, ckpt, guard, expected, log)
-        state = parallel.replicate(loop.resume(state), mesh)  # restored leaves are host arrays
+        with checkpoints.Checkpointer(workdir, options, log) as ckpt, checkpoints.PreemptionGuard() as guard:
+            loop = _Loop(config, data, workdir, mesh, ckpt, guard, expected, log)
+            state = parallel.replicate(loop.resume(state), mesh)  # restored leaves are host arrays
+            if writer:
+                config.save(os.path.join(workdir, "config.json"))
+            state = loop.run(state)
+
+        summary = run_summary(config, data, loaded, state, loop, devices)
         if writer:
-            config.save(os.path.join(workdir, "config.json"))
-        state = loop.run(state)
-
-    history = loop.history
-    final = history[-1] if history else {"test_accuracy": evaluate(state, loop.test_batches, loop.mean, loop.std)["accuracy"]}
-    speeds = [r["images_per_second"] for r in history[1:] or history]
-    summary = {"model": config.model, "width": config.width, "train_mode": config.train_mode,
-               "dataset": config.data_dir or config.dataset, "num_classes": data.num_classes,
-               "examples_per_class": data.class_counts(), "examples_per_class_loaded": loaded,
-               "total_params": total, "trainable_params": trainable,
-               "trainable_fraction": trainable / total,
-               "final_test_accuracy": final["test_accuracy"],
-               "best_test_accuracy": max([r["test_accuracy"] for r in history] or [final["test_accuracy"]]),
-               "epochs": config.epochs, "steps": int(state.step),
-               "images_per_second": float(np.mean(speeds)) if speeds else None,
-               "wall_time": loop.wall_time(), "checkpoints": ckpt.path, "loop": loop.loop, **devices}
-    if writer:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+            with open(os.path.join(workdir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
     return summary

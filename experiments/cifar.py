@@ -187,10 +187,10 @@ def run_name(config) -> str:
 
 def main(argv=None) -> int:
     config, workdir, options = parse_args(argv)
-    from bn_jax import input_pipeline, train  # after parsing: --help stays fast
+    from bn_jax import input_pipeline, train, workdir_lock
     try:
         summary = train.train_and_evaluate(config, workdir, checkpointing=options)
-    except (input_pipeline.DataError, checkpoints.CheckpointError) as e:
+    except (input_pipeline.DataError, checkpoints.CheckpointError, workdir_lock.WorkdirInUse) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except FloatingPointError as e:

@@ -11,8 +11,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -40,14 +42,18 @@ def flags(env, workdir, *extra):
             "--checkpoint_every", "2", "--checkpoint_unit", "steps", "--workdir", str(workdir), *extra]
 
 
-def cli(env, workdir, *extra, hooks=None, expect=0):
+def cli_env(env, hooks=None):
     environ = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": env["cache"],
                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(hooks or {})}
     for name in ("BN_JAX_TEST_KILL_AT_STEP", "BN_JAX_TEST_KILL_DURING_SAVE", "BN_JAX_TEST_SIGTERM_AT_STEP"):
         if name not in (hooks or {}):
             environ.pop(name, None)
+    return environ
+
+
+def cli(env, workdir, *extra, hooks=None, expect=0):
     proc = subprocess.run([sys.executable, "-m", "experiments.cifar", *flags(env, workdir, *extra)],
-                          cwd=REPO, env=environ, capture_output=True, text=True, timeout=240)
+                          cwd=REPO, env=cli_env(env, hooks), capture_output=True, text=True, timeout=240)
     assert proc.returncode == expect, f"exit {proc.returncode}, expected {expect}:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -107,6 +113,35 @@ def test_kill_and_resume_at_several_points_is_bitwise_exact(env, baseline):
     assert max(finalized_steps(workdir)) == 7
     out = cli(env, workdir)
     assert "resumed from checkpoint step 7 (epoch 3, step 1 of 3)" in out.stdout
+    assert_same_run(workdir, baseline)
+
+
+def test_a_second_run_in_a_busy_workdir_is_refused_naming_the_first(env, baseline, tmp_path):
+    workdir = tmp_path / "busy"
+    first = subprocess.Popen([sys.executable, "-m", "experiments.cifar", *flags(env, workdir)], cwd=REPO,
+                             env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock, deadline = workdir / ".lock", time.time() + 180
+    while f'"pid": {first.pid}' not in (lock.read_text() if lock.exists() else ""):
+        assert first.poll() is None and time.time() < deadline, "the first run never took the lock"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)  # it keeps the lock for as long as the second one needs
+    try:
+        second = cli(env, workdir, expect=2)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert f"error: workdir {workdir} in use by pid {first.pid} on host {socket.gethostname()}" in second.stderr
+    assert "Traceback" not in second.stderr
+    _, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err
+    assert_same_run(workdir, baseline)  # the refused run changed nothing
+
+
+def test_a_killed_runs_lock_does_not_block_its_resume(env, baseline, tmp_path):
+    workdir = tmp_path / "killed"
+    cli(env, workdir, hooks={"BN_JAX_TEST_KILL_AT_STEP": "5"}, expect=-signal.SIGKILL)
+    assert '"pid"' in (workdir / ".lock").read_text()  # left behind, but no process holds it
+    out = cli(env, workdir)
+    assert "resumed from checkpoint" in out.stdout
     assert_same_run(workdir, baseline)
 
 
