@@ -334,12 +334,21 @@ def fault_hook(name: str, step: int) -> None:
 
 # ---- metrics --------------------------------------------------------------------------------
 
+def json_record(record: Dict[str, Any]) -> str:
+    """One metrics line as valid JSON: a NaN or Inf becomes null and its key is listed under
+    ``nonfinite`` (a diverged test loss must not make the file unreadable)."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not np.isfinite(v)]
+    if bad:
+        record = {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
+    return json.dumps(record, allow_nan=False)
+
+
 def write_metrics(path: str, history: List[Dict[str, Any]]) -> None:
     """Atomically (re)write metrics.jsonl with the epochs a checkpoint has seen."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         for record in history:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_record(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -347,7 +356,7 @@ def write_metrics(path: str, history: List[Dict[str, Any]]) -> None:
 
 def append_metrics(path: str, record: Dict[str, Any]) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json_record(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 

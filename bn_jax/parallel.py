@@ -10,6 +10,9 @@ every global batch (``make_array_from_process_local_data``).
 """
 
 import os
+import socket
+import sys
+import time
 from typing import Optional
 
 import jax
@@ -21,16 +24,36 @@ AXIS = "data"
 
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
                                  num_processes: Optional[int] = None,
-                                 process_id: Optional[int] = None) -> None:
+                                 process_id: Optional[int] = None, timeout_s: float = 300) -> None:
     """Join a multi-host job when flags or a cluster launcher (SLURM, TPU pod) say there is one."""
     flags = (coordinator_address, num_processes, process_id)
     if any(f is not None for f in flags):
         if any(f is None for f in flags):
             raise ValueError("--coordinator_address, --num_processes and --process_id go together")
+        if process_id != 0:  # JAX aborts the process when the coordinator never answers: ask first
+            wait_for_coordinator(coordinator_address, timeout_s)
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id)
+                                   process_id=process_id, initialization_timeout=max(1, int(timeout_s)))
     elif _under_launcher():
         jax.distributed.initialize()
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Return once ``host:port`` accepts connections; ValueError naming it after ``timeout_s``."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--coordinator_address must be host:port, got {address!r}")
+    print(f"waiting up to {timeout_s:g} s for the coordinator at {address}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise ValueError(f"no coordinator answered at {address} within {timeout_s:g} s ({e.strerror or e}); "
+                                 "start process 0 there first, or raise --coordinator_timeout_s") from None
+            time.sleep(0.5)
 
 
 def _under_launcher() -> bool:

@@ -12,6 +12,7 @@ where XLA compiles convolutions inside a loop body to much slower code (jax-ml/j
 docs/performance.md for the measurement).
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -181,9 +182,8 @@ def evaluate(state, test_batches, mean, std) -> Dict[str, float]:
 
 def pad_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, mesh):
     """Test batches of one fixed shape, sharded over the mesh; padding is masked out by ``valid``."""
-    devices = mesh.devices.size
-    batch_size = -(-batch_size // devices) * devices
-    n = len(labels)
+    devices, n = mesh.devices.size, len(labels)
+    batch_size = -(-min(batch_size, n) // devices) * devices  # a batch beyond the test set is all padding
     padded = -(-n // batch_size) * batch_size
     valid = (np.arange(padded) < n).astype(np.float32)
     images = np.concatenate([images, np.zeros((padded - n, *images.shape[1:]), images.dtype)])
@@ -251,6 +251,7 @@ def prepare_workdir(workdir: str, config: Config, restart: bool, log=print) -> N
 
 
 PREEMPTION_SYNC_STEPS = 20
+MAX_STEPS = 2**31 - 1  # the train state's step counter is int32
 
 
 class _Loop:
@@ -400,6 +401,8 @@ class _Loop:
                  f"test loss {test['loss']:.4f} acc {test['accuracy']:.4f} | {record['images_per_second']:.0f} img/s")
 
     def run(self, state):
+        if self.guard.requested:  # signalled during start-up: checkpoint where we are (exit 75)
+            self.after_step(state, zero_totals(), int(state.step))
         for epoch in range(int(state.step) // self.steps_per_epoch, self.config.epochs):
             # A mid-epoch resume continues the restored partial-epoch sums.
             # (replicated like the step's outputs, so the step compiles once, not twice)
@@ -431,8 +434,13 @@ def run_summary(config: Config, data, loaded_counts, state, loop: _Loop, devices
 
 
 def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeline.Dataset] = None,
-                       log=print, checkpointing: Optional[checkpoints.CheckpointOptions] = None) -> Dict[str, Any]:
+                       log=print, checkpointing: Optional[checkpoints.CheckpointOptions] = None,
+                       guard: Optional[checkpoints.PreemptionGuard] = None) -> Dict[str, Any]:
     """Train, evaluate every epoch, and write config/metrics/summary/checkpoints into workdir.
+
+    ``guard``: a PreemptionGuard the caller entered early, so that a signal during start-up
+    (data loading, compilation) also ends in a checkpoint and exit 75; by default one is
+    entered around the training loop.
 
     Resumes from the newest good checkpoint in ``workdir/checkpoints`` (exactly: same final
     bits as an uninterrupted run); see docs/checkpoints.md.
@@ -448,6 +456,9 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
         raise input_pipeline.DataError(
             f"batch_size {config.batch_size} exceeds the {n_train} training examples")
     steps_per_epoch = n_train // config.batch_size  # the remainder of each epoch's order is dropped
+    if config.epochs * steps_per_epoch > MAX_STEPS:
+        raise input_pipeline.DataError(
+            f"{config.epochs} epochs of {steps_per_epoch} steps exceed the step counter's {MAX_STEPS:,} steps")
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_batch_size(config.batch_size, mesh)
     devices = device_summary(mesh, config.batch_size)
@@ -468,7 +479,8 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
         expected = {"config": config.to_dict(), "data_fingerprint": checkpoints.data_fingerprint(data),
                     "frozen_hash": checkpoints.frozen_hash(state.params, config.train_mode)}
 
-        with checkpoints.Checkpointer(workdir, options, log) as ckpt, checkpoints.PreemptionGuard() as guard:
+        with checkpoints.Checkpointer(workdir, options, log) as ckpt, \
+                (contextlib.nullcontext(guard) if guard else checkpoints.PreemptionGuard()) as guard:
             loop = _Loop(config, data, workdir, mesh, ckpt, guard, expected, log)
             state = parallel.replicate(loop.resume(state), mesh)  # restored leaves are host arrays
             if writer:

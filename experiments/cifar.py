@@ -5,7 +5,7 @@ checkpoints under checkpoints/<step>/. Re-running the same command resumes from 
 checkpoint; see docs/checkpoints.md for resume, exit codes and the checkpoint layout.
 
 Exit codes: 0 done, 2 bad flags/data or unusable checkpoint, 3 non-finite loss,
-75 preempted (SIGTERM/SIGINT; a checkpoint was saved: re-run to resume).
+75 preempted (SIGTERM/SIGINT; a checkpoint was saved: re-run to resume), 130 a second SIGINT.
 """
 
 import argparse
@@ -20,6 +20,7 @@ from bn_jax import models, parallel, train_modes
 DEFAULTS = config_lib.Config()
 CKPT_DEFAULTS = checkpoints.CheckpointOptions()
 EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, checkpoints.EXIT_PREEMPTED
+EXIT_INTERRUPTED = 130  # the shell's code for an interrupted command (128 + SIGINT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "where jax.distributed finds it)")
     c.add_argument("--num_processes", type=int, default=None, help="multi-host: number of processes")
     c.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index")
+    c.add_argument("--coordinator_timeout_s", type=float, default=300.0,
+                   help="multi-host: give up (exit 2) when the coordinator does not answer within this "
+                        "many seconds")
     c = p.add_argument_group("checkpoints and resume")
     c.add_argument("--checkpoint_every", type=int, default=CKPT_DEFAULTS.every,
                    help="save a checkpoint every this many --checkpoint_unit (and always at the end)")
@@ -133,7 +137,8 @@ def parse_args(argv=None):
     if problem:
         parser.error(f"cannot write to workdir {workdir}: {problem}")
     try:
-        parallel.maybe_initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        parallel.maybe_initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                                              args.coordinator_timeout_s)
         parallel.check_batch_size(config.batch_size, parallel.make_mesh(config.num_devices))
     except ValueError as e:
         parser.error(str(e))
@@ -161,11 +166,23 @@ def config_from_args(args, parser):
     return config, values["workdir"]
 
 
+WORKDIR_DEPTH = 200  # bytes that the deepest file in a workdir adds to its path (Orbax's names)
+
+
 def unwritable(path: str):
     """Why ``path`` could not be created and written, or None; creates nothing itself."""
     path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    name_max, path_max = (os.pathconf(existing, n) for n in ("PC_NAME_MAX", "PC_PATH_MAX"))
+    long_name = next((p for p in path.split(os.sep) if len(p.encode()) > name_max), None)
+    if long_name:
+        return f"the name {long_name[:30]}… is {len(long_name.encode())} bytes; this file system allows {name_max}"
+    if len(path.encode()) + WORKDIR_DEPTH > path_max:
+        return (f"the path is {len(path.encode())} bytes; with the files a run writes inside it, it must stay "
+                f"under {path_max - WORKDIR_DEPTH}")
+    path = existing
     if not os.path.isdir(path):
         return f"{path} is a file"
     if not os.access(path, os.W_OK):
@@ -186,19 +203,26 @@ def run_name(config) -> str:
 
 
 def main(argv=None) -> int:
-    config, workdir, options = parse_args(argv)
-    from bn_jax import input_pipeline, train, workdir_lock
-    try:
-        summary = train.train_and_evaluate(config, workdir, checkpointing=options)
-    except (input_pipeline.DataError, checkpoints.CheckpointError, workdir_lock.WorkdirInUse) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except checkpoints.Preempted as e:
-        print(f"preempted: {e} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
-        return EXIT_PREEMPTED
+    # Signals are turned into a checkpoint and exit 75 from the start, data loading included.
+    with checkpoints.PreemptionGuard() as guard:
+        config, workdir, options = parse_args(argv)
+        from bn_jax import input_pipeline, train, workdir_lock
+        try:
+            summary = train.train_and_evaluate(config, workdir, checkpointing=options, guard=guard)
+        except (input_pipeline.DataError, checkpoints.CheckpointError, workdir_lock.WorkdirInUse) as e:
+            build_parser().print_usage(sys.stderr)
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except FloatingPointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_NONFINITE
+        except checkpoints.Preempted as e:
+            print(f"preempted: {e} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+            return EXIT_PREEMPTED
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the checkpoint
+            print(f"interrupted: stopped at once on a second SIGINT; resume from the newest checkpoint "
+                  f"in {os.path.join(workdir, 'checkpoints')} by re-running the command", file=sys.stderr)
+            return EXIT_INTERRUPTED
     if parallel.is_writer():
         print(f"final test accuracy {summary['final_test_accuracy']:.4f} "
               f"(best {summary['best_test_accuracy']:.4f}); results in {workdir}")

@@ -145,6 +145,62 @@ def test_a_killed_runs_lock_does_not_block_its_resume(env, baseline, tmp_path):
     assert_same_run(workdir, baseline)
 
 
+def start_blocked_in_data_loading(env, tmp_path):
+    """A run whose data loading waits on a named pipe: it is provably inside start-up (past
+    argument parsing, before training) until the test writes the image into the pipe."""
+    data = tmp_path / "data"
+    shutil.copytree(env["data"], data)
+    image = data / "train" / "cat" / "0000.png"
+    png = image.read_bytes()
+    image.unlink()
+    os.mkfifo(image)
+    workdir = tmp_path / "run"
+    argv = flags(env, workdir)
+    argv[argv.index("--data_dir") + 1] = str(data)
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.cifar", *argv], cwd=REPO, env=cli_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while True:  # opening the pipe's write end succeeds once the run opened it to read
+        try:
+            fd = os.open(image, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr and proc.stderr.read()
+            time.sleep(0.05)
+
+    def release():
+        os.set_blocking(fd, True)
+        os.write(fd, png)
+        os.close(fd)
+        image.unlink()
+        image.write_bytes(png)  # a plain file again, for the resume
+    return proc, release, argv
+
+
+def test_sigterm_during_start_up_checkpoints_and_exits_75(env, baseline, tmp_path):
+    proc, release, argv = start_blocked_in_data_loading(env, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    release()
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == checkpoints.EXIT_PREEMPTED, err
+    assert "saved a checkpoint at step 0" in err and "Traceback" not in err
+    resumed = subprocess.run([sys.executable, "-m", "experiments.cifar", *argv], cwd=REPO, env=cli_env(env),
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0 and "resumed from checkpoint step 0" in resumed.stdout
+    assert metrics(argv[argv.index("--workdir") + 1]) == metrics(baseline)
+
+
+def test_a_second_sigint_stops_at_once_with_one_line(env, tmp_path):
+    proc, release, _ = start_blocked_in_data_loading(env, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    release()
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == cifar.EXIT_INTERRUPTED, err
+    assert "Traceback" not in err and "interrupted: stopped at once on a second SIGINT" in err
+
+
 def test_fused_loop_stops_at_the_signalled_step_and_resumes_bitwise(env, tmp_path):
     """The fused loop ends a compiled call at every step that must reach the host."""
     fused = ("--loop", "fused", "--steps_per_call", "100")

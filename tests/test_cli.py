@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -72,6 +73,17 @@ BAD_FLAGS = {
     "partial cluster flags": (["--num_processes", "2", "--process_id", "0"], "go together"),
     "missing data": (["--data_dir", "/no/such/folder"], "does not exist"),
     "negative lr": (["--lr", "-1"], "lr must be >= 0"),
+    "nan lr": (["--lr", "nan"], "lr must be a finite number, got nan"),
+    "inf lr": (["--lr", "inf"], "lr must be a finite number, got inf"),
+    "lr overflowing to inf": (["--lr", "1e400"], "lr must be a finite number, got inf"),
+    "nan momentum": (["--momentum", "nan"], "momentum must be a finite number"),
+    "inf momentum": (["--momentum", "inf"], "momentum must be a finite number"),
+    "inf weight decay": (["--weight_decay", "inf"], "weight_decay must be a finite number"),
+    "nan warm-up": (["--warmup_epochs", "nan"], "warmup_epochs must be a finite number"),
+    "huge seed": (["--seed", str(2**70)], "seed must be <= 2147483647"),
+    "negative seed": (["--seed", "-1"], "seed must be >= 0"),
+    "a billion epochs": (["--epochs", "1000000000"], "epochs must be <= 1000000"),
+    "zero width": (["--width", "0"], "width must be >= 1"),
 }
 
 
@@ -83,6 +95,33 @@ def test_bad_flags_exit_2_with_one_line(case, capsys):
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert [line.startswith("usage:") for line in err.splitlines()].count(True) == 1
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+
+
+def test_unreachable_coordinator_gives_up_naming_address_and_flag(capsys):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(SystemExit) as exit:
+        cifar.main(["--coordinator_address", f"localhost:{port}", "--num_processes", "2", "--process_id", "1",
+                    "--coordinator_timeout_s", "1"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "Traceback" not in err
+    assert f"no coordinator answered at localhost:{port} within 1 s" in err and "--coordinator_timeout_s" in err
+
+
+@pytest.mark.parametrize("workdir, message", [
+    ("x" * 256, "bytes; this file system allows 255"),
+    ("/".join(["d" * 200] * 20), "with the files a run writes inside it"),
+])
+def test_overlong_workdir_names_exit_2_and_create_nothing(tmp_path, monkeypatch, capsys, workdir, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        cifar.main(["--workdir", workdir])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == []
 
 
 def test_unwritable_workdir(tmp_path, capsys):
@@ -101,6 +140,7 @@ def test_bad_data_exits_2_naming_the_file_and_writes_nothing(tmp_path):
     result = run_cli("--model", "resnet8", "--epochs", "1", "--data_dir", data, "--workdir", str(workdir))
     assert result.returncode == 2
     assert "0002.png: cannot decode" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.startswith("usage: python -m experiments.cifar")
     assert not workdir.exists()
 
 

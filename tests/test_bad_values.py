@@ -1,0 +1,50 @@
+"""Values that used to end in a traceback, a huge allocation or invalid JSON."""
+
+import json
+import math
+
+import pytest
+
+from bn_jax import checkpoints, input_pipeline, train
+from bn_jax.config import Config
+
+from conftest import random_dataset
+
+
+def test_eval_batch_beyond_the_test_set_is_one_test_batch(tmp_path):
+    # Before: --eval_batch_size 2000000000 asked for a 5.59 TiB padding batch.
+    data = random_dataset(n_train=32, n_test=8)
+    config = Config(model="resnet8", epochs=1, batch_size=8, eval_batch_size=2_000_000_000, loop="step")
+    summary = train.train_and_evaluate(config, str(tmp_path / "run"), data=data, log=lambda *a: None)
+    assert summary["steps"] == 4 and 0 <= summary["final_test_accuracy"] <= 1
+
+
+def test_more_steps_than_the_step_counter_holds_are_refused_before_anything_is_written(tmp_path):
+    # Before: an OverflowError at the first step.
+    data = random_dataset(n_train=3000, n_test=8)
+    config = Config(model="resnet8", epochs=1_000_000, batch_size=1)
+    with pytest.raises(input_pipeline.DataError, match="3000 steps exceed the step counter's 2,147,483,647"):
+        train.train_and_evaluate(config, str(tmp_path / "run"), data=data, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+
+
+def strict_json(line):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_nonfinite_metric_is_written_as_null_and_flagged(tmp_path):
+    # Before: a diverged test loss was written as a bare NaN, which JSON readers reject.
+    path = str(tmp_path / "metrics.jsonl")
+    checkpoints.append_metrics(path, {"epoch": 1, "test_loss": math.nan, "train_loss": math.inf, "test_accuracy": 0.1})
+    checkpoints.write_metrics(path + "2", [{"epoch": 1, "test_loss": -math.inf}])
+    record = strict_json(open(path).read())
+    assert record == {"epoch": 1, "test_loss": None, "train_loss": None, "test_accuracy": 0.1,
+                      "nonfinite": ["test_loss", "train_loss"]}
+    assert strict_json(open(path + "2").read())["nonfinite"] == ["test_loss"]
+
+
+def test_config_json_refuses_to_hold_a_nan(tmp_path):
+    with pytest.raises(ValueError):
+        Config(lr=math.nan).save(str(tmp_path / "config.json"))
