@@ -27,7 +27,7 @@ import optax
 from flax.training import train_state
 from tqdm import tqdm
 
-from bn_jax import checkpoints, input_pipeline, models, parallel, train_modes, workdir_lock
+from bn_jax import checkpoints, input_pipeline, models, parallel, provenance, train_modes, workdir_lock
 from bn_jax.config import Config
 
 
@@ -235,8 +235,21 @@ def prepare_workdir(workdir: str, config: Config, restart: bool, log=print) -> N
         log(f"--restart: removed earlier outputs in {workdir}")
         return
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
+    names = [n for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+    stray = sorted(n for n in names if not os.path.isdir(os.path.join(ckpt_dir, n)))
+    if stray:  # Orbax would skip them silently
+        message = (f"{os.path.join(ckpt_dir, stray[0])} is a file, not a checkpoint folder"
+                   + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""))
+        if len(stray) == len(names):
+            raise checkpoints.CheckpointError(f"{message}, and no checkpoint folder is left; move it away and "
+                                              "re-run to start over, or pass --restart")
+        log(f"warning: {message}; ignoring it")
+    if len(names) > len(stray):
         return  # resume; the checkpoint itself is checked against the config
+    quarantine = os.path.join(workdir, "corrupt_checkpoints")
+    if os.path.isdir(quarantine) and os.listdir(quarantine):
+        raise checkpoints.CheckpointError(f"every checkpoint in {ckpt_dir} was found corrupt and moved to "
+                                          f"{quarantine}; pass --restart to start over")
     config_path = os.path.join(workdir, "config.json")
     if os.path.exists(os.path.join(workdir, "summary.json")):
         raise checkpoints.CheckpointError(f"{workdir} holds a finished run without checkpoints; pass "
@@ -430,7 +443,8 @@ def run_summary(config: Config, data, loaded_counts, state, loop: _Loop, devices
             "best_test_accuracy": max([r["test_accuracy"] for r in history] or [final["test_accuracy"]]),
             "epochs": config.epochs, "steps": int(state.step),
             "images_per_second": float(np.mean(speeds)) if speeds else None,
-            "wall_time": loop.wall_time(), "checkpoints": loop.ckpt.path, "loop": loop.loop, **devices}
+            "wall_time": loop.wall_time(), "checkpoints": loop.ckpt.path, "loop": loop.loop, **devices,
+            "provenance": provenance.provenance()}
 
 
 def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeline.Dataset] = None,

@@ -309,7 +309,7 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.simulate_cpu_devices}")
     import jax
-    from bn_jax import models, roofline
+    from bn_jax import models, provenance, roofline
 
     cases = jax_cases(args, counts or [len(jax.devices())]) + torch_cases(args)
     runners, costs, skipped = {}, {}, []
@@ -348,7 +348,8 @@ def main(argv=None):
               "command": "python -m experiments.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
               "device": {"platform": device.platform, "kind": device.device_kind, "count": len(jax.devices()),
                          "host": platform.node(), "cpu_count": os.cpu_count()},
-              "versions": _versions(), "steps": args.steps, "rounds": args.rounds, "width": args.width,
+              "versions": provenance.versions(), "git": provenance.git_commit(),
+              "steps": args.steps, "rounds": args.rounds, "width": args.width,
               "peaks": {p: dataclasses.asdict(v) for p, v in peaks.items()},
               "rows": rows, "comparisons": comps, "skipped": skipped}
     os.makedirs(args.out, exist_ok=True)
@@ -366,18 +367,6 @@ def main(argv=None):
     except ImportError as e:  # a bare accelerator image may lack matplotlib; keep the measurements
         print(f"no bar chart ({e}); pip install matplotlib to get benchmark.png", file=sys.stderr)
     print(f"\n{title}\n{table}\n\nwrote {', '.join(os.path.join(args.out, w) for w in written)}")
-
-
-def _versions() -> Dict[str, str]:
-    import flax
-    import jax
-    versions = {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__}
-    try:
-        import torch
-        versions["torch"] = torch.__version__
-    except ImportError:
-        pass
-    return versions
 
 
 if __name__ == "__main__":

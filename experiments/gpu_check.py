@@ -200,21 +200,15 @@ class Clock:
 
 def environment() -> Dict[str, Any]:
     import jax
-    import numpy as np
 
-    versions = benchmark._versions()
-    for name in ("jaxlib", "optax", "orbax.checkpoint"):
-        try:
-            versions[name] = __import__(name, fromlist=["_"]).__version__
-        except (ImportError, AttributeError):
-            versions[name] = None
-    versions["numpy"] = np.__version__
+    from bn_jax import provenance
+
     device = jax.devices()[0]
     stats = {}
     with contextlib.suppress(Exception):  # not every backend reports memory
         stats = device.memory_stats() or {}
-    return {"versions": versions, "platform": device.platform, "device_kind": device.device_kind,
-            "device_count": jax.device_count(), "memory_bytes_limit": stats.get("bytes_limit"),
+    return {"versions": provenance.versions(), "git": provenance.git_commit(), "platform": device.platform,
+            "device_kind": device.device_kind, "device_count": jax.device_count(), "memory_bytes_limit": stats.get("bytes_limit"),
             "default_matmul_precision": str(jax.config.jax_default_matmul_precision),
             "nvidia_smi": _nvidia_smi(), "cpu_count": os.cpu_count()}
 

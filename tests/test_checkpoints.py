@@ -282,6 +282,29 @@ def test_corrupt_latest_falls_back_then_errors_when_none_left(env, baseline, tmp
         corrupt(os.path.join(workdir, "checkpoints", str(step)))
     out = cli(env, workdir, expect=2)
     assert "no restorable checkpoint left" in out.stderr and "--restart" in out.stderr
+    # Before: the next run silently started over and rewrote metrics.jsonl.
+    kept = metrics(workdir)
+    out = cli(env, workdir, expect=2)
+    assert "was found corrupt" in out.stderr and "--restart" in out.stderr
+    assert metrics(workdir) == kept
+    cli(env, workdir, "--restart")
+    assert_same_run(workdir, baseline)
+
+
+def test_a_checkpoint_folder_replaced_by_a_file_is_named(env, baseline, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(baseline, workdir)
+    newest = workdir / "checkpoints" / "9"
+    shutil.rmtree(newest)
+    newest.write_text("not a checkpoint")
+    out = cli(env, workdir)
+    assert f"warning: {newest} is a file, not a checkpoint folder; ignoring it" in out.stdout
+    assert "resumed from checkpoint step 8" in out.stdout
+    for step in finalized_steps(workdir):  # every checkpoint folder a file: nothing to resume
+        shutil.rmtree(workdir / "checkpoints" / str(step))
+        (workdir / "checkpoints" / str(step)).write_text("x")
+    out = cli(env, workdir, expect=2)
+    assert "is a file, not a checkpoint folder (and 2 more), and no checkpoint folder is left" in out.stderr
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_good_checkpoints(env, tmp_path):

@@ -49,6 +49,11 @@ def test_end_to_end_bn_only_run_writes_documented_files(tmp_path):
     per_class = {"train": {"cat": 12, "dog": 12, "frog": 12}, "test": {"cat": 4, "dog": 4, "frog": 4}}
     assert summary["examples_per_class"] == summary["examples_per_class_loaded"] == per_class
     assert "data: 3 classes; train 36 (12 per class); test 12 (4 per class)" in result.stdout
+    versions = summary["provenance"]["versions"]
+    assert versions["jax"] == jax.__version__ and versions["flax"] and versions["orbax-checkpoint"]
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # the tests run from a git checkout (CI: a fresh clone)
+        assert summary["provenance"]["git"]["commit"] == head.stdout.strip()
 
     # The checkpoint restores into a fresh state: frozen leaves equal the init, BN leaves moved.
     fresh = train.create_train_state(Config(**config), 3, (8, 8, 3), steps_per_epoch=4)
