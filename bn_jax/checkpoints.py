@@ -44,11 +44,18 @@ class CheckpointError(ValueError):
 
 
 class Preempted(Exception):
-    """SIGTERM/SIGINT arrived; a checkpoint was written. Re-run the same command to resume."""
+    """A signal or the time limit stopped the run; re-run the same command to resume.
 
-    def __init__(self, signame: str, step: int, path: str):
-        super().__init__(f"{signame} received: saved a checkpoint at step {step} in {path}; "
-                         "re-run the same command to resume")
+    ``step`` is the step of the checkpoint written on the way out, or None when the run stopped
+    during start-up, before its first step (nothing new to save).
+    """
+
+    def __init__(self, reason: str, step: Optional[int], path: str):
+        if step is None:
+            message = f"{reason} during start-up: stopped before the first step; nothing new to save"
+        else:
+            message = f"{reason}: saved a checkpoint at step {step} in {path}"
+        super().__init__(message + "; re-run the same command to resume")
         self.step = step
 
 
@@ -284,17 +291,30 @@ def check_compatible(meta: Dict[str, Any], expected: Dict[str, Any], step: int) 
 # ---- preemption -----------------------------------------------------------------------------
 
 class PreemptionGuard:
-    """Turns the first SIGTERM/SIGINT into a flag the loop polls; a second SIGINT interrupts."""
+    """Turns the first SIGTERM/SIGINT into a flag the loop polls; a second SIGINT interrupts.
+
+    ``deadline`` (a ``time.time()`` value) asks for the same stop once that time has passed: the
+    loop checkpoints at its next call boundary, as for a signal, but never during start-up.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, deadline: Optional[float] = None):
         self.signame: Optional[str] = None
+        self.deadline = deadline
         self._previous = {}
 
     @property
-    def requested(self) -> bool:
+    def signalled(self) -> bool:
         return self.signame is not None
+
+    @property
+    def requested(self) -> bool:
+        return self.signalled or (self.deadline is not None and time.time() >= self.deadline)
+
+    @property
+    def reason(self) -> str:
+        return f"{self.signame} received" if self.signalled else "time limit reached"
 
     def _handle(self, signum, frame):
         # Only set the flag: printing here could re-enter a print the main thread is inside.
@@ -307,6 +327,12 @@ class PreemptionGuard:
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
+
+    def reinstall(self) -> None:
+        """Take the signals back (``jax.distributed.initialize`` installs a SIGTERM handler of its own)."""
+        if self._previous:
+            for s in self.SIGNALS:
+                signal.signal(s, self._handle)
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():

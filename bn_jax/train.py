@@ -335,14 +335,14 @@ class _Loop:
         """
         final = step == self.config.epochs * self.steps_per_epoch and epoch_done is not None
         stop = self.stop_requested(step, epoch_done)
-        signame = self.guard.signame or "another process's signal"
+        reason = self.guard.reason if self.guard.requested else "another process was signalled"
         if stop:
-            self.log(f"{signame} received: saving a checkpoint at step {step} and exiting")
+            self.log(f"{reason}: saving a checkpoint at step {step} and exiting")
         if final or stop or self.ckpt.options.due(step, epoch_done):
             self.save(state, totals)
         if stop:
             self.ckpt.wait()
-            raise checkpoints.Preempted(signame, step, self.ckpt.path)
+            raise checkpoints.Preempted(reason, step, self.ckpt.path)
 
     def stop_requested(self, step: int, epoch_done: Optional[int]) -> bool:
         """Whether a SIGTERM/SIGINT asks us to checkpoint and exit at this step.
@@ -414,8 +414,7 @@ class _Loop:
                  f"test loss {test['loss']:.4f} acc {test['accuracy']:.4f} | {record['images_per_second']:.0f} img/s")
 
     def run(self, state):
-        if self.guard.requested:  # signalled during start-up: checkpoint where we are (exit 75)
-            self.after_step(state, zero_totals(), int(state.step))
+        stop_before_start(self.guard, self.ckpt.path)  # a signal while loading or restoring
         for epoch in range(int(state.step) // self.steps_per_epoch, self.config.epochs):
             # A mid-epoch resume continues the restored partial-epoch sums.
             # (replicated like the step's outputs, so the step compiles once, not twice)
@@ -427,6 +426,13 @@ class _Loop:
         if self.config.epochs == 0:
             self.save(state, zero_totals())
         return state
+
+
+def stop_before_start(guard, where: str) -> None:
+    """Raise Preempted (nothing saved) if a signal arrived during start-up; every process agrees."""
+    if guard is not None and parallel.any_process(guard.signalled):
+        raise checkpoints.Preempted(guard.reason if guard.signalled else "another process was signalled",
+                                    None, where)
 
 
 def run_summary(config: Config, data, loaded_counts, state, loop: _Loop, devices) -> Dict[str, Any]:
@@ -453,8 +459,8 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
     """Train, evaluate every epoch, and write config/metrics/summary/checkpoints into workdir.
 
     ``guard``: a PreemptionGuard the caller entered early, so that a signal during start-up
-    (data loading, compilation) also ends in a checkpoint and exit 75; by default one is
-    entered around the training loop.
+    (data loading, restoring) stops the run at once with Preempted, and whose ``deadline`` may ask
+    for a checkpoint and stop at a time; by default one is entered around the training loop.
 
     Resumes from the newest good checkpoint in ``workdir/checkpoints`` (exactly: same final
     bits as an uninterrupted run); see docs/checkpoints.md.
@@ -463,6 +469,7 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
     options = (checkpointing or checkpoints.CheckpointOptions()).validate()
     if data is None:
         data = input_pipeline.load(config.dataset, config.data_dir)
+    stop_before_start(guard, workdir)
     loaded = data.class_counts()
     data = data.subset(config.max_train_examples, config.max_test_examples)
     n_train = len(data.train_labels)
@@ -502,7 +509,9 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
             state = loop.run(state)
 
         summary = run_summary(config, data, loaded, state, loop, devices)
-        if writer:
-            with open(os.path.join(workdir, "summary.json"), "w") as f:
+        if writer:  # written whole or not at all
+            path = os.path.join(workdir, "summary.json")
+            with open(path + ".tmp", "w") as f:
                 json.dump(summary, f, indent=2)
+            os.replace(path + ".tmp", path)
     return summary

@@ -5,9 +5,14 @@ holds a POSIX record lock (``fcntl.lockf``, which NFS supports) on ``<workdir>/.
 it touches anything there until it ends. The kernel drops the lock when the process dies, however
 it dies, so a killed run leaves no stale lock: its file stays, unlocked, and the resume takes it.
 In a multi-host job only process 0 (the one writer) holds it, and all processes agree on refusing.
+On an NFS mount without a lock daemon (``nolock``) locks are local to each host, so they cannot
+keep runs on two hosts apart; where the file system refuses locks outright, the run is refused.
+POSIX locks belong to a process: one process can take the same workdir twice (in-process calls
+of ``train_and_evaluate`` are not guarded against each other).
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -28,7 +33,11 @@ def _acquire(workdir: str) -> Tuple[Optional[int], Optional[str]]:
     fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # e.g. ENOLCK: NFS mounted without a lock daemon
+            os.close(fd)
+            return None, (f"cannot lock {os.path.join(workdir, LOCK_FILE)} ({e.strerror}); this file system "
+                          "does not support locks, so two runs could write this workdir at once")
         try:
             owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
             holder = f"pid {owner['pid']} on host {owner['host']}"

@@ -205,7 +205,12 @@ def run_name(config) -> str:
 def main(argv=None) -> int:
     # Signals are turned into a checkpoint and exit 75 from the start, data loading included.
     with checkpoints.PreemptionGuard() as guard:
-        config, workdir, options = parse_args(argv)
+        try:
+            config, workdir, options = parse_args(argv)
+        except KeyboardInterrupt:  # a second Ctrl-C while waiting for a coordinator
+            print("interrupted: stopped at once on a second SIGINT", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        guard.reinstall()  # after jax.distributed.initialize, which takes SIGTERM for itself
         from bn_jax import input_pipeline, train, workdir_lock
         try:
             summary = train.train_and_evaluate(config, workdir, checkpointing=options, guard=guard)

@@ -20,8 +20,9 @@ any moment keeps what was measured: ``gpu_check.json`` (everything), ``gpu_check
 ``gpu_check.log``, ``throughput.png`` and ``run.tar.gz``. ``--smoke`` runs the same code at tiny
 sizes on generated data, on any device: CI runs it on CPU.
 
-Exit codes: 0 every stage ran and every check passed; 1 a check failed or a stage raised (the
-report names it); 2 bad flags or data.
+Exit codes: 0 no check failed and nothing raised; 1 a check failed, or a stage or a throughput
+case raised (the report names it); 2 bad flags or missing data; 75 stopped by SIGTERM/SIGINT
+(what was measured is written, the run packed); 130 a second SIGINT.
 """
 
 import argparse
@@ -33,12 +34,10 @@ import math
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 import traceback
 from typing import Any, Dict, List, Optional
@@ -46,6 +45,7 @@ from typing import Any, Dict, List, Optional
 from experiments import benchmark
 
 STAGES = ("environment", "correctness", "throughput", "run")
+FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.log", "throughput.png", "run.tar.gz")
 DEFAULT_DATA = os.path.join("data", "cifar10-jpg.tar.gz")  # git-ignored; see docs/gpu_check.md
 TARGETS = {"bn_over_torch_eager": 3.0, "bn_over_torch_compile": 1.0, "bn_over_full_time": 0.75,
            "run_160_epochs_s": 300.0}  # the GPU targets (one H100, ResNet-110 BN-only, batch 128)
@@ -153,11 +153,17 @@ class Report:
     def __init__(self, out: str, argv: List[str], budget_s: float, smoke: bool):
         self.out, self.start = out, time.time()
         os.makedirs(out, exist_ok=True)
+        for name in FILES + tuple(f + ".tmp" for f in FILES):  # nothing of an earlier check stays
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out, name))
         self.data: Dict[str, Any] = {
             "command": "python -m experiments.gpu_check " + " ".join(argv),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "budget_s": budget_s, "smoke": smoke, "stages": {}}
         self._log = open(os.path.join(out, "gpu_check.log"), "w")
+
+    def close(self) -> None:
+        self._log.close()
 
     def elapsed(self) -> float:
         return time.time() - self.start
@@ -183,6 +189,7 @@ class Report:
             if stage.get("error"):
                 out.append(f"{name}: {stage['error']}")
             out += [f"{name}: {c['name']}" for c in stage.get("checks", []) if not c["passed"]]
+            out += [f"{name}: {c['case']} failed" for c in stage.get("failed", [])]
         return out
 
 
@@ -295,7 +302,7 @@ def correctness(sizes: Sizes, workroot: str, report: Report) -> None:
     frozen_same = [np.array_equal(np.asarray(a), np.asarray(b)) for t, a, b in pairs if not t]
     trained_moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for t, a, b in pairs if t]
     checks.append(_check("frozen leaves bit-identical after BN-only steps",
-                         all(frozen_same) and any(trained_moved), frozen_leaves=len(frozen_same),
+                         all(frozen_same) and all(trained_moved), frozen_leaves=len(frozen_same),
                          frozen_changed=frozen_same.count(False), trainable_leaves=len(trained_moved),
                          trainable_moved=sum(trained_moved)))
     report.update("correctness", checks=checks)
@@ -328,7 +335,7 @@ def fused_cost_ratio(sizes: Sizes) -> Optional[float]:
     costs = {}
     for loop in ("fused", "step"):
         case = benchmark.Case("bn_jax", sizes.check_model, sizes.check_batch, "bn", "float32", loop, 1)
-        costs[loop] = benchmark.jax_runner(case, 1, 1).cost()["flops"]
+        costs[loop] = benchmark.jax_runner(case, 1, sizes.steps).cost()["flops"]
     return costs["fused"] / costs["step"] if costs["step"] else None
 
 
@@ -368,7 +375,7 @@ def measure_case(case: benchmark.Case, sizes: Sizes, peaks) -> Dict[str, Any]:
     return row
 
 
-def throughput(sizes: Sizes, torch_variants: List[str], clock: Clock, report: Report) -> None:
+def throughput(sizes: Sizes, torch_variants: List[str], clock: Clock, report: Report, guard) -> None:
     from bn_jax import models, roofline
     from experiments import torch_reference
 
@@ -376,23 +383,30 @@ def throughput(sizes: Sizes, torch_variants: List[str], clock: Clock, report: Re
         report.log("PyTorch is not installed: no PyTorch rows")
         torch_variants = []
     peaks = {p: roofline.measure_peaks(models.PRECISIONS[p]) for p in ("float32", "bfloat16")}
-    report.update("throughput", peaks={p: dataclasses.asdict(v) for p, v in peaks.items()}, rows=[], skipped=[])
-    rows, skipped = [], []
+    report.update("throughput", peaks={p: dataclasses.asdict(v) for p, v in peaks.items()}, rows=[], skipped=[],
+                  failed=[])
+    rows, skipped, failed, took = [], [], [], {}
     for case in throughput_cases(sizes, torch_variants):
-        if clock.left() < sizes.min_case_s:
-            skipped.append({"case": case.name, "reason": f"{clock.left():.0f}s of budget left"})
+        if guard.signalled:  # the check ends after this stage
+            break
+        # a case in progress cannot be interrupted, so start one only when a case of its kind fit
+        needed = max([sizes.min_case_s] + [t for (f, _), t in took.items() if f == case.framework])
+        if clock.left() < needed:
+            skipped.append({"case": case.name, "reason": f"{clock.left():.0f}s of budget left, {needed:.0f}s needed"})
             continue
         report.log(f"throughput: {case.name} ...")
+        start = time.time()
         try:
             rows.append(measure_case(case, sizes, peaks))
         except Exception as e:  # noqa: BLE001  (out of memory, a failed torch.compile: keep the rest)
-            skipped.append({"case": case.name, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
-            report.log(f"throughput: {case.name} failed: {skipped[-1]['reason']}")
+            failed.append({"case": case.name, "reason": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"})
+            report.log(f"throughput: {case.name} failed: {failed[-1]['reason']}")
         else:
             r = rows[-1]
             report.log(f"throughput: {case.name}: {r['images_per_second']:.0f} img/s, {r['ms_per_step']:.2f} ms/step, "
                        f"compile {r['compile_s']:.1f}s")
-        report.update("throughput", rows=rows, skipped=skipped, comparisons=benchmark.comparisons(rows))
+        took[(case.framework, case.name)] = time.time() - start
+        report.update("throughput", rows=rows, skipped=skipped, failed=failed, comparisons=benchmark.comparisons(rows))
         with contextlib.suppress(ImportError):
             if rows:
                 benchmark.plot(rows, os.path.join(report.out, "throughput.png"),
@@ -400,31 +414,6 @@ def throughput(sizes: Sizes, torch_variants: List[str], clock: Clock, report: Re
 
 
 # ---- stage 4: the 160-epoch run -------------------------------------------------------------
-
-@contextlib.contextmanager
-def stop_at(when: float):
-    """From ``when`` on, SIGTERM this process every second: the trainer's PreemptionGuard turns
-    that into a checkpoint and a clean stop at its next step boundary. Before the guard is up
-    (data loading, compiling), this context's own handler ignores the signal."""
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    done = threading.Event()
-
-    def ping():
-        if done.wait(max(0.0, when - time.time())):
-            return
-        while not done.is_set():
-            os.kill(os.getpid(), signal.SIGTERM)
-            done.wait(1.0)
-
-    thread = threading.Thread(target=ping, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-        signal.signal(signal.SIGTERM, previous)
-
 
 def run_config(sizes: Sizes, data_dir: str):
     from bn_jax.config import Config
@@ -481,7 +470,7 @@ def pack_run(workdir: str, out: str) -> str:
     return path
 
 
-def run_stage(args, sizes: Sizes, clock: Clock, report: Report, data_dir: str, scratch: str) -> None:
+def run_stage(args, sizes: Sizes, clock: Clock, report: Report, data_dir: str, scratch: str, guard) -> None:
     from bn_jax import checkpoints, train
     from experiments import cifar
 
@@ -494,8 +483,8 @@ def run_stage(args, sizes: Sizes, clock: Clock, report: Report, data_dir: str, s
     until = clock.deadline - sizes.pack_s
     if args.run_s is not None:
         until = min(until, time.time() + args.run_s)
-    resume = (f"python -m experiments.gpu_check --out DIR --stages run --resume_run run.tar.gz"
-              f"{' --smoke' if args.smoke else ''}")
+    resume = (f"python -m experiments.gpu_check --out DIR --stages environment,run --resume_run run.tar.gz "
+              f"--workdir {workdir} --data_dir {data_dir}{' --smoke' if args.smoke else ''}")
     report.update("run", workdir=workdir, config=config.to_dict(), status="running",
                   stop_at_elapsed_s=until - report.start, resume_command=resume,
                   continue_command=(f"python -m experiments.cifar --bn_only --model {config.model} "
@@ -508,14 +497,22 @@ def run_stage(args, sizes: Sizes, clock: Clock, report: Report, data_dir: str, s
             report.update("run", **summarize_run(_read_history(workdir), config.epochs, first_epoch))
 
     options = checkpoints.CheckpointOptions(format="small", keep=2)
+    # At the deadline the trainer checkpoints at its next call boundary and raises Preempted, as
+    # for SIGTERM; a real signal (Ctrl-C, the job's own timeout) ends the whole check after packing
+    # (the guard is the check's own, entered in main).
+    guard.deadline = until
+    status = "failed"
     try:
-        with stop_at(until):
-            train.train_and_evaluate(config, workdir, log=log, checkpointing=options)
+        train.train_and_evaluate(config, workdir, log=log, checkpointing=options, guard=guard)
         status = "finished"
     except checkpoints.Preempted as e:
-        status = f"stopped at the budget's end, checkpoint at step {e.step}"
-    report.update("run", status=status, **summarize_run(_read_history(workdir), config.epochs, first_epoch))
-    report.update("run", archive=os.path.basename(pack_run(workdir, report.out)))
+        status = f"stopped: {e}"
+        if guard.signalled:
+            raise
+    finally:
+        report.update("run", status=status, **summarize_run(_read_history(workdir), config.epochs, first_epoch))
+        if os.path.isdir(workdir):  # whatever happened, the progress travels back
+            report.update("run", archive=os.path.basename(pack_run(workdir, report.out)))
 
 
 # ---- smoke data and the report's text --------------------------------------------------------
@@ -609,6 +606,8 @@ def render_markdown(data: Dict[str, Any]) -> str:
         lines += [f"| {benchmark.Case(**{k: r[k] for k in ('framework', 'model', 'batch_size', 'mode', 'precision', 'loop', 'devices')}).name} "
                   f"| {_fmt(r.get('setup_s'))} | {r['compile_s']:.1f} | {r['warmup_s']:.2f} |" for r in tp["rows"]]
         lines.append("")
+    for s in tp.get("failed", []):
+        lines.append(f"- **failed** {s['case']}: `{s['reason']}`")
     for s in tp.get("skipped", []):
         lines.append(f"- skipped {s['case']}: {s['reason']}")
     run = stages.get("run", {})
@@ -631,27 +630,15 @@ def main(argv=None) -> int:
     if args.torch:  # JAX would otherwise hold 75% of GPU memory while PyTorch runs
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     report = Report(args.out, argv, args.budget_s, args.smoke)
-    clock = Clock(args.budget_s, report.start)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
         # Every case initialises its ResNet in a compiled program (19 s to compile for ResNet-110
         # on the 2-core dev CPU; on the H200 each ResNet-110 case spent about 70 s outside its
         # step's compile and timing). A persistent cache compiles each distinct program once.
+        # (Set before JAX is imported: it reads the variable then.)
         os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(scratch, "xla_cache"))
-        data_dir = args.data_dir or smoke_data(scratch)
-        stage_fns = {"environment": lambda: report.update("environment", **environment()),
-                     "correctness": lambda: correctness(sizes, scratch, report),
-                     "throughput": lambda: throughput(sizes, args.torch, clock, report),
-                     "run": lambda: run_stage(args, sizes, clock, report, data_dir, scratch)}
-        for name in (s for s in STAGES if s in args.stages):
-            if name == "run" and clock.left() < sizes.min_run_s + sizes.pack_s:
-                report.update("run", status=f"skipped: {clock.left():.0f}s of budget left")
-                continue
-            report.log(f"{name} ...")
-            try:
-                stage_fns[name]()
-            except Exception as e:  # noqa: BLE001  (report it, go on with the next stage)
-                report.update(name, error=f"{type(e).__name__}: {str(e)[:500]}", traceback=traceback.format_exc())
-                report.log(f"{name} failed: {type(e).__name__}: {e}")
+        from bn_jax import checkpoints
+        with checkpoints.PreemptionGuard() as guard:
+            code = run_stages(args, sizes, report, Clock(args.budget_s, report.start), guard, scratch)
     report.data["tensorflow_imported"] = any(m in sys.modules for m in ("tensorflow", "tensorflow_datasets"))
     report.data["targets"] = targets(report.data)
     report.data["elapsed_s"] = report.elapsed()
@@ -659,7 +646,40 @@ def main(argv=None) -> int:
     failures = report.failures()
     report.log(f"done in {report.elapsed():.0f}s; results in {args.out}"
                + (f"; FAILED: {'; '.join(failures)}" if failures else ""))
-    return 1 if failures else 0
+    report.close()
+    return code if code is not None else (1 if failures else 0)
+
+
+def run_stages(args, sizes: Sizes, report: Report, clock: Clock, guard, scratch: str) -> Optional[int]:
+    """Each stage in turn; a stage that raises is reported and the next one runs. A signal ends
+    the check (exit 75, or 130 for a second Ctrl-C) after the run stage has packed its progress."""
+    from bn_jax import checkpoints
+
+    data_dir = args.data_dir or smoke_data(scratch)
+    stage_fns = {"environment": lambda: report.update("environment", **environment()),
+                 "correctness": lambda: correctness(sizes, scratch, report),
+                 "throughput": lambda: throughput(sizes, args.torch, clock, report, guard),
+                 "run": lambda: run_stage(args, sizes, clock, report, data_dir, scratch, guard)}
+    for name in (s for s in STAGES if s in args.stages):
+        if guard.signalled:
+            report.data["stopped"] = f"{guard.reason} before the {name} stage"
+            return 75
+        if name == "run" and clock.left() < sizes.min_run_s + sizes.pack_s:
+            report.update("run", status=f"skipped: {clock.left():.0f}s of budget left")
+            continue
+        report.log(f"{name} ...")
+        try:
+            stage_fns[name]()
+        except checkpoints.Preempted as e:
+            report.data["stopped"] = f"{name}: {e}"
+            return 75
+        except KeyboardInterrupt:
+            report.data["stopped"] = f"{name}: a second SIGINT"
+            return 130
+        except Exception as e:  # noqa: BLE001  (report it, go on with the next stage)
+            report.update(name, error=f"{type(e).__name__}: {str(e)[:500]}", traceback=traceback.format_exc())
+            report.log(f"{name} failed: {type(e).__name__}: {e}")
+    return None
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def test_run_stops_at_its_deadline_and_resumes_from_the_archive_exactly(tmp_path
     proc = run_module(tmp_path, "experiments.gpu_check", *base, "--run_s", "0", "--out", str(stopped))
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = report(stopped)["stages"]["run"]
-    assert first["status"].startswith("stopped at the budget's end")
+    assert first["status"].startswith("stopped: time limit reached: saved a checkpoint at step 4")
     assert 1 <= first["epochs_done"] < 3
     with tarfile.open(stopped / "run.tar.gz") as tar:
         assert any("/checkpoints/" in m.name for m in tar.getmembers())
