@@ -36,18 +36,36 @@ def is_finished(workdir: str) -> bool:
     return os.path.exists(os.path.join(workdir, "summary.json"))
 
 
+SUMMARY_KEYS = ("final_test_accuracy", "trainable_params", "total_params")
+
+
 def load_run(workdir: str) -> Run:
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = Config(**json.load(f))
-    with open(os.path.join(workdir, "summary.json")) as f:
-        summary = json.load(f)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f if line.strip()]
+    """A finished run's files; ValueError naming the file when one is missing or unreadable."""
+    def read(name, parse):
+        path = os.path.join(workdir, name)
+        try:
+            with open(path) as f:
+                return parse(f)
+        except FileNotFoundError:
+            raise ValueError(f"no {name}") from None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{name} is unreadable ({e})") from None
+
+    try:
+        config = Config(**read("config.json", json.load)).validate()
+    except TypeError as e:  # unknown or missing fields
+        raise ValueError(f"config.json does not describe a run ({e})") from None
+    summary = read("summary.json", json.load)
+    missing = [k for k in SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
+    if missing:
+        raise ValueError(f"summary.json lacks {', '.join(missing)}")
+    metrics = read("metrics.jsonl", lambda f: [json.loads(line) for line in f if line.strip()])
     return Run(workdir, config, summary, metrics)
 
 
-def find_runs(paths: Sequence[str]) -> List[Run]:
-    """Finished runs in each path: the path itself, or its immediate subfolders (a sweep root)."""
+def find_runs(paths: Sequence[str], warn=print) -> List[Run]:
+    """Finished runs in each path: the path itself, or its immediate subfolders (a sweep root).
+    A run whose files are missing or broken is skipped with a warning naming it."""
     dirs = []
     for path in paths:
         if is_finished(path):
@@ -58,7 +76,13 @@ def find_runs(paths: Sequence[str]) -> List[Run]:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:  # their plots and report rows would overwrite each other
         raise ValueError(f"runs named {', '.join(repeated)} appear in several folders; analyze them separately")
-    return [load_run(d) for d in dirs]
+    runs = []
+    for d in dirs:
+        try:
+            runs.append(load_run(d))
+        except ValueError as e:
+            warn(f"warning: skipping {d}: {e}")
+    return runs
 
 
 def restore_state(run: Run, num_classes: Optional[int] = None):

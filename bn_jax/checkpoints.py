@@ -391,8 +391,13 @@ def restore(workdir: str, state, step=None):
     """Load a checkpoint's full train state into the structure of ``state`` (a fresh state of the
     same config); small checkpoints take their frozen leaves from ``state``."""
     path = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    with ocp.CheckpointManager(path, item_names=("state", "meta")) as manager:
+    if not os.path.isdir(path):  # (a CheckpointManager would create the folder: reading writes nothing)
+        raise CheckpointError(f"{workdir} has no checkpoints/ folder")
+    read_only = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    with ocp.CheckpointManager(path, item_names=("state", "meta"), options=read_only) as manager:
         step = manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{path} holds no checkpoint")
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         fmt, mode = meta["checkpoint_format"], meta["config"]["train_mode"]
         if fmt == "small" and frozen_hash(state.params, mode) != meta["frozen_hash"]:

@@ -20,7 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bn_jax import analysis, reference, train_modes  # noqa: E402
+from bn_jax import analysis, checkpoints, reference, train_modes  # noqa: E402
+from experiments import cifar  # noqa: E402
 
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -179,7 +180,12 @@ def write_report(runs, out: str, threshold: float = reference.DISABLED_THRESHOLD
              "(see bn_jax/reference.py for its provenance).", ""]
     disabled, curves = [], {}
     for run in runs:
-        state = analysis.restore_state(run, num_classes)
+        try:
+            state = analysis.restore_state(run, num_classes)
+        except (checkpoints.CheckpointError, ValueError) as e:  # one broken run spoils no report
+            print(f"warning: {run.name}: no γ/β analysis ({e})", file=sys.stderr)
+            lines += [f"### {run.name}", "", f"No γ/β analysis: {e}.", ""]
+            continue
         section, overall = bn_section(run, state, threshold, out)
         lines += section
         if overall is not None:
@@ -223,7 +229,8 @@ def data_loader():
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.analyze", description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", help="run folders, or sweep roots holding run folders")
-    p.add_argument("--out", default=None, help="report folder (default: FIRST_PATH/report)")
+    p.add_argument("--out", default=None, help="report folder (default: FIRST_PATH/report for a sweep root, "
+                                                 "FIRST_PATH_report beside a single run: never inside a run)")
     p.add_argument("--threshold", type=float, default=reference.DISABLED_THRESHOLD,
                    help="a feature is disabled when |γ| is below this")
     p.add_argument("--no_ablation", action="store_true", help="skip zeroing γ (needs no data)")
@@ -232,17 +239,21 @@ def main(argv=None) -> int:
                    help="also write each run's per-epoch metrics as TensorBoard scalars to LOGDIR/<run> "
                         "(needs the optional tensorboard package)")
     args = p.parse_args(argv)
+    first = os.path.normpath(args.paths[0])  # a sweep root gets FIRST/report; a run, a folder beside it
+    out = args.out or (first + "_report" if analysis.is_finished(first) else os.path.join(first, "report"))
+    problem = cifar.unwritable(out)
+    if problem:
+        p.error(f"cannot write the report to {out}: {problem}")
     try:
-        runs = analysis.find_runs(args.paths)
+        runs = analysis.find_runs(args.paths, warn=lambda m: print(m, file=sys.stderr))
     except ValueError as e:
         p.error(str(e))
     if not runs:
-        p.error(f"no finished runs (summary.json) in {', '.join(args.paths)}")
+        p.error(f"no readable finished runs (summary.json) in {', '.join(args.paths)}")
     if args.tensorboard:
         from bn_jax import tensorboard_export
         for run in runs:
             tensorboard_export.write_scalars(os.path.join(args.tensorboard, run.name), run.metrics)
-    out = args.out or os.path.join(args.paths[0], "report")
     path = write_report(runs, out, args.threshold, load_data=None if args.no_ablation else data_loader(),
                         num_classes=args.num_classes)
     print(f"{len(runs)} runs → {path}")

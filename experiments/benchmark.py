@@ -77,6 +77,35 @@ def split(value: str) -> List[str]:
     return [v for v in value.split(",") if v]
 
 
+def positive_ints(value: str, flag: str) -> List[int]:
+    items = split(value)
+    if not items or not all(v.isdigit() and int(v) > 0 for v in items):
+        raise ValueError(f"{flag} takes comma-separated positive integers, got {value!r}")
+    return [int(v) for v in items]
+
+
+def validate_cases(args) -> Optional[str]:
+    """The first problem with the requested models, modes, precisions or loops, or None."""
+    from bn_jax.config import Config
+    for loop in split(args.loops):
+        if loop not in ("step", "fused"):
+            return f"--loops: unknown loop {loop!r}; use step, fused"
+    for model in split(args.models):
+        for mode in split(args.modes):
+            for precision in split(args.precisions):
+                try:
+                    Config(model=model, width=args.width, train_mode=mode, precision=precision).validate()
+                except (ValueError, KeyError) as e:
+                    return f"{model} {mode} {precision}: {e}"
+    return None
+
+
+def unwritable(out: str) -> Optional[str]:
+    from experiments import cifar
+    problem = cifar.unwritable(out)
+    return f"cannot write to --out {out}: {problem}" if problem else None
+
+
 def jax_cases(args, device_counts) -> List[Case]:
     counts = device_counts + ([None] if args.unsharded else [])
     return [Case("bn_jax", m, b, mode, prec, loop, n)
@@ -298,11 +327,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         wants_torch = bool(torch_variants(args.torch))
-        counts = None if args.num_devices == "all" else [int(n) for n in split(args.num_devices)]
+        counts = None if args.num_devices == "all" else positive_ints(args.num_devices, "--num_devices")
+        positive_ints(args.batch_sizes, "--batch_sizes")
     except ValueError as e:
         parser.error(str(e))
     if args.warmup < 0 or args.steps < 1 or args.rounds < 1:
         parser.error("--steps and --rounds must be >= 1 and --warmup >= 0")
+    problem = validate_cases(args) or unwritable(args.out)
+    if problem:  # before anything is compiled or timed
+        parser.error(problem)
     if wants_torch:  # JAX would otherwise take 75% of GPU memory before PyTorch's rows run
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.simulate_cpu_devices:
@@ -325,10 +358,8 @@ def main(argv=None):
                 runners[case.name] = torch_runner(case, args.width)
             runners[case.name](1)
             runners[case.name](args.warmup)
-        except ValueError as e:  # a bad configuration: nothing is worth timing
-            sys.exit(f"error: {case.name}: {e}")
         except Exception as e:  # out of memory, a failed torch.compile: report it, time the rest
-            tqdm.write(f"{case.name}: skipped, {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            tqdm.write(f"{case.name}: skipped, {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
             runners.pop(case.name, None)
             skipped.append(case.name)
             continue

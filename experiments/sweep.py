@@ -23,7 +23,7 @@ import subprocess
 import sys
 from typing import Dict, List, Sequence
 
-from bn_jax import train_modes
+from bn_jax import checkpoints, train_modes
 from experiments import cifar
 
 PAPER_DEPTHS = (14, 32, 56, 110, 218, 434, 866)
@@ -65,7 +65,8 @@ def status(workdir: str, config) -> str:
             saved = json.load(f)
     except (OSError, ValueError):
         return "conflict"
-    return "done" if saved == config.to_dict() else "conflict"
+    # keys that only change how a run executes (eval batch, devices, loop) do not make it another run
+    return "conflict" if checkpoints.incompatible_keys(saved, config.to_dict()) else "done"
 
 
 def plan(preset: str, root: str, extra: Sequence[str]):
@@ -128,6 +129,9 @@ def main(argv=None) -> int:
     p.add_argument("--root", required=True, help="folder that holds one subfolder per run")
     p.add_argument("--print_only", action="store_true", help="print the unfinished runs' commands and exit")
     args, extra = p.parse_known_args(argv)
+    problem = cifar.unwritable(args.root)
+    if problem:
+        p.error(f"cannot use --root {args.root}: {problem}")
     try:
         runs = plan(args.preset, args.root, extra)
     except ValueError as e:

@@ -110,3 +110,45 @@ def test_runs_with_one_name_in_two_folders_are_refused(finished_run, tmp_path):
     shutil.copytree(workdir, copy)
     with pytest.raises(ValueError, match="several folders"):
         analysis.find_runs([os.path.dirname(workdir), str(copy.parent)])
+
+
+def test_broken_runs_are_skipped_with_a_warning_and_never_written_into(finished_run, tmp_path, capsys):
+    import shutil
+    workdir, _ = finished_run
+    root = tmp_path / "sweep"
+    good = root / "good"
+    shutil.copytree(workdir, good)
+    for name, damage in [("no_config", lambda d: (d / "config.json").unlink()),
+                         ("empty_summary", lambda d: (d / "summary.json").write_text("{}")),
+                         ("no_checkpoints", lambda d: shutil.rmtree(d / "checkpoints"))]:
+        shutil.copytree(workdir, root / name)
+        damage(root / name)
+    before = {p: p.stat().st_mtime for p in root.rglob("*")}
+    out = tmp_path / "report"
+    assert analyze.main([str(root), "--out", str(out), "--no_ablation"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipping {root / 'no_config'}: no config.json" in err
+    assert f"warning: skipping {root / 'empty_summary'}: summary.json lacks final_test_accuracy" in err
+    assert "warning: no_checkpoints: no γ/β analysis" in err and "Traceback" not in err
+    report = (out / "report.md").read_text()
+    assert "### good" in report and "No γ/β analysis" in report
+    assert {p: p.stat().st_mtime for p in root.rglob("*")} == before  # nothing created or touched
+    assert not (root / "no_checkpoints" / "checkpoints").exists()
+
+
+def test_report_folder_that_is_a_file_exits_2_before_any_work(finished_run, tmp_path, capsys):
+    workdir, _ = finished_run
+    blocker = tmp_path / "report"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as exit:
+        analyze.main([workdir, "--out", str(blocker)])
+    assert exit.value.code == 2 and "cannot write the report" in capsys.readouterr().err
+
+
+def test_the_default_report_of_a_single_run_goes_beside_it(finished_run, tmp_path):
+    import shutil
+    workdir, _ = finished_run
+    run = tmp_path / "one_run"
+    shutil.copytree(workdir, run)
+    analyze.main([str(run), "--no_ablation"])
+    assert (tmp_path / "one_run_report" / "report.md").exists() and not (run / "report").exists()

@@ -35,7 +35,9 @@ def finish(root, name, config):
 
 def test_finished_runs_are_skipped_and_changed_configs_refused(tmp_path, capsys):
     root = str(tmp_path)
-    finish(root, "vgg11_w1_full_s0", Config(model="vgg11", train_mode="full", epochs=3))
+    # a finished run that differs only in how it executed (eval batch, loop) is the same run
+    finish(root, "vgg11_w1_full_s0", Config(model="vgg11", train_mode="full", epochs=3, eval_batch_size=7,
+                                            loop="step"))
     finish(root, "vgg11_w1_bn_s0", Config(model="vgg11", train_mode="bn", epochs=5))  # other epochs
     os.makedirs(os.path.join(root, "vgg13_w1_full_s0"))  # started, never finished: runs again
     runs = sweep.plan("vgg", root, ["--epochs", "3"])
@@ -52,6 +54,15 @@ def test_finished_runs_are_skipped_and_changed_configs_refused(tmp_path, capsys)
     assert sweep.main(["--preset", "vgg", "--root", root, "--print_only", "--epochs", "3"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 6 and all(line.startswith("python -m experiments.cifar --model vgg") for line in printed)
+
+
+def test_a_root_that_is_a_file_exits_2_with_one_line(tmp_path, capsys):
+    root = tmp_path / "file"
+    root.write_text("x")
+    with pytest.raises(SystemExit) as exit:
+        sweep.main(["--preset", "modes", "--root", str(root)])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and f"cannot use --root {root}" in err and "Traceback" not in err
 
 
 def test_flags_the_grid_varies_cannot_be_passed_through(tmp_path):
