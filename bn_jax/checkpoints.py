@@ -66,6 +66,7 @@ class CheckpointOptions:
     keep: int = 3               # keep the latest `keep` checkpoints
     format: str = "full"        # "small": trainable leaves + batch_stats + opt_state + frozen hash
     restart: bool = False       # discard an existing run in the workdir instead of resuming
+    extend: bool = False        # resume a run saved with fewer epochs, training on to config.epochs
     async_save: bool = True     # write in a background thread while training continues
 
     def validate(self) -> "CheckpointOptions":
@@ -222,7 +223,7 @@ class Checkpointer:
         for step in reversed(steps):
             try:
                 meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                check_compatible(meta, expected, step)
+                check_compatible(meta, expected, step, extend=self.options.extend)
                 state, totals = self._restore_state(step, meta, fresh_state, fresh_totals)
             except CheckpointError:
                 raise  # readable but not for this run: refuse, never fall back past it
@@ -268,17 +269,26 @@ class Checkpointer:
         self.manager.reload()
 
 
-def check_compatible(meta: Dict[str, Any], expected: Dict[str, Any], step: int) -> None:
-    """Raise CheckpointError naming what differs between a checkpoint and the current run."""
+def check_compatible(meta: Dict[str, Any], expected: Dict[str, Any], step: int, extend: bool = False) -> None:
+    """Raise CheckpointError naming what differs between a checkpoint and the current run.
+
+    ``extend``: the run may have been saved with fewer epochs than it now trains to (the step
+    schedule's boundaries then move with the new total).
+    """
     where = f"checkpoint step {step}"
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{where} has format version {meta.get('format_version')}, "
                               f"this code reads {FORMAT_VERSION}; pass --restart or use another --workdir")
-    diff = incompatible_keys(meta["config"], expected["config"])
+    saved_epochs, epochs = meta["config"]["epochs"], expected["config"]["epochs"]
+    if extend and saved_epochs >= epochs:
+        raise CheckpointError(f"cannot extend to {epochs} epochs: the run in {where} already has {saved_epochs}")
+    diff = [k for k in incompatible_keys(meta["config"], expected["config"]) if not (extend and k == "epochs")]
     if diff:
         changes = ", ".join(f"{k}: {meta['config'].get(k)!r} -> {expected['config'].get(k)!r}" for k in diff)
+        hint = ("; to train a run further, pass --extend_to_epochs N" if diff == ["epochs"] and epochs > saved_epochs
+                else "")
         raise CheckpointError(f"cannot resume from {where}: config differs in {', '.join(diff)} ({changes}); "
-                              "re-run with the original flags, or pass --restart to discard the old run")
+                              f"re-run with the original flags, or pass --restart to discard the old run{hint}")
     if meta["data_fingerprint"] != expected["data_fingerprint"]:
         raise CheckpointError(f"cannot resume from {where}: the training/test data differ from the data "
                               "it was trained on (same flags, different files?); pass --restart to start over")

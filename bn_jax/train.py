@@ -222,7 +222,7 @@ def check_finite(totals, epoch: int, last_good=None) -> None:
                                  f"(last good checkpoint: step {last_good})")
 
 
-def prepare_workdir(workdir: str, config: Config, restart: bool, log=print) -> None:
+def prepare_workdir(workdir: str, config: Config, restart: bool, log=print, extend: bool = False) -> None:
     """--restart: remove an earlier run's outputs. Otherwise refuse outputs we cannot resume from."""
     outputs = ["checkpoints", "corrupt_checkpoints", "metrics.jsonl", "summary.json", "config.json"]
     if restart:
@@ -246,6 +246,8 @@ def prepare_workdir(workdir: str, config: Config, restart: bool, log=print) -> N
         log(f"warning: {message}; ignoring it")
     if len(names) > len(stray):
         return  # resume; the checkpoint itself is checked against the config
+    if extend:
+        raise checkpoints.CheckpointError(f"--extend_to_epochs: {workdir} holds no checkpoint to continue from")
     quarantine = os.path.join(workdir, "corrupt_checkpoints")
     if os.path.isdir(quarantine) and os.listdir(quarantine):
         raise checkpoints.CheckpointError(f"every checkpoint in {ckpt_dir} was found corrupt and moved to "
@@ -485,10 +487,12 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
     devices = device_summary(mesh, config.batch_size)
     writer = parallel.is_writer()
     log = log if writer else (lambda *args: None)
+    if options.extend and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise checkpoints.CheckpointError(f"--extend_to_epochs: {workdir} holds no checkpoint to continue from")
     os.makedirs(workdir, exist_ok=True)  # only now: bad data leaves nothing behind
     with workdir_lock.exclusive(workdir):  # one run per workdir, until its summary is written
         if writer or not options.restart:  # every process refuses alike; one deletes for --restart
-            prepare_workdir(workdir, config, options.restart, log)
+            prepare_workdir(workdir, config, options.restart, log, options.extend)
         parallel.barrier("prepare_workdir")
 
         state = create_train_state(config, data.num_classes, data.train_images.shape[1:], steps_per_epoch)

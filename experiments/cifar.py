@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "are re-created from the seed and checked against a saved hash on restore")
     c.add_argument("--no_async_checkpoints", dest="async_checkpoints", action="store_false",
                    help="write checkpoints synchronously instead of in a background thread")
+    c.add_argument("--extend_to_epochs", type=int, default=None, metavar="N",
+                   help="train the run in --workdir on to N epochs (more than it was started with), "
+                        "resuming from its newest checkpoint; the step schedule's lr drops move to 50%% "
+                        "and 75%% of N")
     c.add_argument("--restart", action="store_true",
                    help="delete an existing run in --workdir (checkpoints, metrics) and start over; "
                         "without it, an existing run is resumed")
@@ -128,6 +132,7 @@ def parse_args(argv=None):
         options = checkpoints.CheckpointOptions(
             every=args.checkpoint_every, unit=args.checkpoint_unit, keep=args.keep,
             format="small" if args.small_checkpoints else "full", restart=args.restart,
+            extend=args.extend_to_epochs is not None,
             async_save=args.async_checkpoints).validate()
     except ValueError as e:
         parser.error(str(e))
@@ -158,6 +163,12 @@ def config_from_args(args, parser):
             parser.error(f"--bn_only conflicts with --train_mode {args.train_mode}")
         values["train_mode"] = "bn"
     values["train_mode"] = values["train_mode"] or DEFAULTS.train_mode
+    if values.get("extend_to_epochs") is not None:
+        if args.restart:
+            parser.error("--extend_to_epochs continues a run; --restart discards it")
+        if values["epochs"] not in (DEFAULTS.epochs, values["extend_to_epochs"]):
+            parser.error("--epochs and --extend_to_epochs disagree; give only --extend_to_epochs")
+        values["epochs"] = values["extend_to_epochs"]
     config = config_lib.Config(**{f.name: values[f.name] for f in dataclasses.fields(config_lib.Config)})
     try:
         config.validate()

@@ -204,6 +204,29 @@ def test_a_second_sigint_stops_at_once_with_one_line(env, tmp_path):
     assert "Traceback" not in err and "interrupted: stopped at once on a second SIGINT" in err
 
 
+def test_a_finished_run_is_extended_to_more_epochs_from_its_last_checkpoint(env, baseline, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(baseline, workdir)
+    refused = cli(env, workdir, "--epochs", "5", expect=2)  # the same flags as before, plus --epochs 5
+    assert "pass --extend_to_epochs N" in refused.stderr
+    argv = flags(env, workdir)
+    del argv[argv.index("--epochs"):argv.index("--epochs") + 2]
+    out = subprocess.run([sys.executable, "-m", "experiments.cifar", *argv, "--extend_to_epochs", "5"], cwd=REPO,
+                         env=cli_env(env), capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert "resumed from checkpoint step 9 (epoch 4, step 0 of 3)" in out.stdout
+    assert metrics(workdir)[:3] == metrics(baseline)  # the first three epochs are kept as they were
+    assert [m["epoch"] for m in metrics(workdir)] == [1, 2, 3, 4, 5]
+    summary = json.load(open(workdir / "summary.json"))
+    assert summary["epochs"] == 5 and summary["steps"] == 15
+    assert json.load(open(workdir / "config.json"))["epochs"] == 5
+    assert cifar.main([*argv, "--extend_to_epochs", "4"]) == 2
+    assert "cannot extend to 4 epochs: the run in checkpoint step 15 already has 5" in capsys.readouterr().err
+    assert cifar.main([*argv[:-1], str(tmp_path / "empty"), "--extend_to_epochs", "4"]) == 2
+    assert "holds no checkpoint to continue from" in capsys.readouterr().err
+    assert not (tmp_path / "empty").exists()
+
+
 def test_fused_loop_stops_at_the_signalled_step_and_resumes_bitwise(env, tmp_path):
     """The fused loop ends a compiled call at every step that must reach the host."""
     fused = ("--loop", "fused", "--steps_per_call", "100")
