@@ -133,9 +133,10 @@ def zero_smallest_gammas(params, fraction: float):
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
-def ablation_curve(state, data, fractions: Sequence[float], eval_batch_size: int = 1000):
+def ablation_curve(state, data, fractions: Sequence[float], eval_batch_size: int = 1000,
+                   normalize: str = "dataset"):
     """[(fraction zeroed, test accuracy)] on ``data`` (already the run's subset)."""
-    mean, std = input_pipeline.channel_stats(data.train_images)  # as train.py normalises
+    mean, std = input_pipeline.normalization(normalize, data.train_images)  # as the run normalised
     batches = train.pad_batches(data.test_images, data.test_labels, eval_batch_size, parallel.make_mesh(1))
     return [(float(f), train.evaluate(state.replace(params=zero_smallest_gammas(state.params, f)),
                                       batches, mean, std)["accuracy"]) for f in fractions]

@@ -35,6 +35,8 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; re-running the same command res
 # float rounding. (data_dir: the data themselves are fingerprinted; num_devices and loop: the
 # same steps, summed in another order; steps_per_call: bit for bit the same.)
 RESUMABLE_KEYS = ("eval_batch_size", "num_devices", "data_dir", "steps_per_call", "loop")
+# Config keys added after runs were saved, with the behaviour those runs had.
+LEGACY_DEFAULTS = {"normalize": "dataset"}
 UNITS = ("epochs", "steps")
 FORMATS = ("full", "small")
 
@@ -136,8 +138,11 @@ def merge_trainable(params, flat: Dict[str, Any]):
 
 
 def incompatible_keys(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """Config keys whose values differ; a key saved before it existed counts as its default then
+    (``LEGACY_DEFAULTS``), so older runs stay resumable."""
     keys = sorted(set(saved) | set(current))
-    return [k for k in keys if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k)]
+    return [k for k in keys
+            if k not in RESUMABLE_KEYS and saved.get(k, LEGACY_DEFAULTS.get(k)) != current.get(k)]
 
 
 # ---- the manager ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import math
 import os
 from typing import Optional
 
-from bn_jax import models, train_modes
+from bn_jax import input_pipeline, models, train_modes
 
 SCHEDULES = ("step", "cosine", "constant")
 # fused: a chunk of an epoch as one compiled loop; step: one jitted call per step; auto: fused
@@ -74,6 +74,9 @@ class Config:
     momentum: float = param(0.9, at_least(0.0))
     weight_decay: float = param(1e-4, at_least(0.0))
     augment: bool = True
+    # per-channel input normalisation: the training set's own statistics, or ImageNet's as the
+    # paper's code does (a documented deviation: runs saved before this option used "dataset")
+    normalize: str = param("dataset", one_of(input_pipeline.NORMALIZATIONS))
     seed: int = param(0, at_least(0), at_most(MAX_SEED))
     num_devices: Optional[int] = param(None, at_least(1))  # None: every visible device; results do not depend on it
     precision: str = "float32"  # compute dtype; "bfloat16" keeps float32 params, BN stats, optimizer

@@ -277,7 +277,8 @@ class _Loop:
         self.mesh, self.writer = mesh, parallel.is_writer()
         self.n_train = len(data.train_labels)
         self.steps_per_epoch = self.n_train // config.batch_size
-        self.mean, self.std = parallel.replicate(input_pipeline.channel_stats(data.train_images), mesh)
+        self.mean, self.std = parallel.replicate(input_pipeline.normalization(config.normalize, data.train_images),
+                                                 mesh)
         self.train_data = parallel.replicate((data.train_images, data.train_labels), mesh)
         self.test_batches = pad_batches(data.test_images, data.test_labels, config.eval_batch_size, mesh)
         self.steps_fn = jit_epoch_steps(config, mesh)

@@ -191,7 +191,8 @@ def write_report(runs, out: str, threshold: float = reference.DISABLED_THRESHOLD
         if overall is not None:
             disabled.append(f"| {run.name} | {run.config.train_mode} | {100 * overall:.1f}% |")
             if load_data is not None:
-                curves[run.name] = analysis.ablation_curve(state, load_data(run.config), fractions)
+                curves[run.name] = analysis.ablation_curve(state, load_data(run.config), fractions,
+                                                           normalize=run.config.normalize)
     lines += ["| run | mode | disabled |", "|---|---|---:|", *disabled, ""]
     lines += ablation_lines(curves, out)
     path = os.path.join(out, "report.md")

@@ -15,7 +15,7 @@ import sys
 
 from bn_jax import checkpoints
 from bn_jax import config as config_lib
-from bn_jax import models, parallel, train_modes
+from bn_jax import input_pipeline, models, parallel, train_modes
 
 DEFAULTS = config_lib.Config()
 CKPT_DEFAULTS = checkpoints.CheckpointOptions()
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="coupled L2 penalty, applied to the trainable parameters only")
     o.add_argument("--no_augment", dest="augment", action="store_false",
                    help="disable the random crop (4-pixel padding) and horizontal flip")
+    o.add_argument("--normalize", default=DEFAULTS.normalize, choices=input_pipeline.NORMALIZATIONS,
+                   help="per-channel input normalisation: the training set's own mean/std, or ImageNet's "
+                        "as the paper's code (open_lth) does")
     o.add_argument("--seed", type=int, default=DEFAULTS.seed,
                    help="seeds the initialisation, data order and augmentation")
     d = p.add_argument_group("data")
@@ -222,7 +225,7 @@ def main(argv=None) -> int:
             print("interrupted: stopped at once on a second SIGINT", file=sys.stderr)
             return EXIT_INTERRUPTED
         guard.reinstall()  # after jax.distributed.initialize, which takes SIGTERM for itself
-        from bn_jax import input_pipeline, train, workdir_lock
+        from bn_jax import train, workdir_lock
         try:
             summary = train.train_and_evaluate(config, workdir, checkpointing=options, guard=guard)
         except (input_pipeline.DataError, checkpoints.CheckpointError, workdir_lock.WorkdirInUse) as e:

@@ -152,3 +152,12 @@ def test_the_default_report_of_a_single_run_goes_beside_it(finished_run, tmp_pat
     shutil.copytree(workdir, run)
     analyze.main([str(run), "--no_ablation"])
     assert (tmp_path / "one_run_report" / "report.md").exists() and not (run / "report").exists()
+
+
+def test_ablation_normalises_as_the_run_did(tmp_path):
+    config = Config(model="resnet8", epochs=1, batch_size=32, schedule="constant", normalize="imagenet")
+    summary = train.train_and_evaluate(config, str(tmp_path / "in"), data=DATA, log=lambda *_: None)
+    run = analysis.load_run(str(tmp_path / "in"))
+    assert run.config.normalize == "imagenet"
+    state = analysis.restore_state(run)
+    assert analysis.ablation_curve(state, DATA, [0.0], normalize="imagenet")[0][1] == summary["final_test_accuracy"]

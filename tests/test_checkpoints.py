@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bn_jax import checkpoints, train
+from bn_jax.config import Config
 from experiments import cifar
 
 from conftest import write_image_folder
@@ -273,6 +274,13 @@ def test_incompatible_config_is_refused_naming_keys(env, baseline, capsys):
     [err] = [line for line in err.splitlines() if line.startswith("error:")]
     assert "batch_size" in err and "width" in err and "train_mode" in err and "model" not in err.split("(")[0]
     assert finalized_steps(baseline) == [6, 8, 9]  # untouched
+
+
+def test_runs_saved_before_a_config_key_existed_still_match_its_legacy_default():
+    saved = Config().to_dict()
+    del saved["normalize"]  # as runs saved before --normalize existed
+    assert checkpoints.incompatible_keys(saved, Config().to_dict()) == []
+    assert checkpoints.incompatible_keys(saved, Config(normalize="imagenet").to_dict()) == ["normalize"]
 
 
 def test_eval_batch_size_may_change_on_resume(env, baseline, tmp_path, capsys):

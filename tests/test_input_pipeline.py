@@ -212,3 +212,15 @@ def test_channel_stats_match_numpy():
     x = images / 255.0
     np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), rtol=1e-6)
     np.testing.assert_allclose(std, x.std(axis=(0, 1, 2)), rtol=1e-5)
+
+
+def test_normalizations():
+    images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    mean, std = input_pipeline.normalization("imagenet", images)
+    # the paper's code (open_lth datasets/cifar10.py) uses ImageNet's statistics
+    np.testing.assert_array_equal(mean, np.float32([0.485, 0.456, 0.406]))
+    np.testing.assert_array_equal(std, np.float32([0.229, 0.224, 0.225]))
+    for got, want in zip(input_pipeline.normalization("dataset", images), input_pipeline.channel_stats(images)):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="unknown normalization"):
+        input_pipeline.normalization("cifar", images)
