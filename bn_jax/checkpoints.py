@@ -13,12 +13,17 @@ Everything random in a run is a function of (seed, step), so (state, step) is al
 See docs/checkpoints.md.
 """
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from typing import Any, Dict, List, Optional
@@ -43,6 +48,70 @@ FORMATS = ("full", "small")
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used (incompatible config, corrupt, frozen-weight hash mismatch)."""
+
+
+FAILED_IN_BACKGROUND = False  # an Orbax save failed: its threads may print while Python shuts down
+
+
+class DiskFull(CheckpointError):
+    """A write ran out of space; the message names the path and the bytes it needed."""
+
+
+_NO_SPACE = re.compile(r"No space left on device|Disk quota exceeded")
+_BYTES = re.compile(r"write (\d+) bytes")
+
+
+def disk_full_bytes(error: BaseException) -> Optional[int]:
+    """The bytes a failed write needed, if ``error`` says the disk was full (0 when unknown)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return 0
+    text = str(error)
+    if not _NO_SPACE.search(text):
+        return None
+    sizes = _BYTES.findall(text)
+    return max(map(int, sizes)) if sizes else 0
+
+
+class _DropClosedLoopTracebacks:
+    """stderr, less the 'Event loop is closed' tracebacks that tensorstore's threads print
+    (from C++, past sys.excepthook) when a failed Orbax save or restore has closed its loop, and
+    less Orbax threads' tracebacks of a full disk. Other output passes straight through; other
+    tracebacks are held until complete, then written."""
+
+    def __init__(self, stream):
+        self.stream, self.held = stream, []
+
+    def write(self, text):
+        if not (self.held or text.startswith("Traceback (most recent call last):")):
+            return self.stream.write(text)
+        self.held.append(text)
+        block = "".join(self.held)
+        last = block.rstrip("\n").rsplit("\n", 1)[-1]
+        if block.endswith("\n") and last and not last.startswith((" ", "Traceback")):  # the exception line
+            self.held = []
+            if last != "RuntimeError: Event loop is closed" and not _NO_SPACE.search(last):
+                self.stream.write(block)  # (a disk-full error is reported once, as DiskFull)
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class _NoSpaceRecords(logging.Filter):
+    def filter(self, record):
+        error = record.exc_info[1] if record.exc_info else None
+        return not (_NO_SPACE.search(record.getMessage()) or (error and _NO_SPACE.search(str(error))))
+
+
+def quiet_background_noise() -> None:
+    """For a command-line process, until it exits: keep a failed Orbax save or restore to the one
+    line we print about it, without 'Event loop is closed' tracebacks and without Orbax's threads
+    logging the disk-full error that DiskFull reports. (Those threads may still run while the
+    interpreter shuts down, so this is not undone.)"""
+    if not isinstance(sys.stderr, _DropClosedLoopTracebacks):
+        # sys.__stderr__ too: the interpreter falls back to it while it shuts down
+        sys.stderr = sys.__stderr__ = _DropClosedLoopTracebacks(sys.stderr)
+        logging.getLogger("absl").addFilter(_NoSpaceRecords())
 
 
 class Preempted(Exception):
@@ -187,8 +256,26 @@ class Checkpointer:
         self.close()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            with self._disk_full_as_error():
+                self.manager.wait_until_finished()
+        finally:  # also after a failed save: stop Orbax's threads before the process exits
+            self.manager.close()
+
+    @contextlib.contextmanager
+    def _disk_full_as_error(self):
+        """A save that ran out of space (now, or in the background before) becomes one DiskFull."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001  (Orbax wraps tensorstore's error in ValueError)
+            needed = disk_full_bytes(e)
+            if needed is None:
+                raise
+            global FAILED_IN_BACKGROUND
+            FAILED_IN_BACKGROUND = True
+            raise DiskFull(f"no space left on the device holding {self.path}: a checkpoint needed at least "
+                           f"{needed:,} more bytes; the newest complete checkpoint, step {self.latest_saved()}, "
+                           "is intact: free space and re-run the same command to resume") from None
 
     def steps(self) -> List[int]:
         return sorted(self.manager.all_steps())
@@ -204,8 +291,9 @@ class Checkpointer:
                     state_sha256=state_hash(host_state))
         if step in self.manager.all_steps():  # e.g. re-saving the final step of a finished run
             return
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        with self._disk_full_as_error():
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
         fault_hook("BN_JAX_TEST_KILL_DURING_SAVE", step)
 
     def latest_saved(self) -> Optional[int]:
@@ -213,7 +301,8 @@ class Checkpointer:
         return max(steps) if steps else None
 
     def wait(self):
-        self.manager.wait_until_finished()
+        with self._disk_full_as_error():
+            self.manager.wait_until_finished()
 
     def restore_latest(self, fresh_state, fresh_totals, expected: Dict[str, Any]):
         """(state, totals, meta) from the newest restorable checkpoint, or None if there is none.

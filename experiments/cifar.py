@@ -217,6 +217,7 @@ def run_name(config) -> str:
 
 
 def main(argv=None) -> int:
+    checkpoints.quiet_background_noise()
     # Signals are turned into a checkpoint and exit 75 from the start, data loading included.
     with checkpoints.PreemptionGuard() as guard:
         try:
@@ -235,6 +236,12 @@ def main(argv=None) -> int:
         except FloatingPointError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_NONFINITE
+        except OSError as e:
+            if checkpoints.disk_full_bytes(e) is None:
+                raise
+            print(f"error: no space left on the device holding {e.filename or workdir} ({e.strerror}); "
+                  "free space and re-run the same command to resume from the newest checkpoint", file=sys.stderr)
+            return EXIT_BAD_INPUT
         except checkpoints.Preempted as e:
             print(f"preempted: {e} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
             return EXIT_PREEMPTED
@@ -249,4 +256,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if checkpoints.FAILED_IN_BACKGROUND:  # skip the shutdown, where Orbax's failed threads print tracebacks
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -228,6 +228,27 @@ def test_a_finished_run_is_extended_to_more_epochs_from_its_last_checkpoint(env,
     assert not (tmp_path / "empty").exists()
 
 
+def test_a_full_disk_gives_one_line_and_resumes_exactly_once_space_is_freed(env, baseline, tmp_path):
+    # Before: exit 1 and 132 lines of tracebacks, no error line.
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"needs a small file system: mounting a tmpfs failed ({mounted.stderr.decode().strip()})")
+    try:
+        workdir = small / "run"
+        out = cli(env, workdir, expect=2)
+        errors = [line for line in out.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and f"no space left on the device holding {workdir}" in errors[0], out.stderr
+        assert "bytes" in errors[0] and "is intact" in errors[0]
+        assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)
+        cli(env, workdir)
+        assert_same_run(workdir, baseline)
+    finally:
+        subprocess.run(["umount", str(small)])
+
+
 def test_fused_loop_stops_at_the_signalled_step_and_resumes_bitwise(env, tmp_path):
     """The fused loop ends a compiled call at every step that must reach the host."""
     fused = ("--loop", "fused", "--steps_per_call", "100")
@@ -310,6 +331,7 @@ def test_corrupt_latest_falls_back_then_errors_when_none_left(env, baseline, tmp
                     os.path.join(workdir, "checkpoints", "10.orbax-checkpoint-tmp"))
     out = cli(env, workdir)
     assert "warning: checkpoint step 9" in out.stdout and "resumed from checkpoint step 8" in out.stdout
+    assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr  # one warning line
     assert len(os.listdir(os.path.join(workdir, "corrupt_checkpoints"))) == 1
     assert_same_run(workdir, baseline)  # step 9 re-trained from 8 to the same bits
 
