@@ -79,16 +79,18 @@ class _DropClosedLoopTracebacks:
     tracebacks are held until complete, then written."""
 
     def __init__(self, stream):
-        self.stream, self.held = stream, []
+        self.stream, self.held = stream, {}  # per thread: threads print tracebacks concurrently
 
     def write(self, text):
-        if not (self.held or text.startswith("Traceback (most recent call last):")):
+        me = threading.get_ident()
+        held = self.held.get(me)
+        if held is None and not text.startswith("Traceback (most recent call last):"):
             return self.stream.write(text)
-        self.held.append(text)
-        block = "".join(self.held)
+        held = self.held[me] = (held or []) + [text]
+        block = "".join(held)
         last = block.rstrip("\n").rsplit("\n", 1)[-1]
         if block.endswith("\n") and last and not last.startswith((" ", "Traceback")):  # the exception line
-            self.held = []
+            del self.held[me]
             if last != "RuntimeError: Event loop is closed" and not _NO_SPACE.search(last):
                 self.stream.write(block)  # (a disk-full error is reported once, as DiskFull)
         return len(text)

@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import socket
+import tempfile
 from typing import Optional, Tuple
 
 from bn_jax import parallel
@@ -24,12 +25,30 @@ from bn_jax import parallel
 LOCK_FILE = ".lock"
 
 
-class WorkdirInUse(ValueError):
+class WorkdirUnusable(ValueError):
+    """The workdir cannot be written, or another run holds it."""
+
+
+class WorkdirInUse(WorkdirUnusable):
     """Another live process holds the workdir."""
+
+
+def unwritable(folder: str) -> Optional[str]:
+    """Why nothing can be written into ``folder``, found by writing a file (as root, permission
+    bits grant everything, but a read-only or full file system does not), or None."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return f"cannot write to {folder} ({e.strerror})"
 
 
 def _acquire(workdir: str) -> Tuple[Optional[int], Optional[str]]:
     """(locked file descriptor, None), or (None, why not)."""
+    for folder in (workdir, os.path.join(workdir, "checkpoints")):
+        problem = os.path.isdir(folder) and unwritable(folder)
+        if problem:  # fail now, not after the first epoch's checkpoint times out
+            return None, problem
     fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -59,7 +78,8 @@ def exclusive(workdir: str):
     if parallel.any_process(problem is not None):  # every process refuses alike
         if fd is not None:
             os.close(fd)
-        raise WorkdirInUse(problem or f"workdir {workdir} in use (process 0 could not lock it)")
+        error = WorkdirInUse if problem is None or " in use by " in problem else WorkdirUnusable
+        raise error(problem or f"workdir {workdir} in use (process 0 could not lock it)")
     try:
         yield
     finally:

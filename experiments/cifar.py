@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         from bn_jax import train, workdir_lock
         try:
             summary = train.train_and_evaluate(config, workdir, checkpointing=options, guard=guard)
-        except (input_pipeline.DataError, checkpoints.CheckpointError, workdir_lock.WorkdirInUse) as e:
+        except (input_pipeline.DataError, checkpoints.CheckpointError, workdir_lock.WorkdirUnusable) as e:
             build_parser().print_usage(sys.stderr)
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -6,6 +6,7 @@ takes seconds. Faults are injected with the documented BN_JAX_TEST_* hooks, whic
 exact step, so every test is deterministic.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -228,14 +229,23 @@ def test_a_finished_run_is_extended_to_more_epochs_from_its_last_checkpoint(env,
     assert not (tmp_path / "empty").exists()
 
 
+@contextlib.contextmanager
+def tmpfs(tmp_path, size):
+    """A file system of ``size`` (mount options) that the test can fill or make read-only."""
+    folder = tmp_path / "fs"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"needs its own small file system: mounting a tmpfs failed ({mounted.stderr.decode().strip()})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)])
+
+
 def test_a_full_disk_gives_one_line_and_resumes_exactly_once_space_is_freed(env, baseline, tmp_path):
     # Before: exit 1 and 132 lines of tracebacks, no error line.
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(small)], capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"needs a small file system: mounting a tmpfs failed ({mounted.stderr.decode().strip()})")
-    try:
+    with tmpfs(tmp_path, "1200k") as small:
         workdir = small / "run"
         out = cli(env, workdir, expect=2)
         errors = [line for line in out.stderr.splitlines() if "error:" in line]
@@ -245,8 +255,23 @@ def test_a_full_disk_gives_one_line_and_resumes_exactly_once_space_is_freed(env,
         subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)
         cli(env, workdir)
         assert_same_run(workdir, baseline)
-    finally:
-        subprocess.run(["umount", str(small)])
+
+
+def test_a_read_only_checkpoints_folder_is_refused_at_once(env, baseline, tmp_path):
+    # Before: the first checkpoint blocked for 311 s, then exit 1.
+    workdir = tmp_path / "run"
+    shutil.copytree(baseline, workdir)
+    with tmpfs(tmp_path, "64m") as fs:
+        shutil.copytree(workdir / "checkpoints", fs, dirs_exist_ok=True)
+        subprocess.run(["mount", "--bind", str(fs), str(workdir / "checkpoints")], check=True)
+        try:
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(workdir / "checkpoints")], check=True)
+            start = time.time()
+            out = cli(env, workdir, expect=2)
+            assert f"error: cannot write to {workdir / 'checkpoints'} (Read-only file system)" in out.stderr
+            assert "Traceback" not in out.stderr and time.time() - start < 120
+        finally:
+            subprocess.run(["umount", str(workdir / "checkpoints")])
 
 
 def test_fused_loop_stops_at_the_signalled_step_and_resumes_bitwise(env, tmp_path):
