@@ -32,7 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bn_jax import parallel, train_modes
+from bn_jax import parallel, provenance, train_modes
 
 FORMAT_VERSION = 2  # 2: epoch order drawn by jax.random on the device (issue 6)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; re-running the same command resumes
@@ -40,6 +40,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; re-running the same command res
 # float rounding. (data_dir: the data themselves are fingerprinted; num_devices and loop: the
 # same steps, summed in another order; steps_per_call: bit for bit the same.)
 RESUMABLE_KEYS = ("eval_batch_size", "num_devices", "data_dir", "steps_per_call", "loop")
+VERSION_KEYS = ("jax", "flax", "optax", "orbax-checkpoint")  # what shapes the saved train state
 # Config keys added after runs were saved, with the behaviour those runs had.
 LEGACY_DEFAULTS = {"normalize": "dataset"}
 UNITS = ("epochs", "steps")
@@ -290,7 +291,7 @@ class Checkpointer:
             raise FloatingPointError(f"non-finite values in the train state at step {step}; "
                                      f"not saving it (last good checkpoint: {self.latest_saved()})")
         meta = dict(meta, format_version=FORMAT_VERSION, checkpoint_format=self.options.format, step=step,
-                    state_sha256=state_hash(host_state))
+                    state_sha256=state_hash(host_state), versions=provenance.versions())
         if step in self.manager.all_steps():  # e.g. re-saving the final step of a finished run
             return
         with self._disk_full_as_error():
@@ -338,7 +339,11 @@ class Checkpointer:
         fmt = meta["checkpoint_format"]
         mode = meta["config"]["train_mode"]
         target = jax.device_get(_state_tree(fresh_state, fresh_totals, fmt, mode))
-        tree = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        try:
+            tree = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        except Exception as e:  # noqa: BLE001
+            self._refuse_if_readable(step, meta, e)
+            raise
         if state_hash(tree) != meta["state_sha256"]:
             raise ValueError("array bytes do not match the hash saved with them")
         tree = jax.device_put(tree)
@@ -349,6 +354,23 @@ class Checkpointer:
         state = fresh_state.replace(params=params, batch_stats=tree["batch_stats"],
                                     opt_state=tree["opt_state"], step=tree["step"])
         return state, tree["epoch_totals"]
+
+    def _refuse_if_readable(self, step: int, meta: Dict[str, Any], error: Exception) -> None:
+        """The arrays did not restore into today's train state. If they read fine without that
+        structure, the checkpoint is sound and the code differs (an optax that shapes its state
+        otherwise, say): refuse naming the versions, rather than quarantine a good checkpoint."""
+        try:
+            self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        except Exception:  # noqa: BLE001  (unreadable as well: corrupt, the caller quarantines it)
+            return
+        saved = meta.get("versions") or {}
+        now = provenance.versions()
+        differ = ", ".join(f"{k} {saved.get(k, '?')} → {now[k]}" for k in VERSION_KEYS if saved.get(k) != now[k])
+        raise CheckpointError(
+            f"checkpoint step {step} in {self.path} is readable but does not fit this code's train state "
+            f"({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}); versions: "
+            f"{differ or 'the same as when it was written'}. Resume with the versions it was written "
+            "with, or pass --restart")
 
     def _quarantine_dir(self) -> str:
         return os.path.join(self.workdir, "corrupt_checkpoints")

@@ -373,6 +373,26 @@ def test_corrupt_latest_falls_back_then_errors_when_none_left(env, baseline, tmp
     assert_same_run(workdir, baseline)
 
 
+def test_a_checkpoint_that_no_longer_fits_the_train_state_is_refused_not_quarantined(tmp_path):
+    # Before: any restore error moved the checkpoint aside, so an optax release that shapes its
+    # state otherwise would have quarantined every good checkpoint.
+    import optax
+    from conftest import random_dataset
+    data = random_dataset(n_train=16, n_test=8)
+    config = Config(model="resnet8", train_mode="bn", epochs=1, batch_size=8, loop="step")
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir, data=data, log=lambda *a: None)
+    state = train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=2)
+    state = state.replace(tx=optax.adam(1e-3), opt_state=optax.adam(1e-3).init(state.params))
+    expected = {"config": config.to_dict(), "data_fingerprint": checkpoints.data_fingerprint(data),
+                "frozen_hash": checkpoints.frozen_hash(state.params, "bn")}
+    with checkpoints.Checkpointer(workdir, checkpoints.CheckpointOptions(), log=lambda *a: None) as ckpt:
+        with pytest.raises(checkpoints.CheckpointError, match="readable but does not fit this code's train state"):
+            ckpt.restore_latest(state, train.zero_totals(), expected)
+    assert finalized_steps(workdir) == [2]
+    assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
+
+
 def test_a_checkpoint_folder_replaced_by_a_file_is_named(env, baseline, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(baseline, workdir)
