@@ -59,7 +59,7 @@ def load_run(workdir: str) -> Run:
     missing = [k for k in SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
     if missing:
         raise ValueError(f"summary.json lacks {', '.join(missing)}")
-    metrics = read("metrics.jsonl", lambda f: [json.loads(line) for line in f if line.strip()])
+    metrics = read("metrics.jsonl", checkpoints.parse_metrics)
     return Run(workdir, config, summary, metrics)
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bn_jax import parallel, provenance, train_modes
+from bn_jax import workdir as workdir_lib
 
 FORMAT_VERSION = 2  # 2: epoch order drawn by jax.random on the device (issue 6)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; re-running the same command resumes
@@ -499,13 +500,19 @@ def json_record(record: Dict[str, Any]) -> str:
 
 def write_metrics(path: str, history: List[Dict[str, Any]]) -> None:
     """Atomically (re)write metrics.jsonl with the epochs a checkpoint has seen."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for record in history:
-            f.write(json_record(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    workdir_lib.write_atomic(path, "".join(json_record(record) + "\n" for record in history))
+
+
+def parse_metrics(lines) -> List[Dict[str, Any]]:
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+    """The records of a metrics.jsonl ([] when there is none yet)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return parse_metrics(f)
 
 
 def append_metrics(path: str, record: Dict[str, Any]) -> None:

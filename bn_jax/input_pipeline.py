@@ -66,6 +66,16 @@ class Dataset:
                        *take(self.test_images, self.test_labels, max_test), self.class_names)
 
 
+def random_dataset(n_train=256, n_test=64, num_classes=10, size=32, seed=0) -> Dataset:
+    """Uniform-noise images and labels: for checks and tests that need data of a shape, not content."""
+    rng = np.random.default_rng(seed)
+    return Dataset(rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8),
+                   rng.integers(0, num_classes, n_train).astype(np.int32),
+                   rng.integers(0, 256, (n_test, size, size, 3), dtype=np.uint8),
+                   rng.integers(0, num_classes, n_test).astype(np.int32),
+                   [f"class{i}" for i in range(num_classes)])
+
+
 def load(dataset: str = "cifar10", data_dir: Optional[str] = None) -> Dataset:
     if data_dir:
         return load_image_folder(data_dir)

@@ -4,6 +4,7 @@ Saved with every run's summary and every benchmark, so a number can be traced to
 the releases that made it.
 """
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -15,8 +16,8 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torc
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def versions() -> Dict[str, Optional[str]]:
-    """Python and each package's version (None where not installed)."""
+@functools.lru_cache(maxsize=None)
+def _read_versions() -> Dict[str, Optional[str]]:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -24,6 +25,12 @@ def versions() -> Dict[str, Optional[str]]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def versions() -> Dict[str, Optional[str]]:
+    """Python and each package's version (None where not installed); read once per process,
+    since every checkpoint records them."""
+    return dict(_read_versions())
 
 
 def git_commit() -> Optional[Dict[str, object]]:

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,8 @@ import optax
 from flax.training import train_state
 from tqdm import tqdm
 
-from bn_jax import checkpoints, input_pipeline, models, parallel, provenance, train_modes, workdir_lock
+from bn_jax import checkpoints, input_pipeline, models, parallel, provenance, train_modes
+from bn_jax import workdir as workdir_lib
 from bn_jax.config import Config
 
 
@@ -222,7 +223,13 @@ def check_finite(totals, epoch: int, last_good=None) -> None:
                                  f"(last good checkpoint: step {last_good})")
 
 
-def prepare_workdir(workdir: str, config: Config, restart: bool, log=print, extend: bool = False) -> None:
+def step_entries(workdir: str) -> List[str]:
+    """Names in ``<workdir>/checkpoints`` that look like saved steps (folders, or stray files)."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    return [n for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+
+
+def prepare_workdir(workdir: str, config: Config, restart: bool, log=print) -> None:
     """--restart: remove an earlier run's outputs. Otherwise refuse outputs we cannot resume from."""
     outputs = ["checkpoints", "corrupt_checkpoints", "metrics.jsonl", "summary.json", "config.json"]
     if restart:
@@ -235,7 +242,7 @@ def prepare_workdir(workdir: str, config: Config, restart: bool, log=print, exte
         log(f"--restart: removed earlier outputs in {workdir}")
         return
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    names = [n for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+    names = step_entries(workdir)
     stray = sorted(n for n in names if not os.path.isdir(os.path.join(ckpt_dir, n)))
     if stray:  # Orbax would skip them silently
         message = (f"{os.path.join(ckpt_dir, stray[0])} is a file, not a checkpoint folder"
@@ -246,8 +253,6 @@ def prepare_workdir(workdir: str, config: Config, restart: bool, log=print, exte
         log(f"warning: {message}; ignoring it")
     if len(names) > len(stray):
         return  # resume; the checkpoint itself is checked against the config
-    if extend:
-        raise checkpoints.CheckpointError(f"--extend_to_epochs: {workdir} holds no checkpoint to continue from")
     quarantine = os.path.join(workdir, "corrupt_checkpoints")
     if os.path.isdir(quarantine) and os.listdir(quarantine):
         raise checkpoints.CheckpointError(f"every checkpoint in {ckpt_dir} was found corrupt and moved to "
@@ -488,12 +493,13 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
     devices = device_summary(mesh, config.batch_size)
     writer = parallel.is_writer()
     log = log if writer else (lambda *args: None)
-    if options.extend and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if options.extend and not any(os.path.isdir(os.path.join(workdir, "checkpoints", n))
+                                  for n in step_entries(workdir)):
         raise checkpoints.CheckpointError(f"--extend_to_epochs: {workdir} holds no checkpoint to continue from")
     os.makedirs(workdir, exist_ok=True)  # only now: bad data leaves nothing behind
-    with workdir_lock.exclusive(workdir):  # one run per workdir, until its summary is written
+    with workdir_lib.exclusive(workdir):  # one run per workdir, until its summary is written
         if writer or not options.restart:  # every process refuses alike; one deletes for --restart
-            prepare_workdir(workdir, config, options.restart, log, options.extend)
+            prepare_workdir(workdir, config, options.restart, log)
         parallel.barrier("prepare_workdir")
 
         state = create_train_state(config, data.num_classes, data.train_images.shape[1:], steps_per_epoch)
@@ -514,9 +520,6 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
             state = loop.run(state)
 
         summary = run_summary(config, data, loaded, state, loop, devices)
-        if writer:  # written whole or not at all
-            path = os.path.join(workdir, "summary.json")
-            with open(path + ".tmp", "w") as f:
-                json.dump(summary, f, indent=2)
-            os.replace(path + ".tmp", path)
+        if writer:
+            workdir_lib.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
     return summary

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bn_jax import analysis, checkpoints, reference, train_modes  # noqa: E402
-from experiments import cifar  # noqa: E402
+from bn_jax import workdir as workdir_lib  # noqa: E402
 
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     first = os.path.normpath(args.paths[0])  # a sweep root gets FIRST/report; a run, a folder beside it
     out = args.out or (first + "_report" if analysis.is_finished(first) else os.path.join(first, "report"))
-    problem = cifar.unwritable(out)
+    problem = workdir_lib.unwritable(out)
     if problem:
         p.error(f"cannot write the report to {out}: {problem}")
     try:

@@ -101,8 +101,8 @@ def validate_cases(args) -> Optional[str]:
 
 
 def unwritable(out: str) -> Optional[str]:
-    from experiments import cifar
-    problem = cifar.unwritable(out)
+    from bn_jax import workdir
+    problem = workdir.unwritable(out)
     return f"cannot write to --out {out}: {problem}" if problem else None
 
 

@@ -16,6 +16,7 @@ import sys
 from bn_jax import checkpoints
 from bn_jax import config as config_lib
 from bn_jax import input_pipeline, models, parallel, train_modes
+from bn_jax import workdir as workdir_lib
 
 DEFAULTS = config_lib.Config()
 CKPT_DEFAULTS = checkpoints.CheckpointOptions()
@@ -141,7 +142,7 @@ def parse_args(argv=None):
         parser.error(str(e))
     config, workdir = config_from_args(args, parser)
     workdir = workdir or os.path.join("runs", run_name(config))
-    problem = unwritable(workdir)
+    problem = workdir_lib.unwritable(workdir)
     if problem:
         parser.error(f"cannot write to workdir {workdir}: {problem}")
     try:
@@ -180,30 +181,6 @@ def config_from_args(args, parser):
     return config, values["workdir"]
 
 
-WORKDIR_DEPTH = 200  # bytes that the deepest file in a workdir adds to its path (Orbax's names)
-
-
-def unwritable(path: str):
-    """Why ``path`` could not be created and written, or None; creates nothing itself."""
-    path = os.path.abspath(path)
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    name_max, path_max = (os.pathconf(existing, n) for n in ("PC_NAME_MAX", "PC_PATH_MAX"))
-    long_name = next((p for p in path.split(os.sep) if len(p.encode()) > name_max), None)
-    if long_name:
-        return f"the name {long_name[:30]}… is {len(long_name.encode())} bytes; this file system allows {name_max}"
-    if len(path.encode()) + WORKDIR_DEPTH > path_max:
-        return (f"the path is {len(path.encode())} bytes; with the files a run writes inside it, it must stay "
-                f"under {path_max - WORKDIR_DEPTH}")
-    path = existing
-    if not os.path.isdir(path):
-        return f"{path} is a file"
-    if not os.access(path, os.W_OK):
-        return f"{path} is not writable"
-    return None
-
-
 def run_name(config) -> str:
     """Folder name from the hyperparameters that tell runs of one sweep apart (defaults left out)."""
     parts = [config.model, f"w{config.width}", config.train_mode]
@@ -226,10 +203,10 @@ def main(argv=None) -> int:
             print("interrupted: stopped at once on a second SIGINT", file=sys.stderr)
             return EXIT_INTERRUPTED
         guard.reinstall()  # after jax.distributed.initialize, which takes SIGTERM for itself
-        from bn_jax import train, workdir_lock
+        from bn_jax import train
         try:
             summary = train.train_and_evaluate(config, workdir, checkpointing=options, guard=guard)
-        except (input_pipeline.DataError, checkpoints.CheckpointError, workdir_lock.WorkdirUnusable) as e:
+        except (input_pipeline.DataError, checkpoints.CheckpointError, workdir_lib.WorkdirUnusable) as e:
             build_parser().print_usage(sys.stderr)
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT

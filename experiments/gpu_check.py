@@ -140,13 +140,6 @@ def _finite(value):
     return value
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 class Report:
     """The check's results, rewritten to ``gpu_check.json`` and ``.md`` after every change."""
 
@@ -180,8 +173,9 @@ class Report:
         self.write()
 
     def write(self) -> None:
-        _write_atomic(os.path.join(self.out, "gpu_check.json"), json.dumps(_finite(self.data), indent=2))
-        _write_atomic(os.path.join(self.out, "gpu_check.md"), render_markdown(self.data))
+        from bn_jax import workdir as workdir_lib
+        workdir_lib.write_atomic(os.path.join(self.out, "gpu_check.json"), json.dumps(_finite(self.data), indent=2))
+        workdir_lib.write_atomic(os.path.join(self.out, "gpu_check.md"), render_markdown(self.data))
 
     def failures(self) -> List[str]:
         out = []
@@ -233,16 +227,6 @@ def _nvidia_smi() -> Optional[str]:
 
 # ---- stage 2: correctness -------------------------------------------------------------------
 
-def _random_dataset(n_train: int, n_test: int, seed: int = 0):
-    import numpy as np
-    from bn_jax import input_pipeline
-    rng = np.random.default_rng(seed)
-    return input_pipeline.Dataset(rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
-                                  rng.integers(0, 10, n_train).astype(np.int32),
-                                  rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
-                                  rng.integers(0, 10, n_test).astype(np.int32), [f"c{i}" for i in range(10)])
-
-
 def _check(name: str, passed: bool, **detail) -> Dict[str, Any]:
     return {"name": name, "passed": bool(passed), **detail}
 
@@ -260,10 +244,10 @@ def _relative_differences(a, b) -> Dict[str, float]:
 
 def train_small(sizes: Sizes, workroot: str, loop: str, mode: str = "bn"):
     """(initial state, final state) of one epoch of the small ResNet, trained by the real trainer."""
-    from bn_jax import checkpoints, train
+    from bn_jax import checkpoints, input_pipeline, train
     from bn_jax.config import Config
 
-    data = _random_dataset(sizes.check_batch * sizes.check_steps, sizes.check_batch)
+    data = input_pipeline.random_dataset(sizes.check_batch * sizes.check_steps, sizes.check_batch)
     config = Config(model=sizes.check_model, train_mode=mode, epochs=1, batch_size=sizes.check_batch,
                     eval_batch_size=sizes.check_batch, lr=0.02, schedule="cosine", seed=3, loop=loop,
                     steps_per_call=max(1, sizes.check_steps - 2))  # two fused calls, one of them partial
@@ -322,7 +306,7 @@ def convolution_counts(sizes: Sizes, mode: str) -> Dict[str, int]:
 
     config = Config(model=sizes.check_model, train_mode=mode, batch_size=sizes.check_batch)
     state = train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=1)
-    data = _random_dataset(sizes.check_batch, 1)
+    data = input_pipeline.random_dataset(sizes.check_batch, 1)
     mean, std = input_pipeline.channel_stats(data.train_images)
     compiled = jax.jit(train.train_step).lower(state, data.train_images, data.train_labels, jax.random.key(0),
                                                mean, std).compile()
@@ -443,11 +427,8 @@ def summarize_run(history: List[Dict[str, Any]], epochs: int, session_first_epoc
 
 
 def _read_history(workdir: str) -> List[Dict[str, Any]]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from bn_jax import checkpoints
+    return checkpoints.read_metrics(os.path.join(workdir, "metrics.jsonl"))
 
 
 def unpack_run(archive: str, workdir: str) -> None:

@@ -24,6 +24,7 @@ import sys
 from typing import Dict, List, Sequence
 
 from bn_jax import checkpoints, train_modes
+from bn_jax import workdir as workdir_lib
 from experiments import cifar
 
 PAPER_DEPTHS = (14, 32, 56, 110, 218, 434, 866)
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--root", required=True, help="folder that holds one subfolder per run")
     p.add_argument("--print_only", action="store_true", help="print the unfinished runs' commands and exit")
     args, extra = p.parse_known_args(argv)
-    problem = cifar.unwritable(args.root)
+    problem = workdir_lib.unwritable(args.root)
     if problem:
         p.error(f"cannot use --root {args.root}: {problem}")
     try:

@@ -18,14 +18,7 @@ TORCH_REQUIRED = bool(os.environ.get("CI")) and not os.environ.get("BN_JAX_WITHO
 SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10-jpg.tar.gz")
 
 
-def random_dataset(n_train=256, n_test=64, num_classes=10, size=32, seed=0):
-    rng = np.random.default_rng(seed)
-    return input_pipeline.Dataset(
-        rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8),
-        rng.integers(0, num_classes, n_train).astype(np.int32),
-        rng.integers(0, 256, (n_test, size, size, 3), dtype=np.uint8),
-        rng.integers(0, num_classes, n_test).astype(np.int32),
-        [f"class{i}" for i in range(num_classes)])
+random_dataset = input_pipeline.random_dataset
 
 
 def write_image_folder(root, classes=("cat", "dog", "frog"), per_class=(6, 2), size=8, fmt="png", seed=0):

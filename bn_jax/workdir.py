@@ -1,4 +1,7 @@
-"""One run per workdir: an exclusive lock held for the whole run.
+"""A run's workdir: whether it can be written, and one run at a time in it.
+
+``unwritable`` says why a path cannot hold a run before anything is created there. A run then
+holds an exclusive lock on the workdir for its whole length.
 
 Two runs in one workdir interleave their metrics and overwrite each other's checkpoints. So a run
 holds a POSIX record lock (``fcntl.lockf``, which NFS supports) on ``<workdir>/.lock`` from before
@@ -33,14 +36,44 @@ class WorkdirInUse(WorkdirUnusable):
     """Another live process holds the workdir."""
 
 
-def unwritable(folder: str) -> Optional[str]:
-    """Why nothing can be written into ``folder``, found by writing a file (as root, permission
-    bits grant everything, but a read-only or full file system does not), or None."""
+WORKDIR_DEPTH = 200  # bytes that the deepest file in a workdir adds to its path (Orbax's names)
+
+
+def unwritable(path: str) -> Optional[str]:
+    """Why ``path`` (a folder, existing or to be created) cannot be written, or None.
+
+    Creates nothing that stays: the nearest existing folder is tested by writing a temporary file,
+    because as root the permission bits grant everything, while a read-only or full file system
+    does not.
+    """
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    name_max, path_max = (os.pathconf(existing, n) for n in ("PC_NAME_MAX", "PC_PATH_MAX"))
+    long_name = next((p for p in path.split(os.sep) if len(p.encode()) > name_max), None)
+    if long_name:
+        return f"the name {long_name[:30]}… is {len(long_name.encode())} bytes; this file system allows {name_max}"
+    if len(path.encode()) + WORKDIR_DEPTH > path_max:
+        return (f"the path is {len(path.encode())} bytes; with the files a run writes inside it, it must stay "
+                f"under {path_max - WORKDIR_DEPTH}")
+    if not os.path.isdir(existing):
+        return f"{existing} is a file"
     try:
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=existing):
             return None
     except OSError as e:
-        return f"cannot write to {folder} ({e.strerror})"
+        return f"cannot write to {existing} ({e.strerror})"
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` whole or not at all (a kill mid-write leaves the old file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _acquire(workdir: str) -> Tuple[Optional[int], Optional[str]]:
