@@ -97,31 +97,29 @@ def _natural(key: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
-def bn_layers(params) -> List[Tuple[str, np.ndarray, np.ndarray]]:
+def bn_layers(variables) -> List[Tuple[str, np.ndarray, np.ndarray]]:
     """[(layer, γ, β)] in network order (Block_2 before Block_10)."""
     found: Dict[str, Dict[str, np.ndarray]] = {}
-    for path, x in jax.tree_util.tree_leaves_with_path(params):
-        role = train_modes.leaf_role(path)
+    for path, role, x in train_modes.role_leaves(variables):
         if role in ("bn_scale", "bn_bias"):
-            layer = "/".join(getattr(k, "key", str(k)) for k in path[:-1])
-            found.setdefault(layer, {})[role] = np.asarray(x)
+            found.setdefault(train_modes.path_name(path[:-1], "/"), {})[role] = np.asarray(x)
     return [(layer, v["bn_scale"], v["bn_bias"]) for layer, v in sorted(found.items(), key=lambda i: _natural(i[0]))]
 
 
-def disabled_fractions(params, threshold: float):
+def disabled_fractions(variables, threshold: float):
     """({layer: fraction of its features with |γ| < threshold}, overall fraction over all features)."""
-    layers = bn_layers(params)
+    layers = bn_layers(variables)
     per_layer = {layer: float(np.mean(np.abs(g) < threshold)) for layer, g, _ in layers}
     gammas = np.concatenate([g for _, g, _ in layers]) if layers else np.zeros(0)
     overall = float(np.mean(np.abs(gammas) < threshold)) if gammas.size else float("nan")
     return per_layer, overall
 
 
-def zero_smallest_gammas(params, fraction: float):
+def zero_smallest_gammas(variables, fraction: float):
     """Params with γ set to 0 for the ``fraction`` of features of smallest |γ|, ranked across all
     layers (the feature then outputs its constant β). Ties are broken by network order."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    is_gamma = [train_modes.leaf_role(p) == "bn_scale" for p, _ in leaves]
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(variables["params"])
+    is_gamma = [role == "bn_scale" for _, role, _ in train_modes.role_leaves(variables)]
     gammas = [np.asarray(x) for (p, x), g in zip(leaves, is_gamma) if g]
     flat = np.concatenate([g.ravel() for g in gammas])
     n = int(round(fraction * flat.size))
@@ -138,5 +136,5 @@ def ablation_curve(state, data, fractions: Sequence[float], eval_batch_size: int
     """[(fraction zeroed, test accuracy)] on ``data`` (already the run's subset)."""
     mean, std = input_pipeline.normalization(normalize, data.train_images)  # as the run normalised
     batches = train.pad_batches(data.test_images, data.test_labels, eval_batch_size, parallel.make_mesh(1))
-    return [(float(f), train.evaluate(state.replace(params=zero_smallest_gammas(state.params, f)),
+    return [(float(f), train.evaluate(state.replace(params=zero_smallest_gammas(train_modes.variables_of(state), f)),
                                       batches, mean, std)["accuracy"]) for f in fractions]

@@ -168,10 +168,6 @@ class CheckpointOptions:
 
 # ---- hashes and fingerprints ----------------------------------------------------------------
 
-def _leaf_name(path) -> str:
-    return ".".join(str(getattr(k, "key", k)) for k in path)
-
-
 def _hash_arrays(named_arrays) -> str:
     h = hashlib.sha256()
     for name, a in named_arrays:
@@ -181,10 +177,13 @@ def _hash_arrays(named_arrays) -> str:
     return h.hexdigest()
 
 
-def frozen_hash(params, mode: str) -> str:
+_leaf_name = train_modes.path_name
+
+
+def frozen_hash(variables, mode: str) -> str:
     """SHA-256 of the leaves that ``mode`` freezes (names, dtypes, shapes and bytes)."""
-    mask = train_modes.trainable_mask(params, mode)
-    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(params))
+    mask = train_modes.trainable_mask(variables, mode)
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(variables["params"]))
     flags = jax.tree_util.tree_leaves(mask)
     return _hash_arrays((_leaf_name(p), x) for (p, x), f in zip(leaves, flags) if not f)
 
@@ -198,11 +197,11 @@ def order_hash(order: np.ndarray) -> str:
     return _hash_arrays([("order", order)])
 
 
-def trainable_leaves(params, mode: str) -> Dict[str, Any]:
+def trainable_leaves(variables, mode: str) -> Dict[str, Any]:
     """The trainable leaves as a flat {"Block_0.Conv_0.kernel": array} dict."""
-    mask = train_modes.trainable_mask(params, mode)
-    flags = jax.tree_util.tree_leaves(mask)
-    return {_leaf_name(p): x for (p, x), f in zip(jax.tree_util.tree_leaves_with_path(params), flags) if f}
+    flags = jax.tree_util.tree_leaves(train_modes.trainable_mask(variables, mode))
+    leaves = jax.tree_util.tree_leaves_with_path(variables["params"])
+    return {_leaf_name(p): x for (p, x), f in zip(leaves, flags) if f}
 
 
 def merge_trainable(params, flat: Dict[str, Any]):
@@ -221,7 +220,7 @@ def incompatible_keys(saved: Dict[str, Any], current: Dict[str, Any]) -> List[st
 # ---- the manager ----------------------------------------------------------------------------
 
 def _state_tree(state, totals, fmt: str, mode: str):
-    params = trainable_leaves(state.params, mode) if fmt == "small" else state.params
+    params = trainable_leaves(train_modes.variables_of(state), mode) if fmt == "small" else state.params
     return {"params": params, "batch_stats": state.batch_stats, "opt_state": state.opt_state,
             "step": jax.numpy.asarray(state.step, jax.numpy.int32), "epoch_totals": totals}
 
@@ -535,7 +534,7 @@ def restore(workdir: str, state, step=None):
             raise CheckpointError(f"{path} holds no checkpoint")
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         fmt, mode = meta["checkpoint_format"], meta["config"]["train_mode"]
-        if fmt == "small" and frozen_hash(state.params, mode) != meta["frozen_hash"]:
+        if fmt == "small" and frozen_hash(train_modes.variables_of(state), mode) != meta["frozen_hash"]:
             raise CheckpointError(f"checkpoint step {step}: frozen weights of the given state do not match the saved hash")
         target = jax.device_get(_state_tree(state, _zero_totals_like(), fmt, mode))
         tree = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]

@@ -60,7 +60,7 @@ def bn_relu(x, norm, bn_before_relu: bool = True):
 
 
 def head(x, num_classes: int, dtype: Any = jnp.float32):
-    """The output layer, named "head" so that train_modes can tell it apart; float32 logits."""
+    """The output layer (a dense layer, as train_modes finds it; "head" names it in reports); float32 logits."""
     return nn.Dense(num_classes, kernel_init=conv_init, bias_init=torch_linear_bias_init(x.shape[-1]),
                     dtype=dtype, name="head")(x).astype(jnp.float32)
 

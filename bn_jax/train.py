@@ -65,7 +65,7 @@ def create_train_state(config: Config, num_classes: int, image_shape, steps_per_
     init_key, _, _ = run_keys(config.seed)
     variables = models.init_variables(model, init_key, image_shape)
     params = variables["params"]
-    tx = train_modes.make_optimizer(params, config.train_mode, make_schedule(config, steps_per_epoch),
+    tx = train_modes.make_optimizer(variables, config.train_mode, make_schedule(config, steps_per_epoch),
                                     config.momentum, config.weight_decay, k=config.k, seed=config.seed)
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                              batch_stats=variables["batch_stats"])
@@ -448,7 +448,7 @@ def run_summary(config: Config, data, loaded_counts, state, loop: _Loop, devices
     history = loop.history
     final = history[-1] if history else {"test_accuracy": evaluate(state, loop.test_batches, loop.mean, loop.std)["accuracy"]}
     speeds = [r["images_per_second"] for r in history[1:] or history]
-    trainable, total = train_modes.count(state.params, config.train_mode, config.k)
+    trainable, total = train_modes.count(train_modes.variables_of(state), config.train_mode, config.k)
     return {"model": config.model, "width": config.width, "train_mode": config.train_mode,
             "dataset": config.data_dir or config.dataset, "num_classes": data.num_classes,
             "examples_per_class": data.class_counts(), "examples_per_class_loaded": loaded_counts,
@@ -506,10 +506,10 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
         state = parallel.replicate(state, mesh)
         log(f"data: {data.describe()}")
         log(f"{config.model} ×{config.width}, mode {config.train_mode}: "
-            f"{train_modes.describe(state.params, config.train_mode, config.k)}; {devices['device_count']} "
+            f"{train_modes.describe(train_modes.variables_of(state), config.train_mode, config.k)}; {devices['device_count']} "
             f"{devices['platform']} device(s), {devices['per_device_batch_size']} images per device")
         expected = {"config": config.to_dict(), "data_fingerprint": checkpoints.data_fingerprint(data),
-                    "frozen_hash": checkpoints.frozen_hash(state.params, config.train_mode)}
+                    "frozen_hash": checkpoints.frozen_hash(train_modes.variables_of(state), config.train_mode)}
 
         with checkpoints.Checkpointer(workdir, options, log) as ckpt, \
                 (contextlib.nullcontext(guard) if guard else checkpoints.PreemptionGuard()) as guard:

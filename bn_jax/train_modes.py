@@ -1,6 +1,7 @@
 """The one place that decides which parameters train.
 
-A train mode maps each parameter leaf, by its role, to ``"train"`` or ``"freeze"``.
+A train mode maps each parameter leaf, by its role (``roles``: found from the model's structure,
+never from module names), to ``"train"`` or ``"freeze"``.
 ``optax.multi_transform`` routes ``"freeze"`` leaves to ``optax.set_to_zero()``, so they keep
 their initial value to the bit and carry no optimizer state; because nothing else reads their
 gradients, XLA also drops the weight-gradient convolutions that would compute them.
@@ -33,16 +34,72 @@ import optax
 TRAIN, FREEZE = "train", "freeze"
 
 
-def leaf_role(path) -> str:
-    """Role of a parameter from its tree path: bn_scale, bn_bias, head_kernel, head_bias,
-    conv (a conv kernel) or conv_bias (VGG's conv biases)."""
-    names = [getattr(k, "key", str(k)) for k in path]
-    module, leaf = names[-2], names[-1]
-    if module.startswith("BatchNorm"):
-        return "bn_" + leaf  # scale / bias
-    if module == "head":
-        return "head_" + leaf  # kernel / bias
-    return "conv_bias" if leaf == "bias" else "conv"
+class UnknownParameter(ValueError):
+    """A parameter that no role rule recognises: we refuse to guess whether it trains."""
+
+
+def path_name(path, sep: str = ".") -> str:
+    """``"Block_0.Conv_0.kernel"`` from a pytree key path (the name hashes and reports use)."""
+    return sep.join(str(getattr(k, "key", k)) for k in path)
+
+
+def _module_roles(leaves: Dict[str, Any], has_running_stats: bool) -> Dict[str, str]:
+    """Roles of one module's parameters from their structure, or {} when no rule applies.
+
+    A BatchNorm is a module whose parameters are ``scale``/``bias`` and that keeps running
+    ``mean``/``var`` in ``batch_stats`` at the same path (whatever it is named); a kernel of rank
+    >= 3 is a convolution's, a kernel of rank 2 a dense (output) layer's, each with its bias.
+    """
+    names = set(leaves)
+    if has_running_stats and names <= {"scale", "bias"}:
+        return {n: "bn_" + n for n in names}
+    if "kernel" in names and names <= {"kernel", "bias"}:
+        rank = len(leaves["kernel"].shape)
+        if rank >= 3:
+            return {"kernel": "conv", **({"bias": "conv_bias"} if "bias" in names else {})}
+        if rank == 2:
+            return {n: "head_" + n for n in names}
+    return {}
+
+
+def roles(variables):
+    """The role of every parameter, a tree shaped like ``variables["params"]``: bn_scale,
+    bn_bias, conv (a conv kernel), conv_bias, head_kernel, head_bias (dense layers: in the models
+    here, only the output layer). Raises UnknownParameter naming the first leaf no rule covers.
+
+    ``variables``: what ``model.init`` returns (``params`` and ``batch_stats``), arrays or shapes.
+    """
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    stat_paths = {tuple(str(getattr(k, "key", k)) for k in p)
+                  for p, _ in jax.tree_util.tree_leaves_with_path(stats)}
+    modules: Dict[tuple, Dict[str, Any]] = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        keys = tuple(str(getattr(k, "key", k)) for k in path)
+        modules.setdefault(keys[:-1], {})[keys[-1]] = x
+    found = {}
+    for module, leaves in modules.items():
+        kept_stats = {module + ("mean",), module + ("var",)} <= stat_paths
+        module_roles = _module_roles(leaves, kept_stats)
+        for leaf in leaves:
+            if leaf not in module_roles:
+                raise UnknownParameter(
+                    f"no rule says whether parameter {'/'.join(module + (leaf,))} trains: train_modes knows "
+                    "BatchNorm (scale/bias with running mean/var in batch_stats), conv and dense "
+                    "kernels and their biases")
+            found[module + (leaf,)] = module_roles[leaf]
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: found[tuple(str(getattr(k, "key", k)) for k in p)], params)
+
+
+def role_leaves(variables):
+    """[(path, role, leaf)] for every parameter, in tree order."""
+    flat = jax.tree_util.tree_leaves_with_path(variables["params"])
+    return [(p, r, x) for (p, x), r in zip(flat, jax.tree_util.tree_leaves(roles(variables)))]
+
+
+def variables_of(state) -> Dict[str, Any]:
+    """A train state's ``params`` and ``batch_stats``, as ``model.init`` returns them."""
+    return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 _BN = {"bn_scale", "bn_bias"}
@@ -78,17 +135,16 @@ def model_options(mode: str) -> Dict[str, Any]:
     return dict(_MODEL_OPTIONS.get(mode, {}))
 
 
-def labels(params, mode: str):
+def labels(variables, mode: str):
     """The pytree of ``"train"``/``"freeze"`` labels that multi_transform consumes."""
     check_mode(mode)
     is_trainable = MODES[mode]
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: TRAIN if is_trainable(leaf_role(path)) else FREEZE, params)
+    return jax.tree_util.tree_map(lambda role: TRAIN if is_trainable(role) else FREEZE, roles(variables))
 
 
-def trainable_mask(params, mode: str):
+def trainable_mask(variables, mode: str):
     """Leaf level: True where a leaf receives any update (possibly only at some entries)."""
-    return jax.tree_util.tree_map(lambda label: label == TRAIN, labels(params, mode))
+    return jax.tree_util.tree_map(lambda label: label == TRAIN, labels(variables, mode))
 
 
 def _is_partial(mode: str, role: str) -> bool:
@@ -104,16 +160,16 @@ def _trained_entries(mode: str, role: str, shape, k: int) -> int:
     return int(np.prod(shape))
 
 
-def count(params, mode: str, k: int = 2):
+def count(variables, mode: str, k: int = 2):
     """(trainable, total) number of scalars; works on shapes (jax.eval_shape) too."""
     check_mode(mode)
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    trainable = sum(_trained_entries(mode, leaf_role(p), x.shape, k) for p, x in leaves)
-    return trainable, sum(int(np.prod(x.shape)) for _, x in leaves)
+    leaves = role_leaves(variables)
+    trainable = sum(_trained_entries(mode, role, x.shape, k) for _, role, x in leaves)
+    return trainable, sum(int(np.prod(x.shape)) for _, _, x in leaves)
 
 
-def describe(params, mode: str, k: int = 2) -> str:
-    trainable, total = count(params, mode, k)
+def describe(variables, mode: str, k: int = 2) -> str:
+    trainable, total = count(variables, mode, k)
     return f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
 
 
@@ -125,19 +181,19 @@ def _random_k_mask(key, shape, k: int):
     return (ranks < k).reshape(shape)
 
 
-def entry_masks(params, mode: str, k: int = 2, seed: int = 0):
+def entry_masks(variables, mode: str, k: int = 2, seed: int = 0):
     """Entry level: a boolean array per leaf, True where that scalar trains."""
     check_mode(mode)
     root = jax.random.fold_in(jax.random.key(seed), _MASK_TAG)
 
-    def mask(index, path, x):
-        role = leaf_role(path)
+    def mask(index, role, x):
         if _is_partial(mode, role):
             return _random_k_mask(jax.random.fold_in(root, index), x.shape, k)
         return jnp.full(x.shape, MODES[mode](role))
 
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    return jax.tree_util.tree_unflatten(treedef, [mask(i, p, x) for i, (p, x) in enumerate(leaves)])
+    treedef = jax.tree_util.tree_structure(variables["params"])
+    return jax.tree_util.tree_unflatten(
+        treedef, [mask(i, role, x) for i, (_, role, x) in enumerate(role_leaves(variables))])
 
 
 class EntryMaskState(NamedTuple):
@@ -162,11 +218,15 @@ def keep_entries(masks) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(params, mode: str, learning_rate, momentum: float = 0.9,
+def make_optimizer(variables, mode: str, learning_rate, momentum: float = 0.9,
                    weight_decay: float = 1e-4, k: int = 2, seed: int = 0) -> optax.GradientTransformation:
-    """SGD with coupled L2 on the trainable leaves (entries), nothing at all on the frozen ones."""
+    """SGD with coupled L2 on the trainable leaves (entries), nothing at all on the frozen ones.
+
+    ``variables``: the model's ``params`` and ``batch_stats`` (``model.init``'s result), from
+    which ``roles`` tells BatchNorm, conv and dense parameters apart.
+    """
     steps = [optax.add_decayed_weights(weight_decay)]
     if mode in PARTIAL:
-        steps.append(keep_entries(entry_masks(params, mode, k, seed)))
+        steps.append(keep_entries(entry_masks(variables, mode, k, seed)))
     train = optax.chain(*steps, optax.sgd(learning_rate, momentum=momentum or None))
-    return optax.multi_transform({TRAIN: train, FREEZE: optax.set_to_zero()}, labels(params, mode))
+    return optax.multi_transform({TRAIN: train, FREEZE: optax.set_to_zero()}, labels(variables, mode))

@@ -154,10 +154,10 @@ def accuracy_section(runs, out: str) -> List[str]:
 
 def bn_section(run, state, threshold: float, out: str):
     """Markdown lines and the overall disabled fraction for one run (None without γ)."""
-    layers = analysis.bn_layers(state.params)
+    layers = analysis.bn_layers(train_modes.variables_of(state))
     if not layers:
         return [], None
-    per_layer, overall = analysis.disabled_fractions(state.params, threshold)
+    per_layer, overall = analysis.disabled_fractions(train_modes.variables_of(state), threshold)
     hist = plot_gamma_beta(layers, f"{run.name}: γ and β per BN layer", os.path.join(out, f"gamma_beta_{run.name}.png"))
     bars = plot_disabled(per_layer, threshold, f"{run.name}: disabled features per layer",
                          os.path.join(out, f"disabled_{run.name}.png"))

@@ -281,7 +281,7 @@ def correctness(sizes: Sizes, workroot: str, report: Report) -> None:
                          tolerance=1e-3))
     report.update("correctness", checks=checks)
 
-    mask = jax.tree_util.tree_leaves(train_modes.trainable_mask(initial.params, "bn"))
+    mask = jax.tree_util.tree_leaves(train_modes.trainable_mask(train_modes.variables_of(initial), "bn"))
     pairs = list(zip(mask, jax.tree_util.tree_leaves(initial.params), jax.tree_util.tree_leaves(fused.params)))
     frozen_same = [np.array_equal(np.asarray(a), np.asarray(b)) for t, a, b in pairs if not t]
     trained_moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for t, a, b in pairs if t]

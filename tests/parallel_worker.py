@@ -86,7 +86,7 @@ def main(out_path: str, n: int):
     for mode in ("full", "bn"):
         initial = train.create_train_state(Config(model="resnet8", train_mode=mode), 10, (32, 32, 3), 4)
         save_leaves(results, f"{mode}/initial", initial, np.zeros(0))
-        mask = jax.tree_util.tree_leaves(train_modes.trainable_mask(initial.params, mode))
+        mask = jax.tree_util.tree_leaves(train_modes.trainable_mask(train_modes.variables_of(initial), mode))
         for devices in (1, n):
             state, losses = run(mode, devices)
             frozen = [a.tobytes() == np.asarray(b).tobytes() for a, b, trainable in zip(

@@ -24,15 +24,17 @@ def finished_run(tmp_path_factory):
 
 
 def hand_tree():
-    return {"BatchNorm_0": {"scale": np.array([0.0, 0.005, -0.02, 0.5]), "bias": np.zeros(4)},
-            "Block_0": {"BatchNorm_1": {"scale": np.array([-0.001, 1.0, 0.3]), "bias": np.ones(3)},
-                        "Conv_0": {"kernel": np.full((3, 3, 2, 3), 0.001)}},
-            "head": {"kernel": np.zeros((3, 2)), "bias": np.zeros(2)}}
+    stats = {"mean": np.zeros(4), "var": np.ones(4)}
+    return {"params": {"BatchNorm_0": {"scale": np.array([0.0, 0.005, -0.02, 0.5]), "bias": np.zeros(4)},
+                       "Block_0": {"norm": {"scale": np.array([-0.001, 1.0, 0.3]), "bias": np.ones(3)},
+                                   "Conv_0": {"kernel": np.full((3, 3, 2, 3), 0.001)}},
+                       "head": {"kernel": np.zeros((3, 2)), "bias": np.zeros(2)}},
+            "batch_stats": {"BatchNorm_0": stats, "Block_0": {"norm": stats}}}
 
 
 def test_disabled_fractions_on_a_hand_made_tree():
     per_layer, overall = analysis.disabled_fractions(hand_tree(), threshold=0.01)
-    assert per_layer == {"BatchNorm_0": 0.5, "Block_0/BatchNorm_1": pytest.approx(1 / 3)}
+    assert per_layer == {"BatchNorm_0": 0.5, "Block_0/norm": pytest.approx(1 / 3)}
     assert overall == pytest.approx(3 / 7)
     assert analysis.disabled_fractions(hand_tree(), threshold=0.03)[1] == pytest.approx(4 / 7)
 
@@ -40,8 +42,8 @@ def test_disabled_fractions_on_a_hand_made_tree():
 def test_zero_smallest_gammas_ranks_across_layers():
     tree = analysis.zero_smallest_gammas(hand_tree(), 3 / 7)
     np.testing.assert_array_equal(tree["BatchNorm_0"]["scale"], [0.0, 0.0, -0.02, 0.5])
-    np.testing.assert_array_equal(tree["Block_0"]["BatchNorm_1"]["scale"], [0.0, 1.0, 0.3])
-    np.testing.assert_array_equal(tree["Block_0"]["BatchNorm_1"]["bias"], np.ones(3))  # β untouched
+    np.testing.assert_array_equal(tree["Block_0"]["norm"]["scale"], [0.0, 1.0, 0.3])
+    np.testing.assert_array_equal(tree["Block_0"]["norm"]["bias"], np.ones(3))  # β untouched
     np.testing.assert_array_equal(tree["Block_0"]["Conv_0"]["kernel"], np.full((3, 3, 2, 3), 0.001))
     assert (analysis.zero_smallest_gammas(hand_tree(), 1.0)["BatchNorm_0"]["scale"] == 0).all()
 

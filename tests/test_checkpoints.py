@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bn_jax import checkpoints, train
+from bn_jax import checkpoints, train, train_modes
 from bn_jax.config import Config
 from experiments import cifar
 
@@ -385,7 +385,7 @@ def test_a_checkpoint_that_no_longer_fits_the_train_state_is_refused_not_quarant
     state = train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=2)
     state = state.replace(tx=optax.adam(1e-3), opt_state=optax.adam(1e-3).init(state.params))
     expected = {"config": config.to_dict(), "data_fingerprint": checkpoints.data_fingerprint(data),
-                "frozen_hash": checkpoints.frozen_hash(state.params, "bn")}
+                "frozen_hash": checkpoints.frozen_hash(train_modes.variables_of(state), "bn")}
     with checkpoints.Checkpointer(workdir, checkpoints.CheckpointOptions(), log=lambda *a: None) as ckpt:
         with pytest.raises(checkpoints.CheckpointError, match="readable but does not fit this code's train state"):
             ckpt.restore_latest(state, train.zero_totals(), expected)

@@ -59,11 +59,11 @@ def test_end_to_end_bn_only_run_writes_documented_files(tmp_path):
     fresh = train.create_train_state(Config(**config), 3, (8, 8, 3), steps_per_epoch=4)
     restored = checkpoints.restore(workdir, fresh)
     assert int(restored.step) == 8
-    mask = jax.tree_util.tree_leaves(train_modes.trainable_mask(fresh.params, "bn"))
+    mask = jax.tree_util.tree_leaves(train_modes.trainable_mask(train_modes.variables_of(fresh), "bn"))
     for a, b, trainable in zip(jax.tree_util.tree_leaves(fresh.params),
                                jax.tree_util.tree_leaves(restored.params), mask):
         assert np.array_equal(a, b) != trainable
-    assert summary["trainable_params"] == train_modes.count(fresh.params, "bn")[0]
+    assert summary["trainable_params"] == train_modes.count(train_modes.variables_of(fresh), "bn")[0]
 
 
 BAD_FLAGS = {

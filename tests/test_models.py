@@ -24,14 +24,13 @@ def shapes(model):
 
 @pytest.mark.parametrize("name", list(COUNTS))
 def test_parameter_counts(name):
-    params = shapes(models.create_model(name))["params"]
-    trainable, total = train_modes.count(params, "bn")
+    trainable, total = train_modes.count(shapes(models.create_model(name)), "bn")
     assert (total, trainable) == COUNTS[name]
 
 
 def test_resnet110_trainable_fraction_is_the_papers():
-    params = shapes(models.create_model("resnet110"))["params"]
-    assert "trainable 8,288 of 1,730,714 (0.48%)" == train_modes.describe(params, "bn")
+    variables = shapes(models.create_model("resnet110"))
+    assert "trainable 8,288 of 1,730,714 (0.48%)" == train_modes.describe(variables, "bn")
 
 
 def test_width_multiplies_channels():
@@ -53,23 +52,21 @@ def test_bad_model_names(bad):
 
 
 def test_initialisation_matches_open_lth():
-    params = models.init_variables(models.create_model("resnet20", width=2), jax.random.key(3))["params"]
+    variables = models.init_variables(models.create_model("resnet20", width=2), jax.random.key(3))
+    params = variables["params"]
     kernel = np.asarray(params["Block_8"]["Conv_1"]["kernel"])  # 3×3×128×128
     fan_in = 3 * 3 * 128
     std = np.sqrt(2.0 / fan_in)
     assert abs(kernel.std() / std - 1) < 0.02
     # Not truncated: a normal of 147k draws has values beyond 3 std; he_normal's truncation stops at 2.
     assert np.abs(kernel).max() > 3 * std
-    gammas = [np.asarray(p) for path, p in jax.tree_util.tree_leaves_with_path(params)
-              if train_modes.leaf_role(path) == "bn_scale"]
-    betas = [np.asarray(p) for path, p in jax.tree_util.tree_leaves_with_path(params)
-             if train_modes.leaf_role(path) == "bn_bias"]
+    gammas = [np.asarray(p) for _, role, p in train_modes.role_leaves(variables) if role == "bn_scale"]
+    betas = [np.asarray(p) for _, role, p in train_modes.role_leaves(variables) if role == "bn_bias"]
     g = np.concatenate(gammas)
     assert g.min() >= 0 and g.max() < 1 and 0.45 < g.mean() < 0.55
     assert all((b == 0).all() for b in betas)
     ones = models.init_variables(models.create_model("resnet8", bn_init="ones"), jax.random.key(0))
-    assert all((np.asarray(p) == 1).all() for path, p in jax.tree_util.tree_leaves_with_path(ones["params"])
-               if train_modes.leaf_role(path) == "bn_scale")
+    assert all((np.asarray(p) == 1).all() for _, role, p in train_modes.role_leaves(ones) if role == "bn_scale")
 
 
 def test_init_is_a_function_of_the_key():
@@ -101,19 +98,18 @@ def vgg_hand_count(plan):
 
 @pytest.mark.parametrize("name", list(PLANS))
 def test_vgg_parameter_counts(name):
-    params = shapes(models.create_model(name))["params"]
+    variables = shapes(models.create_model(name))
     weights, conv_bias, bn, fc_bias = vgg_hand_count(PLANS[name])
-    assert train_modes.count(params, "full")[1] == weights + conv_bias + bn + fc_bias
-    assert train_modes.count(params, "bn")[0] == bn
-    roles = [train_modes.leaf_role(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    assert train_modes.count(variables, "full")[1] == weights + conv_bias + bn + fc_bias
+    assert train_modes.count(variables, "bn")[0] == bn
+    roles = [role for _, role, _ in train_modes.role_leaves(variables)]
     assert roles.count("conv_bias") == roles.count("conv") == len([c for c in PLANS[name] if c != "M"])
 
 
 def test_vgg19_has_the_published_20m_weights():
     # Frankle & Carbin (ICLR 2019), Figure 2: VGG-19 for CIFAR-10 has 20.0M weights (conv + fc).
-    params = shapes(models.create_model("vgg19"))["params"]
-    weights = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(params)
-                  if train_modes.leaf_role(p) in ("conv", "head_kernel"))
+    weights = sum(x.size for _, role, x in train_modes.role_leaves(shapes(models.create_model("vgg19")))
+                  if role in ("conv", "head_kernel"))
     assert round(weights / 1e6, 1) == 20.0
 
 
@@ -121,7 +117,7 @@ def test_vgg_forward_shape_and_random_k_freezes_conv_biases():
     model = models.create_model("vgg11", num_classes=7)
     variables = models.init_variables(model, jax.random.key(0))
     assert model.apply(variables, jnp.zeros((2, 32, 32, 3))).shape == (2, 7)
-    trainable = train_modes.trainable_mask(variables["params"], "random_k")
+    trainable = train_modes.trainable_mask(variables, "random_k")
     assert not any(jax.tree_util.tree_leaves(trainable["Conv_0"]["bias"]))
 
 
@@ -145,7 +141,7 @@ def test_bn_placement(placement):
 
 def test_no_affine_model_has_no_gamma_beta_but_keeps_running_stats():
     v = shapes(models.create_model("resnet20", affine=False))
-    roles = {train_modes.leaf_role(p) for p, _ in jax.tree_util.tree_leaves_with_path(v["params"])}
+    roles = {role for _, role, _ in train_modes.role_leaves(v)}
     assert roles == {"conv", "head_kernel", "head_bias"}
     assert len(jax.tree_util.tree_leaves(v["batch_stats"])) == 2 * 21
 
@@ -155,8 +151,7 @@ def test_no_affine_model_has_no_gamma_beta_but_keeps_running_stats():
     ("imagenet_resnet18", 11_689_512), ("imagenet_resnet34", 21_797_672), ("imagenet_resnet50", 25_557_032)])
 def test_imagenet_resnet_parameter_counts(name, published):
     model = models.create_model(name, num_classes=1000)
-    params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 224, 224, 3))), jax.random.key(0))["params"]
-    assert train_modes.count(params, "full")[1] == published
+    assert train_modes.count(shapes_of(model), "full")[1] == published
     out = jax.eval_shape(lambda: model.apply(jax.tree_util.tree_map(jnp.zeros_like, shapes_of(model)),
                                              jnp.zeros((2, 224, 224, 3))))
     assert out.shape == (2, 1000)

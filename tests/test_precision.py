@@ -60,7 +60,7 @@ def test_bfloat16_logits_are_float32_and_close_to_float32_logits():
 def test_bfloat16_bn_only_still_freezes_every_other_weight_bit_for_bit():
     start = state("bfloat16")
     end, _ = step(step(start)[0])
-    mask = jax.tree_util.tree_leaves(train_modes.trainable_mask(start.params, "bn"))
+    mask = jax.tree_util.tree_leaves(train_modes.trainable_mask(train_modes.variables_of(start), "bn"))
     for before, after, trainable in zip(jax.tree_util.tree_leaves(start.params),
                                         jax.tree_util.tree_leaves(end.params), mask):
         assert np.array_equal(before, after) != trainable
