@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from bn_jax import checkpoints, input_pipeline, parallel, train, train_modes
+from bn_jax import checkpoints, input_pipeline, metrics_log, parallel, train, train_modes
 from bn_jax.config import Config
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
@@ -59,7 +59,7 @@ def load_run(workdir: str) -> Run:
     missing = [k for k in SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
     if missing:
         raise ValueError(f"summary.json lacks {', '.join(missing)}")
-    metrics = read("metrics.jsonl", checkpoints.parse_metrics)
+    metrics = read("metrics.jsonl", metrics_log.parse_metrics)
     return Run(workdir, config, summary, metrics)
 
 

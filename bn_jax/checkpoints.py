@@ -15,16 +15,10 @@ See docs/checkpoints.md.
 
 import contextlib
 import dataclasses
-import errno
 import hashlib
-import json
-import logging
 import os
-import re
 import shutil
 import signal
-import sys
-import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -32,11 +26,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bn_jax import parallel, provenance, train_modes
-from bn_jax import workdir as workdir_lib
+from bn_jax import orbax_failures, parallel, provenance, train_modes
 
 FORMAT_VERSION = 2  # 2: epoch order drawn by jax.random on the device (issue 6)
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; re-running the same command resumes
 # Config keys that may differ on resume: they do not change the numbers a run produces beyond
 # float rounding. (data_dir: the data themselves are fingerprinted; num_devices and loop: the
 # same steps, summed in another order; steps_per_call: bit for bit the same.)
@@ -52,86 +44,8 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used (incompatible config, corrupt, frozen-weight hash mismatch)."""
 
 
-FAILED_IN_BACKGROUND = False  # an Orbax save failed: its threads may print while Python shuts down
-
-
 class DiskFull(CheckpointError):
     """A write ran out of space; the message names the path and the bytes it needed."""
-
-
-_NO_SPACE = re.compile(r"No space left on device|Disk quota exceeded")
-_BYTES = re.compile(r"write (\d+) bytes")
-
-
-def disk_full_bytes(error: BaseException) -> Optional[int]:
-    """The bytes a failed write needed, if ``error`` says the disk was full (0 when unknown)."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return 0
-    text = str(error)
-    if not _NO_SPACE.search(text):
-        return None
-    sizes = _BYTES.findall(text)
-    return max(map(int, sizes)) if sizes else 0
-
-
-class _DropClosedLoopTracebacks:
-    """stderr, less the 'Event loop is closed' tracebacks that tensorstore's threads print
-    (from C++, past sys.excepthook) when a failed Orbax save or restore has closed its loop, and
-    less Orbax threads' tracebacks of a full disk. Other output passes straight through; other
-    tracebacks are held until complete, then written."""
-
-    def __init__(self, stream):
-        self.stream, self.held = stream, {}  # per thread: threads print tracebacks concurrently
-
-    def write(self, text):
-        me = threading.get_ident()
-        held = self.held.get(me)
-        if held is None and not text.startswith("Traceback (most recent call last):"):
-            return self.stream.write(text)
-        held = self.held[me] = (held or []) + [text]
-        block = "".join(held)
-        last = block.rstrip("\n").rsplit("\n", 1)[-1]
-        if block.endswith("\n") and last and not last.startswith((" ", "Traceback")):  # the exception line
-            del self.held[me]
-            if last != "RuntimeError: Event loop is closed" and not _NO_SPACE.search(last):
-                self.stream.write(block)  # (a disk-full error is reported once, as DiskFull)
-        return len(text)
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
-class _NoSpaceRecords(logging.Filter):
-    def filter(self, record):
-        error = record.exc_info[1] if record.exc_info else None
-        return not (_NO_SPACE.search(record.getMessage()) or (error and _NO_SPACE.search(str(error))))
-
-
-def quiet_background_noise() -> None:
-    """For a command-line process, until it exits: keep a failed Orbax save or restore to the one
-    line we print about it, without 'Event loop is closed' tracebacks and without Orbax's threads
-    logging the disk-full error that DiskFull reports. (Those threads may still run while the
-    interpreter shuts down, so this is not undone.)"""
-    if not isinstance(sys.stderr, _DropClosedLoopTracebacks):
-        # sys.__stderr__ too: the interpreter falls back to it while it shuts down
-        sys.stderr = sys.__stderr__ = _DropClosedLoopTracebacks(sys.stderr)
-        logging.getLogger("absl").addFilter(_NoSpaceRecords())
-
-
-class Preempted(Exception):
-    """A signal or the time limit stopped the run; re-run the same command to resume.
-
-    ``step`` is the step of the checkpoint written on the way out, or None when the run stopped
-    during start-up, before its first step (nothing new to save).
-    """
-
-    def __init__(self, reason: str, step: Optional[int], path: str):
-        if step is None:
-            message = f"{reason} during start-up: stopped before the first step; nothing new to save"
-        else:
-            message = f"{reason}: saved a checkpoint at step {step} in {path}"
-        super().__init__(message + "; re-run the same command to resume")
-        self.step = step
 
 
 @dataclasses.dataclass
@@ -271,11 +185,10 @@ class Checkpointer:
         try:
             yield
         except Exception as e:  # noqa: BLE001  (Orbax wraps tensorstore's error in ValueError)
-            needed = disk_full_bytes(e)
+            needed = orbax_failures.disk_full_bytes(e)
             if needed is None:
                 raise
-            global FAILED_IN_BACKGROUND
-            FAILED_IN_BACKGROUND = True
+            orbax_failures.FAILED_IN_BACKGROUND = True
             raise DiskFull(f"no space left on the device holding {self.path}: a checkpoint needed at least "
                            f"{needed:,} more bytes; the newest complete checkpoint, step {self.latest_saved()}, "
                            "is intact: free space and re-run the same command to resume") from None
@@ -336,24 +249,13 @@ class Checkpointer:
         return None
 
     def _restore_state(self, step, meta, fresh_state, fresh_totals):
-        fmt = meta["checkpoint_format"]
-        mode = meta["config"]["train_mode"]
-        target = jax.device_get(_state_tree(fresh_state, fresh_totals, fmt, mode))
         try:
-            tree = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+            return _read_state(self.manager, step, meta, fresh_state, fresh_totals)
+        except StateHashMismatch:
+            raise
         except Exception as e:  # noqa: BLE001
             self._refuse_if_readable(step, meta, e)
             raise
-        if state_hash(tree) != meta["state_sha256"]:
-            raise ValueError("array bytes do not match the hash saved with them")
-        tree = jax.device_put(tree)
-        if fmt == "small":
-            params = merge_trainable(fresh_state.params, tree["params"])
-        else:
-            params = tree["params"]
-        state = fresh_state.replace(params=params, batch_stats=tree["batch_stats"],
-                                    opt_state=tree["opt_state"], step=tree["step"])
-        return state, tree["epoch_totals"]
 
     def _refuse_if_readable(self, step: int, meta: Dict[str, Any], error: Exception) -> None:
         """The arrays did not restore into today's train state. If they read fine without that
@@ -387,6 +289,31 @@ class Checkpointer:
         self.manager.reload()
 
 
+class StateHashMismatch(ValueError):
+    """A checkpoint's arrays read, but their bytes differ from the hash saved with them."""
+
+
+def _read_state(manager, step: int, meta: Dict[str, Any], fresh_state, fresh_totals):
+    """(state, partial-epoch totals) of checkpoint ``step``, read into the structure of
+    ``fresh_state`` (a new state of the same config, whose frozen leaves fill in a small one)."""
+    fmt, mode = meta["checkpoint_format"], meta["config"]["train_mode"]
+    target = jax.device_get(_state_tree(fresh_state, fresh_totals, fmt, mode))
+    tree = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    if state_hash(tree) != meta["state_sha256"]:
+        raise StateHashMismatch("array bytes do not match the hash saved with them")
+    tree = jax.device_put(tree)
+    params = merge_trainable(fresh_state.params, tree["params"]) if fmt == "small" else tree["params"]
+    state = fresh_state.replace(params=params, batch_stats=tree["batch_stats"], opt_state=tree["opt_state"],
+                                step=tree["step"])
+    return state, tree["epoch_totals"]
+
+
+def _check_format(meta: Dict[str, Any], where: str) -> None:
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{where} has format version {meta.get('format_version')}, "
+                              f"this code reads {FORMAT_VERSION}; pass --restart or use another --workdir")
+
+
 def check_compatible(meta: Dict[str, Any], expected: Dict[str, Any], step: int, extend: bool = False) -> None:
     """Raise CheckpointError naming what differs between a checkpoint and the current run.
 
@@ -394,9 +321,7 @@ def check_compatible(meta: Dict[str, Any], expected: Dict[str, Any], step: int, 
     schedule's boundaries then move with the new total).
     """
     where = f"checkpoint step {step}"
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{where} has format version {meta.get('format_version')}, "
-                              f"this code reads {FORMAT_VERSION}; pass --restart or use another --workdir")
+    _check_format(meta, where)
     saved_epochs, epochs = meta["config"]["epochs"], expected["config"]["epochs"]
     if extend and saved_epochs >= epochs:
         raise CheckpointError(f"cannot extend to {epochs} epochs: the run in {where} already has {saved_epochs}")
@@ -414,57 +339,6 @@ def check_compatible(meta: Dict[str, Any], expected: Dict[str, Any], step: int, 
         raise CheckpointError(f"cannot resume from small {where}: the frozen weights re-created from seed "
                               f"{expected['config']['seed']} do not match its frozen-leaf hash (init recipe or "
                               "JAX random bits changed?); refusing to combine them")
-
-
-# ---- preemption -----------------------------------------------------------------------------
-
-class PreemptionGuard:
-    """Turns the first SIGTERM/SIGINT into a flag the loop polls; a second SIGINT interrupts.
-
-    ``deadline`` (a ``time.time()`` value) asks for the same stop once that time has passed: the
-    loop checkpoints at its next call boundary, as for a signal, but never during start-up.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self, deadline: Optional[float] = None):
-        self.signame: Optional[str] = None
-        self.deadline = deadline
-        self._previous = {}
-
-    @property
-    def signalled(self) -> bool:
-        return self.signame is not None
-
-    @property
-    def requested(self) -> bool:
-        return self.signalled or (self.deadline is not None and time.time() >= self.deadline)
-
-    @property
-    def reason(self) -> str:
-        return f"{self.signame} received" if self.signalled else "time limit reached"
-
-    def _handle(self, signum, frame):
-        # Only set the flag: printing here could re-enter a print the main thread is inside.
-        if self.signame is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signame = signal.Signals(signum).name
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def reinstall(self) -> None:
-        """Take the signals back (``jax.distributed.initialize`` installs a SIGTERM handler of its own)."""
-        if self._previous:
-            for s in self.SIGNALS:
-                signal.signal(s, self._handle)
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
 
 
 FAULT_HOOKS = ("BN_JAX_TEST_KILL_AT_STEP", "BN_JAX_TEST_SIGTERM_AT_STEP")
@@ -486,41 +360,6 @@ def fault_hook(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-# ---- metrics --------------------------------------------------------------------------------
-
-def json_record(record: Dict[str, Any]) -> str:
-    """One metrics line as valid JSON: a NaN or Inf becomes null and its key is listed under
-    ``nonfinite`` (a diverged test loss must not make the file unreadable)."""
-    bad = [k for k, v in record.items() if isinstance(v, float) and not np.isfinite(v)]
-    if bad:
-        record = {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
-    return json.dumps(record, allow_nan=False)
-
-
-def write_metrics(path: str, history: List[Dict[str, Any]]) -> None:
-    """Atomically (re)write metrics.jsonl with the epochs a checkpoint has seen."""
-    workdir_lib.write_atomic(path, "".join(json_record(record) + "\n" for record in history))
-
-
-def parse_metrics(lines) -> List[Dict[str, Any]]:
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def read_metrics(path: str) -> List[Dict[str, Any]]:
-    """The records of a metrics.jsonl ([] when there is none yet)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return parse_metrics(f)
-
-
-def append_metrics(path: str, record: Dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json_record(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def restore(workdir: str, state, step=None):
     """Load a checkpoint's full train state into the structure of ``state`` (a fresh state of the
     same config); small checkpoints take their frozen leaves from ``state``."""
@@ -533,16 +372,15 @@ def restore(workdir: str, state, step=None):
         if step is None:
             raise CheckpointError(f"{path} holds no checkpoint")
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        fmt, mode = meta["checkpoint_format"], meta["config"]["train_mode"]
-        if fmt == "small" and frozen_hash(train_modes.variables_of(state), mode) != meta["frozen_hash"]:
+        _check_format(meta, f"checkpoint step {step} in {path}")
+        mode = meta["config"]["train_mode"]
+        if meta["checkpoint_format"] == "small" and \
+                frozen_hash(train_modes.variables_of(state), mode) != meta["frozen_hash"]:
             raise CheckpointError(f"checkpoint step {step}: frozen weights of the given state do not match the saved hash")
-        target = jax.device_get(_state_tree(state, _zero_totals_like(), fmt, mode))
-        tree = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    if state_hash(tree) != meta["state_sha256"]:
-        raise CheckpointError(f"checkpoint step {step} in {path}: array bytes do not match the hash saved with them")
-    params = merge_trainable(state.params, tree["params"]) if fmt == "small" else tree["params"]
-    return state.replace(params=params, batch_stats=tree["batch_stats"], opt_state=tree["opt_state"],
-                         step=tree["step"])
+        try:
+            return _read_state(manager, step, meta, state, _zero_totals_like())[0]
+        except StateHashMismatch as e:
+            raise CheckpointError(f"checkpoint step {step} in {path}: {e}") from None
 
 
 def _zero_totals_like():

@@ -18,7 +18,7 @@ layer run in bfloat16 while parameters stay float32 and Flax computes BatchNorm 
 
 import functools
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -81,21 +81,27 @@ class Network(nn.Module):
 
 
 class Block(nn.Module):
-    """Two 3×3 conv-BN pairs and a shortcut (1×1 conv + BN where the shape changes)."""
+    """A residual block: two 3×3 conv-BN pairs (He et al. 2016's basic block, torchvision's
+    BasicBlock) or, with ``bottleneck``, 1×1, 3×3 (with the stride), 1×1 to 4× the features
+    (torchvision's Bottleneck); the shortcut is a 1×1 conv + BN where the shape changes."""
 
     features: int
     stride: int
     norm: Callable
     bn_before_relu: bool = True
     dtype: Any = jnp.float32
+    bottleneck: bool = False
 
     @nn.compact
     def __call__(self, x):
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
-        y = bn_relu(conv(self.features, (3, 3), self.stride, padding=1)(x), self.norm, self.bn_before_relu)
-        y = self.norm()(conv(self.features, (3, 3), 1, padding=1)(y))
-        if self.stride != 1 or x.shape[-1] != self.features:
-            x = self.norm()(conv(self.features, (1, 1), self.stride)(x))
+        act = functools.partial(bn_relu, norm=self.norm, bn_before_relu=self.bn_before_relu)
+        out = 4 * self.features if self.bottleneck else self.features
+        y = act(conv(self.features, (1, 1))(x)) if self.bottleneck else x
+        y = act(conv(self.features, (3, 3), self.stride, padding=1)(y))
+        y = self.norm()(conv(out, (1, 1) if self.bottleneck else (3, 3), padding=0 if self.bottleneck else 1)(y))
+        if self.stride != 1 or x.shape[-1] != out:
+            x = self.norm()(conv(out, (1, 1), self.stride)(x))
         return nn.relu(x + y)
 
 
@@ -154,29 +160,6 @@ class CifarVGG(Network):
         return head(x, self.num_classes, self.dtype)
 
 
-class ImageNetBlock(Block):
-    """torchvision's BasicBlock (two 3×3) or Bottleneck (1×1, 3×3 with the stride, 1×1 ×4)."""
-
-    bottleneck: bool = False
-
-    @nn.compact
-    def __call__(self, x):
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
-        act = functools.partial(bn_relu, norm=self.norm, bn_before_relu=self.bn_before_relu)
-        if self.bottleneck:
-            out = 4 * self.features
-            y = act(conv(self.features, (1, 1))(x))
-            y = act(conv(self.features, (3, 3), self.stride, padding=1)(y))
-            y = self.norm()(conv(out, (1, 1))(y))
-        else:
-            out = self.features
-            y = act(conv(out, (3, 3), self.stride, padding=1)(x))
-            y = self.norm()(conv(out, (3, 3), padding=1)(y))
-        if self.stride != 1 or x.shape[-1] != out:
-            x = self.norm()(conv(out, (1, 1), self.stride)(x))
-        return nn.relu(x + y)
-
-
 IMAGENET_PLANS = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3), True)}
 
 
@@ -195,8 +178,8 @@ class ImageNetResNet(Network):
         x = nn.max_pool(bn_relu(x, norm, self.bn_before_relu), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, n in enumerate(blocks):
             for i in range(n):
-                x = ImageNetBlock(64 * 2**stage * self.width, 2 if stage > 0 and i == 0 else 1, norm,
-                                  self.bn_before_relu, self.dtype, bottleneck=bottleneck)(x)
+                x = Block(64 * 2**stage * self.width, 2 if stage > 0 and i == 0 else 1, norm,
+                          self.bn_before_relu, self.dtype, bottleneck=bottleneck)(x)
         return head(jnp.mean(x, axis=(1, 2)), self.num_classes, self.dtype)
 
 
@@ -208,9 +191,13 @@ def model_names() -> str:
             "imagenet_resnet18, imagenet_resnet34, imagenet_resnet50")
 
 
-def create_model(name: str, *, width: int = 1, num_classes: int = 10, bn_init: str = "uniform",
-                 bn_before_relu: bool = True, affine: bool = True, precision: str = "float32") -> nn.Module:
-    """Build a model from its registry name; raises ValueError with the accepted names."""
+class ModelName(NamedTuple):
+    family: str  # "resnet" (CIFAR), "vgg" or "imagenet_resnet"
+    depth: int
+
+
+def parse_model_name(name: str) -> ModelName:
+    """The one reading of a registry name; raises ValueError with the accepted names."""
     match = _NAME.match(name.lower())
     if not match:
         raise ValueError(f"unknown model {name!r}; known: {model_names()}")
@@ -221,6 +208,13 @@ def create_model(name: str, *, width: int = 1, num_classes: int = 10, bn_init: s
         raise ValueError(f"unknown VGG depth {depth}; known: {', '.join(f'vgg{d}' for d in VGG_PLANS)}")
     elif family == "imagenet_resnet" and depth not in IMAGENET_PLANS:
         raise ValueError(f"unknown ImageNet ResNet depth {depth}; known: 18, 34, 50")
+    return ModelName(family, depth)
+
+
+def create_model(name: str, *, width: int = 1, num_classes: int = 10, bn_init: str = "uniform",
+                 bn_before_relu: bool = True, affine: bool = True, precision: str = "float32") -> nn.Module:
+    """Build a model from its registry name; raises ValueError with the accepted names."""
+    family, depth = parse_model_name(name)
     if width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
     if bn_init not in BN_INITS:

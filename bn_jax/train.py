@@ -27,7 +27,7 @@ import optax
 from flax.training import train_state
 from tqdm import tqdm
 
-from bn_jax import checkpoints, input_pipeline, models, parallel, provenance, train_modes
+from bn_jax import checkpoints, input_pipeline, metrics_log, models, parallel, preemption, provenance, train_modes
 from bn_jax import workdir as workdir_lib
 from bn_jax.config import Config
 
@@ -310,7 +310,7 @@ class _Loop:
         restored = self.ckpt.restore_latest(state, zero_totals(), self.expected)
         if restored is None:
             if self.writer:
-                checkpoints.write_metrics(self.metrics_path, [])
+                metrics_log.write_metrics(self.metrics_path, [])
             return state
         state, totals, meta = restored
         self.totals = parallel.replicate(totals, self.mesh)
@@ -322,7 +322,7 @@ class _Loop:
         self.history = meta["history"]
         self.past_wall_time = meta["wall_time"]
         if self.writer:
-            checkpoints.write_metrics(self.metrics_path, self.history)
+            metrics_log.write_metrics(self.metrics_path, self.history)
         self.log(f"resumed from checkpoint step {step} (epoch {step // self.steps_per_epoch + 1}, "
                  f"step {step % self.steps_per_epoch} of {self.steps_per_epoch}) in {self.ckpt.path}")
         return state
@@ -350,7 +350,7 @@ class _Loop:
             self.save(state, totals)
         if stop:
             self.ckpt.wait()
-            raise checkpoints.Preempted(reason, step, self.ckpt.path)
+            raise preemption.Preempted(reason, step, self.ckpt.path)
 
     def stop_requested(self, step: int, epoch_done: Optional[int]) -> bool:
         """Whether a SIGTERM/SIGINT asks us to checkpoint and exit at this step.
@@ -417,12 +417,12 @@ class _Loop:
                   "wall_time": self.wall_time()}
         self.history.append(record)
         if self.writer:
-            checkpoints.append_metrics(self.metrics_path, record)
+            metrics_log.append_metrics(self.metrics_path, record)
         self.log(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
                  f"test loss {test['loss']:.4f} acc {test['accuracy']:.4f} | {record['images_per_second']:.0f} img/s")
 
     def run(self, state):
-        stop_before_start(self.guard, self.ckpt.path)  # a signal while loading or restoring
+        preemption.stop_before_start(self.guard, self.ckpt.path)  # a signal while loading or restoring
         for epoch in range(int(state.step) // self.steps_per_epoch, self.config.epochs):
             # A mid-epoch resume continues the restored partial-epoch sums.
             # (replicated like the step's outputs, so the step compiles once, not twice)
@@ -434,13 +434,6 @@ class _Loop:
         if self.config.epochs == 0:
             self.save(state, zero_totals())
         return state
-
-
-def stop_before_start(guard, where: str) -> None:
-    """Raise Preempted (nothing saved) if a signal arrived during start-up; every process agrees."""
-    if guard is not None and parallel.any_process(guard.signalled):
-        raise checkpoints.Preempted(guard.reason if guard.signalled else "another process was signalled",
-                                    None, where)
 
 
 def run_summary(config: Config, data, loaded_counts, state, loop: _Loop, devices) -> Dict[str, Any]:
@@ -463,7 +456,7 @@ def run_summary(config: Config, data, loaded_counts, state, loop: _Loop, devices
 
 def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeline.Dataset] = None,
                        log=print, checkpointing: Optional[checkpoints.CheckpointOptions] = None,
-                       guard: Optional[checkpoints.PreemptionGuard] = None) -> Dict[str, Any]:
+                       guard: Optional[preemption.PreemptionGuard] = None) -> Dict[str, Any]:
     """Train, evaluate every epoch, and write config/metrics/summary/checkpoints into workdir.
 
     ``guard``: a PreemptionGuard the caller entered early, so that a signal during start-up
@@ -477,7 +470,7 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
     options = (checkpointing or checkpoints.CheckpointOptions()).validate()
     if data is None:
         data = input_pipeline.load(config.dataset, config.data_dir)
-    stop_before_start(guard, workdir)
+    preemption.stop_before_start(guard, workdir)
     loaded = data.class_counts()
     data = data.subset(config.max_train_examples, config.max_test_examples)
     n_train = len(data.train_labels)
@@ -512,7 +505,7 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
                     "frozen_hash": checkpoints.frozen_hash(train_modes.variables_of(state), config.train_mode)}
 
         with checkpoints.Checkpointer(workdir, options, log) as ckpt, \
-                (contextlib.nullcontext(guard) if guard else checkpoints.PreemptionGuard()) as guard:
+                (contextlib.nullcontext(guard) if guard else preemption.PreemptionGuard()) as guard:
             loop = _Loop(config, data, workdir, mesh, ckpt, guard, expected, log)
             state = parallel.replicate(loop.resume(state), mesh)  # restored leaves are host arrays
             if writer:

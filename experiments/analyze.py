@@ -10,7 +10,6 @@ is re-created exactly as in training; --no_ablation skips it).
 import argparse
 import datetime
 import os
-import re
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -20,22 +19,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bn_jax import analysis, checkpoints, reference, train_modes  # noqa: E402
+from bn_jax import analysis, checkpoints, models, reference, train_modes  # noqa: E402
 from bn_jax import workdir as workdir_lib  # noqa: E402
 
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def depth_of(run) -> Optional[int]:
-    match = re.match(r"resnet(\d+)$", run.config.model)
-    return int(match.group(1)) if match else None
+    """The depth of a CIFAR ResNet run (None for other models)."""
+    family, depth = models.parse_model_name(run.config.model)
+    return depth if family == "resnet" else None
 
 
 def run_order(run):
     """Architecture, width, then the order of train_modes.MODES (full, bn, ... as the presets list them)."""
     modes = list(train_modes.MODES)
-    return (re.sub(r"\d+", "", run.config.model), int(re.sub(r"\D", "", run.config.model) or 0),
-            run.config.width, modes.index(run.config.train_mode), run.config.k, run.config.seed)
+    return (*models.parse_model_name(run.config.model), run.config.width, modes.index(run.config.train_mode), run.config.k, run.config.seed)
 
 
 def _save(fig, path: str) -> str:

@@ -13,14 +13,14 @@ import dataclasses
 import os
 import sys
 
-from bn_jax import checkpoints
+from bn_jax import checkpoints, orbax_failures, preemption
 from bn_jax import config as config_lib
 from bn_jax import input_pipeline, models, parallel, train_modes
 from bn_jax import workdir as workdir_lib
 
 DEFAULTS = config_lib.Config()
 CKPT_DEFAULTS = checkpoints.CheckpointOptions()
-EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, checkpoints.EXIT_PREEMPTED
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, preemption.EXIT_PREEMPTED
 EXIT_INTERRUPTED = 130  # the shell's code for an interrupted command (128 + SIGINT)
 
 
@@ -194,9 +194,9 @@ def run_name(config) -> str:
 
 
 def main(argv=None) -> int:
-    checkpoints.quiet_background_noise()
+    orbax_failures.quiet_background_noise()
     # Signals are turned into a checkpoint and exit 75 from the start, data loading included.
-    with checkpoints.PreemptionGuard() as guard:
+    with preemption.PreemptionGuard() as guard:
         try:
             config, workdir, options = parse_args(argv)
         except KeyboardInterrupt:  # a second Ctrl-C while waiting for a coordinator
@@ -214,12 +214,12 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_NONFINITE
         except OSError as e:
-            if checkpoints.disk_full_bytes(e) is None:
+            if orbax_failures.disk_full_bytes(e) is None:
                 raise
             print(f"error: no space left on the device holding {e.filename or workdir} ({e.strerror}); "
                   "free space and re-run the same command to resume from the newest checkpoint", file=sys.stderr)
             return EXIT_BAD_INPUT
-        except checkpoints.Preempted as e:
+        except preemption.Preempted as e:
             print(f"preempted: {e} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
             return EXIT_PREEMPTED
         except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the checkpoint
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    if checkpoints.FAILED_IN_BACKGROUND:  # skip the shutdown, where Orbax's failed threads print tracebacks
+    if orbax_failures.FAILED_IN_BACKGROUND:  # skip the shutdown, where Orbax's failed threads print tracebacks
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

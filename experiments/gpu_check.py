@@ -427,8 +427,8 @@ def summarize_run(history: List[Dict[str, Any]], epochs: int, session_first_epoc
 
 
 def _read_history(workdir: str) -> List[Dict[str, Any]]:
-    from bn_jax import checkpoints
-    return checkpoints.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    from bn_jax import metrics_log
+    return metrics_log.read_metrics(os.path.join(workdir, "metrics.jsonl"))
 
 
 def unpack_run(archive: str, workdir: str) -> None:
@@ -452,7 +452,7 @@ def pack_run(workdir: str, out: str) -> str:
 
 
 def run_stage(args, sizes: Sizes, clock: Clock, report: Report, data_dir: str, scratch: str, guard) -> None:
-    from bn_jax import checkpoints, train
+    from bn_jax import checkpoints, preemption, train
     from experiments import cifar
 
     config = run_config(sizes, data_dir)
@@ -486,7 +486,7 @@ def run_stage(args, sizes: Sizes, clock: Clock, report: Report, data_dir: str, s
     try:
         train.train_and_evaluate(config, workdir, log=log, checkpointing=options, guard=guard)
         status = "finished"
-    except checkpoints.Preempted as e:
+    except preemption.Preempted as e:
         status = f"stopped: {e}"
         if guard.signalled:
             raise
@@ -617,8 +617,8 @@ def main(argv=None) -> int:
         # step's compile and timing). A persistent cache compiles each distinct program once.
         # (Set before JAX is imported: it reads the variable then.)
         os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(scratch, "xla_cache"))
-        from bn_jax import checkpoints
-        with checkpoints.PreemptionGuard() as guard:
+        from bn_jax import preemption
+        with preemption.PreemptionGuard() as guard:
             code = run_stages(args, sizes, report, Clock(args.budget_s, report.start), guard, scratch)
     report.data["tensorflow_imported"] = any(m in sys.modules for m in ("tensorflow", "tensorflow_datasets"))
     report.data["targets"] = targets(report.data)
@@ -634,7 +634,7 @@ def main(argv=None) -> int:
 def run_stages(args, sizes: Sizes, report: Report, clock: Clock, guard, scratch: str) -> Optional[int]:
     """Each stage in turn; a stage that raises is reported and the next one runs. A signal ends
     the check (exit 75, or 130 for a second Ctrl-C) after the run stage has packed its progress."""
-    from bn_jax import checkpoints
+    from bn_jax import preemption
 
     data_dir = args.data_dir or smoke_data(scratch)
     stage_fns = {"environment": lambda: report.update("environment", **environment()),
@@ -651,7 +651,7 @@ def run_stages(args, sizes: Sizes, report: Report, clock: Clock, guard, scratch:
         report.log(f"{name} ...")
         try:
             stage_fns[name]()
-        except checkpoints.Preempted as e:
+        except preemption.Preempted as e:
             report.data["stopped"] = f"{name}: {e}"
             return 75
         except KeyboardInterrupt:

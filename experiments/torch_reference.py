@@ -16,10 +16,9 @@ lazily so that ``available()`` works without it.
 
 import argparse
 import functools
-import re
 import time
 
-_RESNET = re.compile(r"resnet(\d+)$")
+from bn_jax import models
 
 
 def available() -> bool:
@@ -32,15 +31,12 @@ def available() -> bool:
 
 
 def blocks_per_segment(model: str) -> int:
-    """n for a "resnet<6n+2>" name; the same names bn_jax accepts for CIFAR ResNets."""
-    match = _RESNET.match(model.lower())
-    if not match:
+    """n for a "resnet<6n+2>" name, read as bn_jax reads it."""
+    family, depth = models.parse_model_name(model)
+    if family != "resnet":
         raise ValueError(f"unknown model {model!r}: the PyTorch reference only builds CIFAR ResNets "
                          "named resnet<6n+2> (resnet20, resnet56, resnet110, ...)")
-    depth = int(match.group(1))
-    if depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 56, 110, ...), got {depth}")
-    return (depth - 2) // 6
+    return models.blocks_per_segment(depth)
 
 
 @functools.cache

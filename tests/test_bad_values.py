@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from bn_jax import checkpoints, input_pipeline, train
+from bn_jax import input_pipeline, metrics_log, train
 from bn_jax.config import Config
 
 from conftest import random_dataset
@@ -37,8 +37,8 @@ def strict_json(line):
 def test_a_nonfinite_metric_is_written_as_null_and_flagged(tmp_path):
     # Before: a diverged test loss was written as a bare NaN, which JSON readers reject.
     path = str(tmp_path / "metrics.jsonl")
-    checkpoints.append_metrics(path, {"epoch": 1, "test_loss": math.nan, "train_loss": math.inf, "test_accuracy": 0.1})
-    checkpoints.write_metrics(path + "2", [{"epoch": 1, "test_loss": -math.inf}])
+    metrics_log.append_metrics(path, {"epoch": 1, "test_loss": math.nan, "train_loss": math.inf, "test_accuracy": 0.1})
+    metrics_log.write_metrics(path + "2", [{"epoch": 1, "test_loss": -math.inf}])
     record = strict_json(open(path).read())
     assert record == {"epoch": 1, "test_loss": None, "train_loss": None, "test_accuracy": 0.1,
                       "nonfinite": ["test_loss", "train_loss"]}

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bn_jax import checkpoints, train, train_modes
+from bn_jax import checkpoints, preemption, train, train_modes
 from bn_jax.config import Config
 from experiments import cifar
 
@@ -110,7 +110,7 @@ def test_kill_and_resume_at_several_points_is_bitwise_exact(env, baseline):
     assert 6 not in finalized_steps(workdir), "the kill should have landed before the async save finished"
     assert [m["epoch"] for m in metrics(workdir)] == [1, 2]
     # Resume; SIGTERM after step 7: a checkpoint at step 7 and exit code 75.
-    out = cli(env, workdir, hooks={"BN_JAX_TEST_SIGTERM_AT_STEP": "7"}, expect=checkpoints.EXIT_PREEMPTED)
+    out = cli(env, workdir, hooks={"BN_JAX_TEST_SIGTERM_AT_STEP": "7"}, expect=preemption.EXIT_PREEMPTED)
     assert "SIGTERM received" in out.stderr and "step 7" in out.stderr
     assert max(finalized_steps(workdir)) == 7
     out = cli(env, workdir)
@@ -185,7 +185,7 @@ def test_sigterm_during_start_up_exits_75_at_once(env, baseline, tmp_path):
     proc.send_signal(signal.SIGTERM)
     release()
     out, err = proc.communicate(timeout=240)
-    assert proc.returncode == checkpoints.EXIT_PREEMPTED, err
+    assert proc.returncode == preemption.EXIT_PREEMPTED, err
     assert "SIGTERM received during start-up: stopped before the first step" in err and "Traceback" not in err
     workdir = argv[argv.index("--workdir") + 1]
     assert not os.path.exists(workdir)  # it stopped right after loading the data
@@ -280,7 +280,7 @@ def test_fused_loop_stops_at_the_signalled_step_and_resumes_bitwise(env, tmp_pat
     reference = tmp_path / "fused_reference"
     cli(env, reference, *fused)
     workdir = tmp_path / "fused"
-    out = cli(env, workdir, *fused, hooks={"BN_JAX_TEST_SIGTERM_AT_STEP": "5"}, expect=checkpoints.EXIT_PREEMPTED)
+    out = cli(env, workdir, *fused, hooks={"BN_JAX_TEST_SIGTERM_AT_STEP": "5"}, expect=preemption.EXIT_PREEMPTED)
     assert "step 5" in out.stderr and max(finalized_steps(workdir)) == 5
     out = cli(env, workdir, *fused, "--steps_per_call", "1")  # steps per call may change on resume
     assert "resumed from checkpoint step 5 (epoch 2, step 2 of 3)" in out.stdout
@@ -303,7 +303,7 @@ def test_external_sigint_saves_a_checkpoint_and_exits_75(env):
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == checkpoints.EXIT_PREEMPTED, err
+    assert proc.returncode == preemption.EXIT_PREEMPTED, err
     assert "SIGINT received" in err
     step = max(finalized_steps(workdir))
     assert f"at step {step} " in err
