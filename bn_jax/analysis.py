@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from bn_jax import checkpoints, input_pipeline, metrics_log, parallel, train, train_modes
+from bn_jax import program as program_lib
 from bn_jax.config import Config
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
@@ -135,6 +136,6 @@ def ablation_curve(state, data, fractions: Sequence[float], eval_batch_size: int
                    normalize: str = "dataset"):
     """[(fraction zeroed, test accuracy)] on ``data`` (already the run's subset)."""
     mean, std = input_pipeline.normalization(normalize, data.train_images)  # as the run normalised
-    batches = train.pad_batches(data.test_images, data.test_labels, eval_batch_size, parallel.make_mesh(1))
-    return [(float(f), train.evaluate(state.replace(params=zero_smallest_gammas(train_modes.variables_of(state), f)),
+    batches = program_lib.pad_batches(data.test_images, data.test_labels, eval_batch_size, parallel.make_mesh(1))
+    return [(float(f), program_lib.evaluate(state.replace(params=zero_smallest_gammas(train_modes.variables_of(state), f)),
                                       batches, mean, std)["accuracy"]) for f in fractions]

@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import signal
 import time
 from typing import Any, Dict, List, Optional
 
@@ -210,7 +209,6 @@ class Checkpointer:
         with self._disk_full_as_error():
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
                                                             meta=ocp.args.JsonSave(meta)), force=True)
-        fault_hook("BN_JAX_TEST_KILL_DURING_SAVE", step)
 
     def latest_saved(self) -> Optional[int]:
         steps = self.manager.all_steps()
@@ -339,25 +337,6 @@ def check_compatible(meta: Dict[str, Any], expected: Dict[str, Any], step: int, 
         raise CheckpointError(f"cannot resume from small {where}: the frozen weights re-created from seed "
                               f"{expected['config']['seed']} do not match its frozen-leaf hash (init recipe or "
                               "JAX random bits changed?); refusing to combine them")
-
-
-FAULT_HOOKS = ("BN_JAX_TEST_KILL_AT_STEP", "BN_JAX_TEST_SIGTERM_AT_STEP")
-
-
-def fault_steps() -> List[int]:
-    """Steps at which a test asked a fault hook to act (the fused loop ends a call there)."""
-    return [int(os.environ[name]) for name in FAULT_HOOKS if name in os.environ]
-
-
-def fault_hook(name: str, step: int) -> None:
-    """Test-only fault injection: env ``name`` = step at which to act (see docs/checkpoints.md)."""
-    value = os.environ.get(name)
-    if value is None or int(value) != step:
-        return
-    if name == "BN_JAX_TEST_SIGTERM_AT_STEP":
-        os.kill(os.getpid(), signal.SIGTERM)
-    else:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def restore(workdir: str, state, step=None):

@@ -159,41 +159,28 @@ def jax_runner(case: Case, width: int, steps: int) -> JaxRunner:
     on its first call and ``cost`` compiles one single step for the analysis.
     """
     import jax
-    import numpy as np
     from bn_jax import input_pipeline, parallel, roofline, train
+    from bn_jax import program as program_lib
     from bn_jax.config import Config
 
     config = Config(model=case.model, width=width, train_mode=case.mode, batch_size=case.batch_size,
                     precision=case.precision, loop=case.loop).validate()
     mesh = None if case.devices is None else parallel.make_mesh(case.devices)
-    n = case.batch_size * steps
-    rng = np.random.default_rng(0)
-    data = (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32))
-    mean, std = input_pipeline.channel_stats(data[0])
-    state = train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=steps)
-    _, augment_key, order_key = train.run_keys(0)
-    if mesh is None:
-        state, data, mean, std = jax.device_put((state, data, mean, std))
-    else:
+    if mesh is not None:
         parallel.check_batch_size(case.batch_size, mesh)
-        state, data, mean, std = parallel.replicate((state, data, mean, std), mesh)
-    order = train.epoch_order_fn(n, mesh)(order_key, 0)
-    steps_fn = train.jit_epoch_steps(config, mesh)
-    totals = train.zero_totals() if mesh is None else parallel.replicate(train.zero_totals(), mesh)
-    holder = {"state": state, "totals": totals}
-    fused = case.loop == "fused"
+    program = program_lib.build_program(config, input_pipeline.random_dataset(case.batch_size * steps, 1), mesh)
+    holder = {"state": program.put(train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=steps)),
+              "totals": program.zero_totals()}
+    fused = program.loop == "fused"
     t = time.perf_counter()
     if fused:
-        steps_fn = steps_fn.lower(state, totals, data, order, 0, 1, 0, augment_key, mean, std).compile()
+        compiled = program.compile(holder["state"], holder["totals"])
     compiled_at = time.perf_counter()
 
     def run(k: int):
         s, t = holder["state"], holder["totals"]
-        if fused:
-            s, t = steps_fn(s, t, data, order, 0, k, 0, augment_key, mean, std)
-        else:
-            for i in range(k):
-                s, t = steps_fn(s, t, data, order, i, i + 1, 0, augment_key, mean, std)
+        for i in [0] if fused else range(k):
+            s, t = program.run(s, t, 0, i, k if fused else i + 1)
         jax.block_until_ready(s)
         holder["state"], holder["totals"] = s, t
 
@@ -201,11 +188,7 @@ def jax_runner(case: Case, width: int, steps: int) -> JaxRunner:
         run(1)
 
     def cost():
-        if fused:
-            return roofline.step_cost(steps_fn)
-        one_step = jax.jit(train.jit_epoch_steps(dataclasses.replace(config, loop="step"), mesh))
-        lowered = one_step.lower(holder["state"], holder["totals"], data, order, 0, 1, 0, augment_key, mean, std)
-        return roofline.step_cost(lowered.compile())
+        return roofline.step_cost(compiled if fused else program.compile(holder["state"], holder["totals"]))
 
     return JaxRunner(run, cost, time.perf_counter() - t if not fused else compiled_at - t)
 

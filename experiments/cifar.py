@@ -193,7 +193,7 @@ def run_name(config) -> str:
     return "_".join(parts + [f"s{config.seed}"])
 
 
-def main(argv=None) -> int:
+def main(argv=None, extra_hooks=()) -> int:
     orbax_failures.quiet_background_noise()
     # Signals are turned into a checkpoint and exit 75 from the start, data loading included.
     with preemption.PreemptionGuard() as guard:
@@ -205,7 +205,8 @@ def main(argv=None) -> int:
         guard.reinstall()  # after jax.distributed.initialize, which takes SIGTERM for itself
         from bn_jax import train
         try:
-            summary = train.train_and_evaluate(config, workdir, checkpointing=options, guard=guard)
+            summary = train.train_and_evaluate(config, workdir, checkpointing=options, guard=guard,
+                                               extra_hooks=extra_hooks)
         except (input_pipeline.DataError, checkpoints.CheckpointError, workdir_lib.WorkdirUnusable) as e:
             build_parser().print_usage(sys.stderr)
             print(f"error: {e}", file=sys.stderr)
@@ -232,10 +233,15 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    code = main()
+def run_main(argv=None, extra_hooks=()) -> int:
+    """``main``'s exit code; after a failed background save, exit at once (see below)."""
+    code = main(argv, extra_hooks)
     if orbax_failures.FAILED_IN_BACKGROUND:  # skip the shutdown, where Orbax's failed threads print tracebacks
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(run_main())

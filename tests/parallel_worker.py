@@ -4,30 +4,30 @@ Used by tests/test_parallel.py in a subprocess, because the device count must be
 XLA_FLAGS) before JAX starts.
 """
 
+import functools
 import sys
 
 import jax
 import numpy as np
 
 from bn_jax import input_pipeline, parallel, roofline, train, train_modes
+from bn_jax import program as program_lib
 from bn_jax.config import Config
 
 from conftest import random_dataset
 
 
+def experiment(mode: str, num_devices: int) -> Config:
+    return Config(model="resnet8", train_mode=mode, batch_size=16, lr=0.1, schedule="constant",
+                  num_devices=num_devices, loop="step")
+
+
 def count_convolutions(mode: str, n: int) -> int:
-    """Convolutions in the compiled sharded step (per-device program)."""
-    config = Config(model="resnet8", train_mode=mode, batch_size=16, num_devices=n)
-    mesh = parallel.make_mesh(n)
-    state = parallel.replicate(train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=4), mesh)
-    x = parallel.shard_global(np.zeros((16, 32, 32, 3), np.uint8), mesh)
-    y = parallel.shard_global(np.zeros(16, np.int32), mesh)
-    hlo = train.jit_train_step(True, mesh).lower(state, x, y, jax.random.key(0), np.zeros(3, np.float32),
-                                                 np.ones(3, np.float32)).compile().as_text()
-    return sum(roofline.convolution_counts(hlo).values())
-
-
-MEAN, STD = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+    """Convolutions in the compiled sharded step the trainer runs (per-device program)."""
+    program = program_lib.build_program(experiment(mode, n), random_dataset(n_train=64, n_test=8),
+                                        parallel.make_mesh(n))
+    state = program.put(train.create_train_state(experiment(mode, n), 10, (32, 32, 3), steps_per_epoch=4))
+    return sum(roofline.convolution_counts(program.compile(state, program.zero_totals()).as_text()).values())
 
 
 def ghost_train_step(state, images, labels, key, mean, std, groups: int):
@@ -49,23 +49,24 @@ def ghost_train_step(state, images, labels, key, mean, std, groups: int):
 
 
 def run(mode: str, num_devices: int, steps: int = 3, ghost_groups: int = 0):
-    """``steps`` steps of ResNet-8 on ``num_devices``; ``ghost_groups`` > 0 computes BN statistics
-    per group instead (one device)."""
-    data = random_dataset(n_train=64, n_test=8)
-    config = Config(model="resnet8", train_mode=mode, batch_size=16, lr=0.1, schedule="constant",
-                    num_devices=num_devices)
-    mesh = parallel.make_mesh(num_devices)
-    state = parallel.replicate(train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=4), mesh)
-    mean, std = parallel.replicate((MEAN, STD), mesh)
-    step = train.jit_train_step(True, mesh)
-    if ghost_groups:
-        step = jax.jit(lambda *a: ghost_train_step(*a, groups=ghost_groups))
+    """``steps`` steps of ResNet-8 on ``num_devices``, by the program the trainer runs;
+    ``ghost_groups`` > 0: the same batches and keys on one device, with BN statistics per group."""
+    config = experiment(mode, num_devices)
+    program = program_lib.build_program(config, random_dataset(n_train=64, n_test=8),
+                                        parallel.make_mesh(num_devices))
+    state = program.put(train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=4))
+    totals, ghost = program.zero_totals(), jax.jit(functools.partial(ghost_train_step, groups=ghost_groups))
     losses = []
     for i in range(steps):
-        batch = slice(16 * i, 16 * (i + 1))
-        x, y = (parallel.shard_global(a[batch], mesh) for a in (data.train_images, data.train_labels))
-        state, m = step(state, x, y, jax.random.key(i), mean, std)
-        losses.append(float(m["loss"]) / 16)
+        before = float(totals["loss"])
+        if ghost_groups:
+            idx = program.order(0)[16 * i:16 * (i + 1)]
+            state, m = ghost(state, program.train_data[0][idx], program.train_data[1][idx],
+                             jax.random.fold_in(program.augment_key, i), program.mean, program.std)
+            totals = {**totals, "loss": totals["loss"] + m["loss"]}
+        else:
+            state, totals = program.run(state, totals, 0, i, i + 1)
+        losses.append((float(totals["loss"]) - before) / 16)
     return state, np.array(losses)
 
 

@@ -2,8 +2,8 @@
 
 The CLI runs in subprocesses on a tiny 8×8 image folder (24 training images, batch 8: 3 steps
 per epoch, 3 epochs) with a persistent XLA compilation cache shared by the module, so each run
-takes seconds. Faults are injected with the documented BN_JAX_TEST_* hooks, which fire at an
-exact step, so every test is deterministic.
+takes seconds. Faults are hooks installed by tests/fault_runner.py (the CLI plus the fault named
+by a BN_JAX_TEST_* variable), which fire at an exact step, so every test is deterministic.
 """
 
 import contextlib
@@ -22,13 +22,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bn_jax import checkpoints, preemption, train, train_modes
+from bn_jax import checkpoints, preemption, steps, train, train_modes
 from bn_jax.config import Config
 from experiments import cifar
 
 from conftest import write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAULT_RUNNER = os.path.join(REPO, "tests", "fault_runner.py")  # the CLI plus the fault a test asks for
 TIMING = ("images_per_second", "wall_time")
 
 
@@ -54,7 +55,7 @@ def cli_env(env, hooks=None):
 
 
 def cli(env, workdir, *extra, hooks=None, expect=0):
-    proc = subprocess.run([sys.executable, "-m", "experiments.cifar", *flags(env, workdir, *extra)],
+    proc = subprocess.run([sys.executable, FAULT_RUNNER, *flags(env, workdir, *extra)],
                           cwd=REPO, env=cli_env(env, hooks), capture_output=True, text=True, timeout=240)
     assert proc.returncode == expect, f"exit {proc.returncode}, expected {expect}:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -388,7 +389,7 @@ def test_a_checkpoint_that_no_longer_fits_the_train_state_is_refused_not_quarant
                 "frozen_hash": checkpoints.frozen_hash(train_modes.variables_of(state), "bn")}
     with checkpoints.Checkpointer(workdir, checkpoints.CheckpointOptions(), log=lambda *a: None) as ckpt:
         with pytest.raises(checkpoints.CheckpointError, match="readable but does not fit this code's train state"):
-            ckpt.restore_latest(state, train.zero_totals(), expected)
+            ckpt.restore_latest(state, steps.zero_totals(), expected)
     assert finalized_steps(workdir) == [2]
     assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
 

@@ -6,13 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bn_jax import input_pipeline, train
+from bn_jax import input_pipeline, steps, train
+from bn_jax import program as program_lib
 from bn_jax.config import Config
 
 from conftest import random_dataset
 
 DATA = random_dataset(n_train=80, n_test=16)  # 5 steps of 16 per epoch
-JIT_EPOCH_STEPS = train.jit_epoch_steps
+JIT_EPOCH_STEPS = program_lib.jit_epoch_steps
 
 
 def config(**kw):
@@ -36,7 +37,7 @@ def run(monkeypatch, tmp_path, name, **kw):
             return out
         return wrapped
 
-    monkeypatch.setattr(train, "jit_epoch_steps", counting)
+    monkeypatch.setattr(program_lib, "jit_epoch_steps", counting)
     summary = train.train_and_evaluate(config(**kw), str(tmp_path / name), data=DATA, log=lambda *a: None)
     if kw.get("loop", "fused") == "fused":  # one compilation for the whole run, whatever the calls
         assert compiled[0]._cache_size() == 1
@@ -76,20 +77,15 @@ def test_steps_per_call_does_not_change_a_single_bit(monkeypatch, tmp_path):
 def test_a_fused_call_moves_no_data_between_host_and_device():
     """Once the dataset, order and scalars are on the device, S steps run without a transfer."""
     cfg = config()
-    state = train.create_train_state(cfg, 10, (32, 32, 3), steps_per_epoch=5)
-    _, augment_key, order_key = train.run_keys(cfg.seed)
-    data = jax.device_put((DATA.train_images, DATA.train_labels))
-    mean, std = jax.device_put(input_pipeline.channel_stats(DATA.train_images))
-    order = input_pipeline.epoch_order(order_key, 0, 80)
-    start, stop, base = jax.device_put((np.int32(0), np.int32(5), np.int32(0)))
-    totals = jax.device_put(train.zero_totals())
-    state, augment_key = jax.device_put((state, augment_key))
-    fused = train.jit_epoch_steps(cfg)
-    fused(state, totals, data, order, start, stop, base, augment_key, mean, std)  # compile outside the guard
-    state = train.create_train_state(cfg, 10, (32, 32, 3), steps_per_epoch=5)
-    state = jax.device_put(state)
+    program = program_lib.build_program(cfg, DATA, mesh=None)  # what the trainer runs
+    state = program.put(train.create_train_state(cfg, 10, (32, 32, 3), steps_per_epoch=5))
+    args = (program.train_data, program.order(0), *jax.device_put((np.int32(0), np.int32(5), np.int32(0))),
+            program.augment_key, program.mean, program.std)
+    totals = program.zero_totals()
+    program.steps_fn(state, totals, *args)  # compile outside the guard
+    state = program.put(train.create_train_state(cfg, 10, (32, 32, 3), steps_per_epoch=5))
     with jax.transfer_guard("disallow"):
-        state, totals = fused(state, totals, data, order, start, stop, base, augment_key, mean, std)
+        state, totals = program.steps_fn(state, totals, *args)
         jax.block_until_ready(state)
     assert int(state.step) == 5 and int(totals["count"]) == 80
 
@@ -102,8 +98,8 @@ def test_each_epoch_sees_every_example_once_in_a_new_order():
 
 
 def test_auto_loop_is_fused_except_on_cpu():
-    assert [train.resolve_loop("auto", p) for p in ("gpu", "tpu", "cpu")] == ["fused", "fused", "step"]
-    assert train.resolve_loop("fused", "cpu") == "fused" and train.resolve_loop("step", "gpu") == "step"
+    assert [program_lib.resolve_loop("auto", p) for p in ("gpu", "tpu", "cpu")] == ["fused", "fused", "step"]
+    assert program_lib.resolve_loop("fused", "cpu") == "fused" and program_lib.resolve_loop("step", "gpu") == "step"
 
 
 def test_bad_loop_and_steps_per_call_are_refused():
@@ -121,13 +117,13 @@ def test_step_loop_gathers_the_same_batches_as_the_order_says(monkeypatch):
     data = (jnp.asarray(DATA.train_images), labels)
     order = jnp.asarray(np.random.default_rng(0).permutation(80), jnp.int32)
     seen = []
-    original = train.train_step
+    original = steps.train_step
 
     def spy(state, images, batch_labels, *args):
         seen.append(batch_labels)
         return original(state, images, batch_labels, *args)
 
-    monkeypatch.setattr(train, "train_step", spy)
-    train.train_step_at(state, train.zero_totals(), data, order, 2, 2, jax.random.key(0),
+    monkeypatch.setattr(steps, "train_step", spy)
+    steps.train_step_at(state, steps.zero_totals(), data, order, 2, 2, jax.random.key(0),
                         jnp.zeros(3), jnp.ones(3), batch_size=16, augment=False)
     np.testing.assert_array_equal(seen[0], np.asarray(order[32:48]) % 10)

@@ -115,8 +115,9 @@ def cli(data, workdir, *extra):
 
 def launch_two(data, workdir, extra_env=(None, None), *extra):
     port = free_port()
-    procs = [subprocess.Popen(cli(data, workdir, "--coordinator_address", f"localhost:{port}",
-                                  "--num_processes", "2", "--process_id", str(i), *extra),
+    runner = [sys.executable, os.path.join(ROOT, "tests", "fault_runner.py")]  # the CLI, plus extra_env's fault
+    procs = [subprocess.Popen(runner + cli(data, workdir, "--coordinator_address", f"localhost:{port}",
+                                           "--num_processes", "2", "--process_id", str(i), *extra)[3:],
                               cwd=ROOT, env={**env(1), **(extra_env[i] or {})}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for i in range(2)]

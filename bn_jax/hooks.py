@@ -1,0 +1,198 @@
+"""The training loop's periodic work, as hooks it calls between compiled calls.
+
+In the spirit of Flax's ``periodic_actions``: the loop (``bn_jax.train.train_loop``) only runs
+steps and evaluations; the progress bar, the finite-loss check, checkpoints, preemption and the
+metrics log are hooks, and a test installs its fault injection the same way. After each call
+the loop calls ``after_steps`` with a ``Tick``; after each epoch's evaluation, ``after_epoch``.
+A hook may also ask for a call to end at a given step (``next_stop``): a due checkpoint does.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from bn_jax import checkpoints, metrics_log, parallel, preemption
+
+# The one host-sync rhythm: the step loop reads the metric sums back every SYNC_STEPS steps and
+# at each epoch's end (a read waits for the device); the fused loop at every call boundary.
+SYNC_STEPS = 20
+
+
+@dataclasses.dataclass
+class Tick:
+    """Where the loop stands after a call (or an epoch's evaluation)."""
+
+    epoch: int                 # 0-based epoch the call belonged to
+    first_step: int            # global step the call started at
+    step: int                  # global steps done
+    epoch_end: bool            # the call ended the epoch
+    state: Any
+    totals: Any                # the epoch's metric sums so far, on the device
+    host_totals: Optional[Dict[str, Any]] = None  # the same, read back, at synced ticks only
+    record: Optional[Dict[str, Any]] = None       # after_epoch: the epoch's metrics line
+
+    @property
+    def synced(self) -> bool:
+        return self.host_totals is not None
+
+
+class Hook:
+    def start_epoch(self, epoch: int, position: int) -> None:
+        """An epoch starts (or resumes at step ``position`` of it)."""
+
+    def next_stop(self, step: int) -> Optional[int]:
+        """A global step after ``step`` at which a call must end so that this hook sees it."""
+        return None
+
+    def after_steps(self, tick: Tick) -> None:
+        """After each call."""
+
+    def after_epoch(self, tick: Tick) -> None:
+        """After the epoch's evaluation (``tick.record`` holds its metrics; ``tick.totals`` are zero)."""
+
+
+def check_finite(host_totals, epoch: int, last_good=None) -> None:
+    """Raise FloatingPointError naming the first step with a NaN/Inf loss."""
+    if host_totals["nonfinite_step"] >= 0 or not np.isfinite(host_totals["loss"]):
+        raise FloatingPointError(f"non-finite training loss at step {int(host_totals['nonfinite_step'])} "
+                                 f"(epoch {epoch + 1}); stopped without saving this state "
+                                 f"(last good checkpoint: step {last_good})")
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """What a run has done: its epochs' metrics, and the wall time of its earlier sessions."""
+
+    history: list = dataclasses.field(default_factory=list)
+    past_wall_time: float = 0.0
+    session_start: float = dataclasses.field(default_factory=time.time)
+
+    def wall_time(self) -> float:
+        return self.past_wall_time + time.time() - self.session_start
+
+
+class Saver:
+    """Writes the run's checkpoints: the train state plus what an exact resume needs in meta."""
+
+    def __init__(self, ckpt: checkpoints.Checkpointer, program, expected: Dict[str, Any], record: RunRecord):
+        self.ckpt, self.program, self.expected, self.record = ckpt, program, expected, record
+        self.last_step = None
+
+    def save(self, state, totals) -> None:
+        step, spe = int(state.step), self.program.steps_per_epoch
+        if step == self.last_step:
+            return
+        check_finite(jax.device_get(totals), step // spe, self.ckpt.latest_saved())
+        self.ckpt.save(state, totals, {**self.expected, "epoch": step // spe, "position": step % spe,
+                                       "steps_per_epoch": spe, "history": list(self.record.history),
+                                       "wall_time": self.record.wall_time(),
+                                       "rng": self.program.position(step // spe)})
+        self.last_step = step
+
+
+class ProgressBar(Hook):
+    def __init__(self, program, epochs: int, enabled: bool):
+        self.program, self.epochs, self.enabled = program, epochs, enabled
+
+    def start_epoch(self, epoch, position):
+        self.bar = tqdm(total=self.program.steps_per_epoch, initial=position, desc=f"epoch {epoch + 1}/{self.epochs}",
+                        leave=False, dynamic_ncols=True, disable=not self.enabled)
+        self.start, self.first = time.time(), position
+
+    def after_steps(self, tick):
+        self.bar.update(tick.step - tick.first_step)
+        if tick.synced:
+            t, done = tick.host_totals, tick.step - tick.epoch * self.program.steps_per_epoch - self.first
+            self.bar.set_postfix(loss=f"{t['loss'] / t['count']:.3f}", acc=f"{t['correct'] / t['count']:.3f}",
+                                 img_s=f"{done * self.program.batch_size / (time.time() - self.start):.0f}")
+        if tick.epoch_end:
+            self.bar.close()
+
+
+class FiniteCheck(Hook):
+    """Stop at the first synced tick whose loss sums hold a NaN/Inf (before any checkpoint of it)."""
+
+    def __init__(self, ckpt: checkpoints.Checkpointer):
+        self.ckpt = ckpt
+
+    def after_steps(self, tick):
+        if tick.synced:
+            check_finite(tick.host_totals, tick.epoch, self.ckpt.latest_saved())
+
+
+class Checkpoint(Hook):
+    """Save when ``options`` say a checkpoint is due, and at the run's last step."""
+
+    def __init__(self, saver: Saver, options: checkpoints.CheckpointOptions, last_step: int):
+        self.saver, self.options, self.last_step = saver, options, last_step
+
+    def next_stop(self, step):
+        return self.options.next_due_step(step)
+
+    def after_steps(self, tick):
+        if not tick.epoch_end and self.options.due(tick.step):  # (an epoch's end: after its evaluation)
+            self.saver.save(tick.state, tick.totals)
+
+    def after_epoch(self, tick):
+        if tick.step == self.last_step or self.options.due(tick.step, tick.epoch + 1):
+            self.saver.save(tick.state, tick.totals)
+
+
+class Preemption(Hook):
+    """On SIGTERM/SIGINT or the deadline: checkpoint here, then raise Preempted (exit 75).
+
+    All processes must stop at the same step (the save and the next step are collective), so a
+    multi-host job combines the local flags with an all-gather, at synced ticks only.
+    """
+
+    def __init__(self, guard: preemption.PreemptionGuard, saver: Saver, log: Callable):
+        self.guard, self.saver, self.log = guard, saver, log
+
+    def after_steps(self, tick):
+        if not tick.epoch_end:  # (an epoch's end: after its evaluation)
+            self._stop_if_asked(tick)
+
+    def after_epoch(self, tick):
+        self._stop_if_asked(tick)
+
+    def _stop_if_asked(self, tick):
+        if jax.process_count() == 1:
+            stop = self.guard.requested
+        else:
+            stop = tick.synced and parallel.any_process(self.guard.requested)
+        if not stop:
+            return
+        reason = self.guard.reason if self.guard.requested else "another process was signalled"
+        self.log(f"{reason}: saving a checkpoint at step {tick.step} and exiting")
+        self.saver.save(tick.state, tick.totals)
+        self.saver.ckpt.wait()
+        raise preemption.Preempted(reason, tick.step, self.saver.ckpt.path)
+
+
+class MetricsLog(Hook):
+    """One line per epoch: into the run's history, metrics.jsonl (process 0) and the log."""
+
+    def __init__(self, record: RunRecord, path: str, writer: bool, log: Callable):
+        self.record, self.path, self.writer, self.log = record, path, writer, log
+
+    def after_epoch(self, tick):
+        r = tick.record
+        self.record.history.append(r)
+        if self.writer:
+            metrics_log.append_metrics(self.path, r)
+        self.log(f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.4f} | "
+                 f"test loss {r['test_loss']:.4f} acc {r['test_accuracy']:.4f} | {r['images_per_second']:.0f} img/s")
+
+
+def standard_hooks(program, saver: Saver, options, guard, epochs: int, workdir: str, log: Callable):
+    """The trainer's hooks, in the order they run (the metrics line before the epoch's checkpoint,
+    which stores the history)."""
+    writer = parallel.is_writer()
+    return [ProgressBar(program, epochs, writer), FiniteCheck(saver.ckpt),
+            MetricsLog(saver.record, os.path.join(workdir, "metrics.jsonl"), writer, log),
+            Checkpoint(saver, options, epochs * program.steps_per_epoch), Preemption(guard, saver, log)]

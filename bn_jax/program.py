@@ -1,0 +1,160 @@
+"""What a run executes: the compiled steps, the data they read, and the keys they use.
+
+``build_program(config, data, mesh)`` is the one place that puts a run's data on its devices
+and compiles its steps; the trainer, the benchmark and the tests all go through it, so they
+measure and check the very code that trains.
+
+A program offers the training loop one small interface, whatever feeds it:
+``run(state, totals, epoch, start, stop)`` trains steps ``start``…``stop - 1`` of an epoch,
+``evaluate(state)`` scores the test set, and ``position(epoch)`` describes what an exact resume
+must find unchanged. ``DeviceResidentProgram`` keeps the whole training set on the device as
+uint8 and draws each epoch's order there; a streaming host pipeline implements the same three.
+
+Everything random is a function of ``config.seed`` and the step number (init key, epoch order,
+augmentation key), so a run is reproducible and can be replayed from any step.
+"""
+
+import functools
+from typing import Any, Dict, List, Tuple
+
+import jax
+import numpy as np
+
+from bn_jax import checkpoints, input_pipeline, parallel, steps
+from bn_jax.config import Config
+
+# fused: ``steps_per_call`` steps as one compiled fori_loop, so the host only wakes between
+# calls; step: one jitted call per step. auto: fused except on CPU, where XLA compiles
+# convolutions inside a loop body to much slower code (jax-ml/jax#12868; docs/performance.md).
+
+
+def run_keys(seed: int):
+    """(init key, augmentation key, data-order key) of a run (train_modes' masks use tag 2)."""
+    root = jax.random.key(seed)
+    return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1), jax.random.fold_in(root, 3)
+
+
+def resolve_loop(loop: str, platform: str) -> str:
+    if loop != "auto":
+        return loop
+    return "step" if platform == "cpu" else "fused"
+
+
+def loop_for(config: Config, mesh=None) -> str:
+    """The loop ``config.loop`` means on the mesh's devices (or the default device)."""
+    return resolve_loop(config.loop, (jax.devices() if mesh is None else mesh.devices.flat)[0].platform)
+
+
+def epoch_order_fn(n: int, mesh=None):
+    """``order(key, epoch)``: the jitted epoch permutation, replicated over ``mesh`` if given."""
+    out = None if mesh is None else parallel.replicated(mesh)
+    return jax.jit(functools.partial(input_pipeline.epoch_order, n=n), out_shardings=out)
+
+
+def jit_epoch_steps(config: Config, mesh=None):
+    """The loop's jitted step function: ``fused`` runs a range of steps, ``step`` exactly one.
+
+    Both take ``(state, totals, data, order, start, stop, epoch_step, key, mean, std)``; state
+    is donated, so its buffers are reused in place.
+    """
+    kw = dict(batch_size=config.batch_size, augment=config.augment,
+              sharding=None if mesh is None else parallel.sharded(mesh))
+    out = None if mesh is None else parallel.replicated(mesh)
+    if loop_for(config, mesh) == "fused":
+        return jax.jit(functools.partial(steps.train_steps, **kw), donate_argnums=0, out_shardings=out)
+    step = jax.jit(functools.partial(steps.train_step_at, **kw), donate_argnums=0, out_shardings=out)
+    return lambda state, totals, data, order, start, stop, epoch_step, key, mean, std: step(
+        state, totals, data, order, start, epoch_step + start, key, mean, std)
+
+
+jit_eval_step = jax.jit(steps.eval_step)
+
+
+def pad_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, mesh) -> List[Tuple]:
+    """Test batches of one fixed shape, sharded over the mesh; padding is masked out by ``valid``."""
+    devices, n = mesh.devices.size, len(labels)
+    batch_size = -(-min(batch_size, n) // devices) * devices  # a batch beyond the test set is all padding
+    padded = -(-n // batch_size) * batch_size
+    valid = (np.arange(padded) < n).astype(np.float32)
+    images = np.concatenate([images, np.zeros((padded - n, *images.shape[1:]), images.dtype)])
+    labels = np.concatenate([labels, np.zeros(padded - n, labels.dtype)])
+    return [tuple(parallel.shard_global(a[i:i + batch_size], mesh) for a in (images, labels, valid))
+            for i in range(0, padded, batch_size)]
+
+
+def evaluate(state, test_batches, mean, std) -> Dict[str, float]:
+    totals = None
+    for images, labels, valid in test_batches:
+        m = jit_eval_step(state, images, labels, valid, mean, std)
+        totals = m if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, m)
+    totals = jax.device_get(totals)
+    return {"loss": float(totals["loss"] / totals["count"]),
+            "accuracy": float(totals["correct"] / totals["count"])}
+
+
+class DeviceResidentProgram:
+    """The training set on the device as uint8; each epoch's order drawn there, each batch
+    gathered, augmented and trained on without the host touching the data."""
+
+    def __init__(self, config: Config, data: input_pipeline.Dataset, mesh):
+        self.mesh = mesh
+        self.seed, self.batch_size = config.seed, config.batch_size
+        self.steps_per_epoch = len(data.train_labels) // config.batch_size  # the remainder is dropped
+        self.loop = loop_for(config, mesh)
+        self.max_steps_per_call = config.steps_per_call if self.loop == "fused" else 1
+        _, self.augment_key, self.order_key = run_keys(config.seed)
+        self.mean, self.std = self.put(input_pipeline.normalization(config.normalize, data.train_images))
+        self.train_data = self.put((data.train_images, data.train_labels))
+        self._test = (data.test_images, data.test_labels, config.eval_batch_size)
+        self.order_fn = epoch_order_fn(len(data.train_labels), mesh)
+        self.steps_fn = jit_epoch_steps(config, mesh)
+        self._order = (None, None)
+
+    def put(self, tree):
+        """``tree`` on the program's devices, replicated (a train state, the epoch sums)."""
+        return jax.device_put(tree) if self.mesh is None else parallel.replicate(tree, self.mesh)
+
+    @functools.cached_property
+    def test_batches(self):
+        images, labels, batch_size = self._test
+        return pad_batches(images, labels, batch_size, self.mesh or parallel.make_mesh(1))
+
+    def order(self, epoch: int):
+        if self._order[0] != epoch:
+            self._order = (epoch, self.order_fn(self.order_key, epoch))
+        return self._order[1]
+
+    def run(self, state, totals, epoch: int, start: int, stop: int):
+        """Steps ``start``…``stop - 1`` of ``epoch``: (state, totals), still on the device."""
+        return self.steps_fn(state, totals, self.train_data, self.order(epoch), start, stop,
+                             epoch * self.steps_per_epoch, self.augment_key, self.mean, self.std)
+
+    def compile(self, state, totals, stop: int = 1):
+        """Compile the call ``run(state, totals, 0, 0, stop)`` ahead of time and return the
+        executable (its cost analysis is one step's: XLA counts a loop body once). The fused loop
+        then runs that executable, so its compile time is paid here, apart from the steps."""
+        fn = self.steps_fn if self.loop == "fused" else jax.jit(self.steps_fn)
+        compiled = fn.lower(state, totals, self.train_data, self.order(0), 0, stop, 0, self.augment_key,
+                            self.mean, self.std).compile()
+        if self.loop == "fused":
+            self.steps_fn = compiled
+        return compiled
+
+    def evaluate(self, state) -> Dict[str, float]:
+        return evaluate(state, self.test_batches, self.mean, self.std)
+
+    def zero_totals(self):
+        """Fresh epoch sums, placed as the step returns them (so the step compiles once)."""
+        return self.put(steps.zero_totals())
+
+    def position(self, epoch: int) -> Dict[str, Any]:
+        """What must be unchanged for an exact resume in ``epoch``: seed, augmentation key, order."""
+        order = np.asarray(jax.device_get(self.order(epoch)))
+        return {"seed": self.seed, "epoch": epoch,
+                "augment_key_data": np.asarray(jax.random.key_data(self.augment_key)).tolist(),
+                "epoch_order_sha256": checkpoints.order_hash(order)}
+
+
+def build_program(config: Config, data: input_pipeline.Dataset, mesh) -> DeviceResidentProgram:
+    """The program that trains ``config`` on ``data`` over ``mesh``."""
+    return DeviceResidentProgram(config, data, mesh)

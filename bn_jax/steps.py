@@ -1,0 +1,79 @@
+"""The pure step functions: one SGD step, one evaluation batch, and their metric sums.
+
+Nothing here is jitted or knows about devices; ``bn_jax.program`` compiles these for a mesh
+and ``bn_jax.train`` drives them.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bn_jax import input_pipeline
+
+
+def cross_entropy(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def train_step(state, images, labels, key, mean, std, augment: bool = True):
+    """One SGD step on a uint8 batch; returns the new state and the batch's summed metrics."""
+    if augment:
+        images = input_pipeline.augment(key, images)
+    x = input_pipeline.normalize(images, mean, std)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, x,
+                                         train=True, mutable=["batch_stats"])
+        return cross_entropy(logits, labels).mean(), (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    metrics = {"loss": loss * labels.shape[0],
+               "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
+               "count": labels.shape[0]}
+    return state, metrics
+
+
+def eval_step(state, images, labels, valid, mean, std):
+    """Summed loss and correct predictions over the valid (non-padding) examples of a batch."""
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                            input_pipeline.normalize(images, mean, std), train=False)
+    return {"loss": jnp.sum(cross_entropy(logits, labels) * valid),
+            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * valid),
+            "count": jnp.sum(valid)}
+
+
+def zero_totals():
+    """Per-epoch train metric sums; ``nonfinite_step`` is the first step whose loss was NaN/Inf."""
+    return {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32),
+            "count": jnp.zeros((), jnp.int32), "nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+
+def accumulate(totals, metrics, step):
+    """Add a step's metrics to the epoch sums on the device (no host sync)."""
+    bad = (totals["nonfinite_step"] < 0) & ~jnp.isfinite(metrics["loss"])
+    return {"loss": totals["loss"] + metrics["loss"], "correct": totals["correct"] + metrics["correct"],
+            "count": totals["count"] + metrics["count"],
+            "nonfinite_step": jnp.where(bad, step, totals["nonfinite_step"])}
+
+
+def train_step_at(state, totals, data, order, i, step, key, mean, std, *, batch_size: int, augment: bool,
+                  sharding=None):
+    """Step ``i`` of an epoch whose shuffled order is ``order`` (global step ``step``).
+
+    Gathers the batch from the device-resident ``data`` (images, labels), trains on it and adds
+    its metrics to ``totals``; ``i`` and ``step`` may be traced, so one compilation serves all.
+    """
+    idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
+    images, labels = data[0][idx], data[1][idx]
+    if sharding is not None:
+        images, labels = jax.lax.with_sharding_constraint((images, labels), sharding)
+    state, metrics = train_step(state, images, labels, jax.random.fold_in(key, step), mean, std, augment)
+    return state, accumulate(totals, metrics, step)
+
+
+def train_steps(state, totals, data, order, start, stop, epoch_step, key, mean, std, **kw):
+    """Steps ``start``…``stop - 1`` of an epoch as one ``fori_loop`` (``epoch_step``: its first step)."""
+    def body(i, carry):
+        return train_step_at(*carry, data, order, i, epoch_step + i, key, mean, std, **kw)
+    return jax.lax.fori_loop(start, stop, body, (state, totals))

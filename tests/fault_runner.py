@@ -1,0 +1,63 @@
+"""``python tests/fault_runner.py <experiments.cifar flags>``: the CLI, with a fault the test asks for.
+
+Faults are hooks the tests install, not code in the trainer. Each acts at an exact step, given by
+an environment variable (so a test picks the moment, and a multi-host test one process):
+
+* ``BN_JAX_TEST_KILL_AT_STEP=k``: SIGKILL right after step k has been dispatched;
+* ``BN_JAX_TEST_SIGTERM_AT_STEP=k``: SIGTERM after step k (the real handler then checkpoints);
+* ``BN_JAX_TEST_KILL_DURING_SAVE=k``: SIGKILL right after the checkpoint of step k has been
+  handed to Orbax, while an asynchronous save is still being written.
+"""
+
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bn_jax import checkpoints, hooks  # noqa: E402
+from experiments import cifar  # noqa: E402
+
+
+class SignalAtStep(hooks.Hook):
+    """Send this process ``signum`` once step ``step`` is done (before the trainer's hooks see it)."""
+
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+
+    def next_stop(self, step):
+        import jax
+        if jax.process_count() > 1:  # every process must make the same calls
+            return None
+        return self.step if step < self.step else None
+
+    def after_steps(self, tick):
+        if tick.first_step < self.step <= tick.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def kill_after_saving(step: int) -> None:
+    save = checkpoints.Checkpointer.save
+
+    def save_then_die(self, state, totals, meta):
+        save(self, state, totals, meta)
+        if int(state.step) == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoints.Checkpointer.save = save_then_die
+
+
+def faults():
+    env = os.environ
+    out = []
+    if "BN_JAX_TEST_KILL_AT_STEP" in env:
+        out.append(SignalAtStep(int(env["BN_JAX_TEST_KILL_AT_STEP"]), signal.SIGKILL))
+    if "BN_JAX_TEST_SIGTERM_AT_STEP" in env:
+        out.append(SignalAtStep(int(env["BN_JAX_TEST_SIGTERM_AT_STEP"]), signal.SIGTERM))
+    if "BN_JAX_TEST_KILL_DURING_SAVE" in env:
+        kill_after_saving(int(env["BN_JAX_TEST_KILL_DURING_SAVE"]))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(cifar.run_main(sys.argv[1:], extra_hooks=faults()))
