@@ -16,7 +16,8 @@ import numpy as np
 
 from bn_jax import checkpoints, input_pipeline, metrics_log, parallel, train, train_modes
 from bn_jax import program as program_lib
-from bn_jax.config import Config
+from bn_jax import config as config_lib
+from bn_jax.config import ExperimentConfig, RuntimeConfig
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
@@ -24,7 +25,8 @@ NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 @dataclasses.dataclass
 class Run:
     workdir: str
-    config: Config
+    config: ExperimentConfig
+    runtime: RuntimeConfig
     summary: Dict[str, Any]
     metrics: List[Dict[str, Any]]
 
@@ -52,16 +54,18 @@ def load_run(workdir: str) -> Run:
         except (OSError, ValueError) as e:
             raise ValueError(f"{name} is unreadable ({e})") from None
 
+    read("config.json", json.load)  # (a missing or unreadable file named as the others are)
     try:
-        config = Config(**read("config.json", json.load)).validate()
-    except TypeError as e:  # unknown or missing fields
+        config, runtime = config_lib.load(os.path.join(workdir, "config.json"))
+        config.validate()
+    except (TypeError, ValueError) as e:  # unknown, missing or bad fields
         raise ValueError(f"config.json does not describe a run ({e})") from None
     summary = read("summary.json", json.load)
     missing = [k for k in SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
     if missing:
         raise ValueError(f"summary.json lacks {', '.join(missing)}")
     metrics = read("metrics.jsonl", metrics_log.parse_metrics)
-    return Run(workdir, config, summary, metrics)
+    return Run(workdir, config, runtime, summary, metrics)
 
 
 def find_runs(paths: Sequence[str], warn=print) -> List[Run]:

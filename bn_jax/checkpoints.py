@@ -14,7 +14,6 @@ See docs/checkpoints.md.
 """
 
 import contextlib
-import dataclasses
 import hashlib
 import os
 import shutil
@@ -25,18 +24,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bn_jax import config as config_lib
 from bn_jax import orbax_failures, parallel, provenance, train_modes
+from bn_jax.config import CheckpointOptions  # noqa: F401  (declared with the other run options)
 
-FORMAT_VERSION = 2  # 2: epoch order drawn by jax.random on the device (issue 6)
-# Config keys that may differ on resume: they do not change the numbers a run produces beyond
-# float rounding. (data_dir: the data themselves are fingerprinted; num_devices and loop: the
-# same steps, summed in another order; steps_per_call: bit for bit the same.)
-RESUMABLE_KEYS = ("eval_batch_size", "num_devices", "data_dir", "steps_per_call", "loop")
+FORMAT_VERSION = 2  # 2: epoch order drawn by jax.random on the device
 VERSION_KEYS = ("jax", "flax", "optax", "orbax-checkpoint")  # what shapes the saved train state
-# Config keys added after runs were saved, with the behaviour those runs had.
-LEGACY_DEFAULTS = {"normalize": "dataset"}
-UNITS = ("epochs", "steps")
-FORMATS = ("full", "small")
 
 
 class CheckpointError(ValueError):
@@ -45,38 +38,6 @@ class CheckpointError(ValueError):
 
 class DiskFull(CheckpointError):
     """A write ran out of space; the message names the path and the bytes it needed."""
-
-
-@dataclasses.dataclass
-class CheckpointOptions:
-    every: int = 1              # save every `every` epochs or steps (and always at the end)
-    unit: str = "epochs"        # "epochs" or "steps"
-    keep: int = 3               # keep the latest `keep` checkpoints
-    format: str = "full"        # "small": trainable leaves + batch_stats + opt_state + frozen hash
-    restart: bool = False       # discard an existing run in the workdir instead of resuming
-    extend: bool = False        # resume a run saved with fewer epochs, training on to config.epochs
-    async_save: bool = True     # write in a background thread while training continues
-
-    def validate(self) -> "CheckpointOptions":
-        if self.every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {self.every}")
-        if self.unit not in UNITS:
-            raise ValueError(f"checkpoint unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
-        if self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
-        if self.format not in FORMATS:
-            raise ValueError(f"checkpoint format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        return self
-
-    def due(self, step: int, epoch_done: Optional[int] = None) -> bool:
-        """Whether to save after ``step`` (``epoch_done`` set when an epoch just ended)."""
-        if self.unit == "steps":
-            return step % self.every == 0
-        return epoch_done is not None and epoch_done % self.every == 0
-
-    def next_due_step(self, step: int) -> Optional[int]:
-        """The first step after ``step`` that ``due`` names by step count (None for epoch units)."""
-        return (step // self.every + 1) * self.every if self.unit == "steps" else None
 
 
 # ---- hashes and fingerprints ----------------------------------------------------------------
@@ -120,14 +81,6 @@ def trainable_leaves(variables, mode: str) -> Dict[str, Any]:
 def merge_trainable(params, flat: Dict[str, Any]):
     """``params`` with the leaves named in ``flat`` replaced."""
     return jax.tree_util.tree_map_with_path(lambda p, x: flat.get(_leaf_name(p), x), params)
-
-
-def incompatible_keys(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
-    """Config keys whose values differ; a key saved before it existed counts as its default then
-    (``LEGACY_DEFAULTS``), so older runs stay resumable."""
-    keys = sorted(set(saved) | set(current))
-    return [k for k in keys
-            if k not in RESUMABLE_KEYS and saved.get(k, LEGACY_DEFAULTS.get(k)) != current.get(k)]
 
 
 # ---- the manager ----------------------------------------------------------------------------
@@ -323,7 +276,7 @@ def check_compatible(meta: Dict[str, Any], expected: Dict[str, Any], step: int, 
     saved_epochs, epochs = meta["config"]["epochs"], expected["config"]["epochs"]
     if extend and saved_epochs >= epochs:
         raise CheckpointError(f"cannot extend to {epochs} epochs: the run in {where} already has {saved_epochs}")
-    diff = [k for k in incompatible_keys(meta["config"], expected["config"]) if not (extend and k == "epochs")]
+    diff = [k for k in config_lib.different_keys(meta["config"], expected["config"]) if not (extend and k == "epochs")]
     if diff:
         changes = ", ".join(f"{k}: {meta['config'].get(k)!r} -> {expected['config'].get(k)!r}" for k in diff)
         hint = ("; to train a run further, pass --extend_to_epochs N" if diff == ["epochs"] and epochs > saved_epochs

@@ -1,30 +1,44 @@
-"""A run's configuration: one flat dataclass, saved as JSON next to the run's results.
+"""A run's configuration, in two parts, each field declared once with its help and its checks.
 
-Defaults are the paper's CIFAR-10 ResNet recipe (open_lth ``cifar_resnet``): batch 128,
-SGD with momentum 0.9, lr 0.1 dropped ×0.1 at 50% and 75% of training (epochs 80 and 120 of
-160), coupled L2 weight decay 1e-4 on the trainable leaves.
+* ``ExperimentConfig``: what sets a run's results (model, what trains, data, recipe, seed,
+  compute precision). Runs are named by it, resumed only into the same one (``same_experiment``),
+  and a sweep or an analysis tells runs apart by it.
+* ``RuntimeConfig``: how a run executes (devices, loop, evaluation batch, where the data are).
+  Changing it changes no result beyond float summation order, so a run resumes under another.
+
+Defaults are the paper's CIFAR-10 ResNet recipe (open_lth ``cifar_resnet``): batch 128, SGD with
+momentum 0.9, lr 0.1 dropped ×0.1 at 50% and 75% of training (epochs 80 and 120 of 160), coupled
+L2 weight decay 1e-4 on the trainable leaves. The command-line flags are generated from these
+fields (``add_flags``), and so is the README's flag table (checked by a test).
+
+This module imports no JAX, so that ``--help`` answers at once; what needs JAX (the model
+registry, the train modes) is checked in ``validate``.
 """
 
+import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
-from bn_jax import input_pipeline, models, train_modes
-
+# Names the library modules define; a test checks they agree (models.PRECISIONS, models.BN_INITS,
+# train_modes.MODES, input_pipeline.NORMALIZATIONS).
+TRAIN_MODES = ("full", "bn", "bn_output", "output", "gamma_only", "beta_only", "random_k", "no_affine")
+BN_INITS = ("uniform", "ones")
+PRECISIONS = ("float32", "bfloat16")
+NORMALIZATIONS = ("dataset", "imagenet")
 SCHEDULES = ("step", "cosine", "constant")
-# fused: a chunk of an epoch as one compiled loop; step: one jitted call per step; auto: fused
-# except on CPU, where XLA runs convolutions inside loops far slower (jax-ml/jax#12868).
-LOOPS = ("auto", "fused", "step")
 BN_PLACEMENTS = ("before", "after")  # BatchNorm before (paper, He et al. 2016) or after the ReLU
-
-
+LOOPS = ("auto", "fused", "step")
+MODEL_NAMES = ("resnet<6n+2> (e.g. resnet20, resnet56, resnet110, resnet866), vgg11, vgg13, vgg16, vgg19")
 MAX_SEED = 2**31 - 1  # jax.random.key and NumPy take any such int; larger ones overflow somewhere
+# Experiment keys added after runs were saved, with the behaviour those runs had.
+LEGACY_DEFAULTS = {"normalize": "dataset"}
 
 
-# ---- validation rules, declared with the fields they check ------------------------------------
-# A rule takes (name, value) and returns a one-line complaint, or None when the value is fine.
+# ---- validation rules: (name, value) -> a one-line complaint, or None -----------------------
 
 def at_least(low):
     def rule(name, value):
@@ -48,67 +62,228 @@ def one_of(choices):
     return rule
 
 
-def param(default, *rules):
-    """A Config field with its validation rules beside it."""
-    return dataclasses.field(default=default, metadata={"rules": rules})
+def param(default, help: str, *rules, choices=None, group: str = "optimisation", flag: Optional[str] = None):
+    """A field with its flag's help text, its validation rules and its choices beside it."""
+    rules = rules + ((one_of(choices),) if choices else ())
+    return dataclasses.field(default=default, metadata={"help": help, "rules": rules, "choices": choices,
+                                                         "group": group, "flag": flag})
+
+
+def check_fields(config) -> None:
+    """Raise ValueError with one readable line for the first field its rules refuse."""
+    for field in dataclasses.fields(config):
+        for rule in field.metadata.get("rules", ()):
+            problem = rule(field.name, getattr(config, field.name))
+            if problem:
+                raise ValueError(problem)
 
 
 @dataclasses.dataclass
-class Config:
-    model: str = "resnet110"
-    width: int = param(1, at_least(1))
-    bn_init: str = "uniform"
-    bn_placement: str = param("before", one_of(BN_PLACEMENTS))
-    train_mode: str = "full"
-    k: int = param(2, at_least(1))  # random_k: trainable weights per output channel of each conv
-    dataset: str = "cifar10"
-    data_dir: Optional[str] = None
-    max_train_examples: Optional[int] = param(None, at_least(1))
-    max_test_examples: Optional[int] = param(None, at_least(1))
-    epochs: int = param(160, at_least(0), at_most(1_000_000))
-    batch_size: int = param(128, at_least(1))
-    eval_batch_size: int = param(1000, at_least(1))  # larger than the test set: one batch of it
-    lr: float = param(0.1, at_least(0.0))
-    schedule: str = param("step", one_of(SCHEDULES))
-    warmup_epochs: float = param(0.0, at_least(0.0))
-    momentum: float = param(0.9, at_least(0.0))
-    weight_decay: float = param(1e-4, at_least(0.0))
-    augment: bool = True
-    # per-channel input normalisation: the training set's own statistics, or ImageNet's as the
-    # paper's code does (a documented deviation: runs saved before this option used "dataset")
-    normalize: str = param("dataset", one_of(input_pipeline.NORMALIZATIONS))
-    seed: int = param(0, at_least(0), at_most(MAX_SEED))
-    num_devices: Optional[int] = param(None, at_least(1))  # None: every visible device; results do not depend on it
-    precision: str = "float32"  # compute dtype; "bfloat16" keeps float32 params, BN stats, optimizer
-    loop: str = param("auto", one_of(LOOPS))
-    steps_per_call: int = param(100, at_least(1))  # fused loop: steps per compiled call (progress, signals in between)
+class ExperimentConfig:
+    model: str = param("resnet110", f"architecture: {MODEL_NAMES}", group="model")
+    width: int = param(1, "width multiplier k: ResNet segments have 16k, 32k, 64k channels; VGG channels ×k",
+                       at_least(1), group="model")
+    bn_init: str = param("uniform", "BatchNorm γ init: uniform = U[0,1) as the paper's code, ones = 1",
+                         choices=BN_INITS, group="model")
+    bn_placement: str = param("before", "BatchNorm before the ReLU (the paper's, He et al. 2016) or after it",
+                              choices=BN_PLACEMENTS, group="model")
+    train_mode: str = param("full", "which parameters train; all others stay at their initial value. random_k: k "
+                            "random weights per conv output channel + output layer; no_affine: BN without γ/β, "
+                            "all else trains", choices=TRAIN_MODES, group="what trains")
+    k: int = param(2, "random_k: trainable weights per output channel of each conv (2 ≈ as many as BN)",
+                   at_least(1), group="what trains")
+    epochs: int = param(160, "passes over the training set (0 evaluates the initial network)",
+                        at_least(0), at_most(1_000_000))
+    batch_size: int = param(128, "training batch size (each epoch's last partial batch is dropped)", at_least(1))
+    lr: float = param(0.1, "peak SGD learning rate", at_least(0.0))
+    schedule: str = param("step", "step: ×0.1 at 50%% and 75%% of training (the paper's epochs 80/120 of 160); "
+                          "cosine: cosine decay to 0; constant", choices=SCHEDULES)
+    warmup_epochs: float = param(0.0, "linear learning-rate warm-up from 0, in epochs", at_least(0.0))
+    momentum: float = param(0.9, "SGD momentum", at_least(0.0))
+    weight_decay: float = param(1e-4, "coupled L2 penalty, applied to the trainable parameters only", at_least(0.0))
+    augment: bool = param(True, "disable the random crop (4-pixel padding) and horizontal flip", flag="--no_augment")
+    # (a documented deviation: the paper's code uses ImageNet's statistics; runs saved before this
+    # option existed used "dataset", see LEGACY_DEFAULTS)
+    normalize: str = param("dataset", "per-channel input normalisation: the training set's own mean/std, or "
+                           "ImageNet's as the paper's code (open_lth) does", choices=NORMALIZATIONS)
+    seed: int = param(0, "seeds the initialisation, data order and augmentation", at_least(0), at_most(MAX_SEED))
+    dataset: str = param("cifar10", "TFDS name (cifar10, cifar100), or the name of the --data_dir data; "
+                         "TFDS downloads and caches it and needs TensorFlow", group="data")
+    max_train_examples: Optional[int] = param(None, "train on a fixed random subset of this size (for quick looks)",
+                                              at_least(1), group="data")
+    max_test_examples: Optional[int] = param(None, "evaluate on a fixed random subset of this size",
+                                             at_least(1), group="data")
+    precision: str = param("float32", "compute dtype of convolutions and the dense layer; bfloat16 keeps "
+                           "parameters, BatchNorm statistics and optimizer state in float32 (see "
+                           "docs/performance.md)", choices=PRECISIONS, group="speed")
 
-    def validate(self) -> "Config":
+    def validate(self) -> "ExperimentConfig":
         """Raise ValueError with one readable line for anything that cannot run."""
-        for field in dataclasses.fields(self):
-            for rule in field.metadata.get("rules", ()):
-                problem = rule(field.name, getattr(self, field.name))
-                if problem:
-                    raise ValueError(problem)
-        train_modes.check_mode(self.train_mode)
+        check_fields(self)
         if self.model.startswith("imagenet_"):
             raise ValueError(f"{self.model} is an ImageNet definition (see bn_jax.imagenet); this trainer "
                              "takes 32×32 models: resnet<6n+2>, vgg11/13/16/19")
         self.create_model()
-        if self.data_dir is not None and not os.path.exists(self.data_dir):
-            raise ValueError(f"data_dir does not exist: {self.data_dir}")
         return self
 
     def create_model(self, num_classes: int = 10):
         """The model this config describes (architecture, BN placement, and what the mode implies)."""
+        from bn_jax import models, train_modes
         return models.create_model(self.model, width=self.width, num_classes=num_classes,
                                    bn_init=self.bn_init, bn_before_relu=self.bn_placement == "before",
-                                   precision=self.precision,
-                                   **train_modes.model_options(self.train_mode))
+                                   precision=self.precision, **train_modes.model_options(self.train_mode))
 
-    def to_dict(self):
+    def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True, allow_nan=False)
+    def short_hash(self) -> str:
+        """8 hex digits of SHA-256 over the experiment (open_lth names runs by such a hash)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+    @classmethod
+    def from_dict(cls, saved: Dict[str, Any]) -> "ExperimentConfig":
+        """From a saved dict; keys of the other part (a flat config of older runs) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    data_dir: Optional[str] = param(None, "offline data instead of TFDS: a folder or .tar.gz with "
+                                    "train/<class>/*.jpg|png and test/<class>/*; classes are taken in sorted order "
+                                    "(the data themselves are fingerprinted, so moving them does not change a run)",
+                                    group="data")
+    eval_batch_size: int = param(1000, "test-set batch size (does not change results)", at_least(1), group="speed")
+    loop: str = param("auto", "fused: --steps_per_call steps per compiled call (lax.fori_loop); step: one jitted "
+                      "call per step (same results up to float rounding); auto: fused, except on CPU where XLA "
+                      "runs convolutions in loops slowly. Data, shuffling and augmentation stay on the device "
+                      "in both", choices=LOOPS, group="speed")
+    steps_per_call: int = param(100, "fused loop: steps per call; the progress bar, signals and step "
+                                "checkpoints are handled between calls", at_least(1), group="speed")
+    num_devices: Optional[int] = param(None, "data-parallel over the first N local devices (default: all); the "
+                                       "global --batch_size is split over them and must divide by N",
+                                       at_least(1), group="devices and clusters")
+
+    def validate(self) -> "RuntimeConfig":
+        check_fields(self)
+        if self.data_dir is not None and not os.path.exists(self.data_dir):
+            raise ValueError(f"data_dir does not exist: {self.data_dir}")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: Dict[str, Any]) -> "RuntimeConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+
+def different_keys(saved: Dict[str, Any], current) -> List[str]:
+    """The experiment keys in which a saved config (either layout) differs from ``current`` (an
+    ExperimentConfig or its dict); a key saved before it existed counts as its ``LEGACY_DEFAULTS``
+    value. Runtime keys never count."""
+    saved = saved.get("experiment", saved)
+    current = current if isinstance(current, dict) else current.to_dict()
+    return [k for k, v in current.items() if saved.get(k, LEGACY_DEFAULTS.get(k)) != v]
+
+
+def same_experiment(saved: Dict[str, Any], current: ExperimentConfig) -> bool:
+    """Whether a saved config describes the experiment ``current`` does: the one rule the trainer,
+    the sweep and the analysis use to call two runs the same."""
+    return not different_keys(saved, current)
+
+
+def save(path: str, experiment: ExperimentConfig, runtime: RuntimeConfig, provenance: Dict[str, Any]) -> None:
+    """config.json: {"experiment": ..., "runtime": ..., "provenance": ...}."""
+    from bn_jax import workdir
+    workdir.write_atomic(path, json.dumps({"experiment": experiment.to_dict(), "runtime": runtime.to_dict(),
+                                           "provenance": provenance}, indent=2, sort_keys=True, allow_nan=False))
+
+
+def load(path: str):
+    """(ExperimentConfig, RuntimeConfig) from a config.json, of this layout or the older flat one."""
+    with open(path) as f:
+        saved = json.load(f)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return (ExperimentConfig.from_dict(saved.get("experiment", saved)),
+            RuntimeConfig.from_dict(saved.get("runtime", saved)))
+
+
+# ---- checkpoint options (how a run saves; its flags are in experiments.cifar) ------------------
+
+CHECKPOINT_UNITS = ("epochs", "steps")
+CHECKPOINT_FORMATS = ("full", "small")
+
+
+@dataclasses.dataclass
+class CheckpointOptions:
+    every: int = 1              # save every `every` epochs or steps (and always at the end)
+    unit: str = "epochs"        # "epochs" or "steps"
+    keep: int = 3               # keep the latest `keep` checkpoints
+    format: str = "full"        # "small": trainable leaves + batch_stats + opt_state + frozen hash
+    restart: bool = False       # discard an existing run in the workdir instead of resuming
+    extend: bool = False        # resume a run saved with fewer epochs, training on to config.epochs
+    async_save: bool = True     # write in a background thread while training continues
+
+    def validate(self) -> "CheckpointOptions":
+        if self.every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.every}")
+        if self.unit not in CHECKPOINT_UNITS:
+            raise ValueError(f"checkpoint unit must be one of {', '.join(CHECKPOINT_UNITS)}, got {self.unit!r}")
+        if self.keep < 1:
+            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if self.format not in CHECKPOINT_FORMATS:
+            raise ValueError(f"checkpoint format must be one of {', '.join(CHECKPOINT_FORMATS)}, got {self.format!r}")
+        return self
+
+    def due(self, step: int, epoch_done: Optional[int] = None) -> bool:
+        """Whether to save after ``step`` (``epoch_done`` set when an epoch just ended)."""
+        if self.unit == "steps":
+            return step % self.every == 0
+        return epoch_done is not None and epoch_done % self.every == 0
+
+    def next_due_step(self, step: int) -> Optional[int]:
+        """The first step after ``step`` that ``due`` names by step count (None for epoch units)."""
+        return (step // self.every + 1) * self.every if self.unit == "steps" else None
+
+
+# ---- command-line flags, generated from the fields ---------------------------------------------
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None or a switch's off state."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, True) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _parser_of(annotation):
+    """int, float or str: the type a flag's text is parsed as (Optional[X] takes X)."""
+    for t in (int, float, str):
+        if annotation is t or t in getattr(annotation, "__args__", ()):
+            return t
+    raise TypeError(f"no flag type for {annotation}")
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag") or f"--{field.name}"
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, groups: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """A flag per field of ``cls``, in the field's group, with its help and choices; returns the
+    groups by name. The rules run in ``validate``, so every bad value gets the same one line."""
+    groups = {} if groups is None else groups
+    for field in dataclasses.fields(cls):
+        meta = field.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        if field.type is bool:
+            group.add_argument(flag_name(field), dest=field.name, default=field.default, help=meta["help"],
+                               action="store_false" if field.default else "store_true")
+        else:
+            group.add_argument(flag_name(field), dest=field.name, default=field.default, type=_parser_of(field.type),
+                               choices=meta["choices"], help=meta["help"])
+    return groups

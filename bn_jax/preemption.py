@@ -9,8 +9,6 @@ import threading
 import time
 from typing import Optional
 
-from bn_jax import parallel
-
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; re-running the same command resumes
 
 
@@ -81,5 +79,6 @@ class PreemptionGuard:
 
 def stop_before_start(guard, where: str) -> None:
     """Raise Preempted (nothing saved) if a signal arrived during start-up; every process agrees."""
+    from bn_jax import parallel  # (this module imports no JAX: the CLI's --help stays light)
     if guard is not None and parallel.any_process(guard.signalled):
         raise Preempted(guard.reason if guard.signalled else "another process was signalled", None, where)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from bn_jax import checkpoints, input_pipeline, parallel, steps
-from bn_jax.config import Config
+from bn_jax.config import ExperimentConfig, RuntimeConfig
 
 # fused: ``steps_per_call`` steps as one compiled fori_loop, so the host only wakes between
 # calls; step: one jitted call per step. auto: fused except on CPU, where XLA compiles
@@ -40,9 +40,9 @@ def resolve_loop(loop: str, platform: str) -> str:
     return "step" if platform == "cpu" else "fused"
 
 
-def loop_for(config: Config, mesh=None) -> str:
-    """The loop ``config.loop`` means on the mesh's devices (or the default device)."""
-    return resolve_loop(config.loop, (jax.devices() if mesh is None else mesh.devices.flat)[0].platform)
+def loop_for(runtime: RuntimeConfig, mesh=None) -> str:
+    """The loop ``runtime.loop`` means on the mesh's devices (or the default device)."""
+    return resolve_loop(runtime.loop, (jax.devices() if mesh is None else mesh.devices.flat)[0].platform)
 
 
 def epoch_order_fn(n: int, mesh=None):
@@ -51,7 +51,7 @@ def epoch_order_fn(n: int, mesh=None):
     return jax.jit(functools.partial(input_pipeline.epoch_order, n=n), out_shardings=out)
 
 
-def jit_epoch_steps(config: Config, mesh=None):
+def jit_epoch_steps(config: ExperimentConfig, runtime: RuntimeConfig, mesh=None):
     """The loop's jitted step function: ``fused`` runs a range of steps, ``step`` exactly one.
 
     Both take ``(state, totals, data, order, start, stop, epoch_step, key, mean, std)``; state
@@ -60,7 +60,7 @@ def jit_epoch_steps(config: Config, mesh=None):
     kw = dict(batch_size=config.batch_size, augment=config.augment,
               sharding=None if mesh is None else parallel.sharded(mesh))
     out = None if mesh is None else parallel.replicated(mesh)
-    if loop_for(config, mesh) == "fused":
+    if loop_for(runtime, mesh) == "fused":
         return jax.jit(functools.partial(steps.train_steps, **kw), donate_argnums=0, out_shardings=out)
     step = jax.jit(functools.partial(steps.train_step_at, **kw), donate_argnums=0, out_shardings=out)
     return lambda state, totals, data, order, start, stop, epoch_step, key, mean, std: step(
@@ -96,18 +96,18 @@ class DeviceResidentProgram:
     """The training set on the device as uint8; each epoch's order drawn there, each batch
     gathered, augmented and trained on without the host touching the data."""
 
-    def __init__(self, config: Config, data: input_pipeline.Dataset, mesh):
+    def __init__(self, config: ExperimentConfig, runtime: RuntimeConfig, data: input_pipeline.Dataset, mesh):
         self.mesh = mesh
         self.seed, self.batch_size = config.seed, config.batch_size
         self.steps_per_epoch = len(data.train_labels) // config.batch_size  # the remainder is dropped
-        self.loop = loop_for(config, mesh)
-        self.max_steps_per_call = config.steps_per_call if self.loop == "fused" else 1
+        self.loop = loop_for(runtime, mesh)
+        self.max_steps_per_call = runtime.steps_per_call if self.loop == "fused" else 1
         _, self.augment_key, self.order_key = run_keys(config.seed)
         self.mean, self.std = self.put(input_pipeline.normalization(config.normalize, data.train_images))
         self.train_data = self.put((data.train_images, data.train_labels))
-        self._test = (data.test_images, data.test_labels, config.eval_batch_size)
+        self._test = (data.test_images, data.test_labels, runtime.eval_batch_size)
         self.order_fn = epoch_order_fn(len(data.train_labels), mesh)
-        self.steps_fn = jit_epoch_steps(config, mesh)
+        self.steps_fn = jit_epoch_steps(config, runtime, mesh)
         self._order = (None, None)
 
     def put(self, tree):
@@ -155,6 +155,7 @@ class DeviceResidentProgram:
                 "epoch_order_sha256": checkpoints.order_hash(order)}
 
 
-def build_program(config: Config, data: input_pipeline.Dataset, mesh) -> DeviceResidentProgram:
-    """The program that trains ``config`` on ``data`` over ``mesh``."""
-    return DeviceResidentProgram(config, data, mesh)
+def build_program(config: ExperimentConfig, runtime: RuntimeConfig, data: input_pipeline.Dataset,
+                  mesh) -> DeviceResidentProgram:
+    """The program that trains ``config`` on ``data`` over ``mesh``, executed as ``runtime`` says."""
+    return DeviceResidentProgram(config, runtime, data, mesh)

@@ -21,9 +21,9 @@ class PaperResult(NamedTuple):
 PAPER = "Frankle, Schwab & Morcos, ICLR 2021 (arXiv:2003.00152)"
 
 CIFAR10_RESNET: Dict[str, PaperResult] = {
-    "resnet14": PaperResult(48.0, 91.0, f"{PAPER}, Fig. 2 / Table (issue #5's figures)", False),
-    "resnet110": PaperResult(69.5, 93.3, f"{PAPER}, Fig. 2 / Table (issue #5's figures)", False),
-    "resnet866": PaperResult(82.0, 93.0, f"{PAPER}: abstract gives 82% BN-only; full ~93% from issue #5",
+    "resnet14": PaperResult(48.0, 91.0, f"{PAPER}, Fig. 2 (read off the figure)", False),
+    "resnet110": PaperResult(69.5, 93.3, f"{PAPER}, Fig. 2 (read off the figure)", False),
+    "resnet866": PaperResult(82.0, 93.0, f"{PAPER}: abstract gives 82% BN-only; full ~93% read off Fig. 2",
                              True),
 }
 

@@ -22,7 +22,8 @@ from bn_jax import checkpoints, hooks, input_pipeline, metrics_log, models, para
 from bn_jax import program as program_lib
 from bn_jax import steps, train_modes
 from bn_jax import workdir as workdir_lib
-from bn_jax.config import Config
+from bn_jax import config as config_lib
+from bn_jax.config import ExperimentConfig, RuntimeConfig
 from bn_jax.steps import cross_entropy, eval_step, train_step  # noqa: F401  (the Flax examples' names)
 
 MAX_STEPS = 2**31 - 1  # the train state's step counter is int32
@@ -32,7 +33,7 @@ class TrainState(train_state.TrainState):
     batch_stats: Any
 
 
-def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
+def make_schedule(config: ExperimentConfig, steps_per_epoch: int) -> optax.Schedule:
     total = max(1, config.epochs * steps_per_epoch)
     warmup = int(config.warmup_epochs * steps_per_epoch)
     if config.schedule == "step":  # the paper's: ×0.1 at epochs 80 and 120 of 160
@@ -50,7 +51,7 @@ def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), main], [warmup])
 
 
-def create_train_state(config: Config, num_classes: int, image_shape, steps_per_epoch: int) -> TrainState:
+def create_train_state(config: ExperimentConfig, num_classes: int, image_shape, steps_per_epoch: int) -> TrainState:
     model = config.create_model(num_classes)
     init_key, _, _ = program_lib.run_keys(config.seed)
     variables = models.init_variables(model, init_key, image_shape)
@@ -73,7 +74,7 @@ def step_entries(workdir: str) -> List[str]:
     return [n for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
 
 
-def prepare_workdir(workdir: str, config: Config, restart: bool, log=print) -> None:
+def prepare_workdir(workdir: str, config: ExperimentConfig, restart: bool, log=print) -> None:
     """--restart: remove an earlier run's outputs. Otherwise refuse outputs we cannot resume from."""
     outputs = ["checkpoints", "corrupt_checkpoints", "metrics.jsonl", "summary.json", "config.json"]
     if restart:
@@ -107,7 +108,7 @@ def prepare_workdir(workdir: str, config: Config, restart: bool, log=print) -> N
                                           "--restart to overwrite it or choose another --workdir")
     if os.path.exists(config_path):
         with open(config_path) as f:
-            diff = checkpoints.incompatible_keys(json.load(f), config.to_dict())
+            diff = config_lib.different_keys(json.load(f), config)
         if diff:
             raise checkpoints.CheckpointError(
                 f"{workdir} holds outputs of a run with different {', '.join(diff)} and no checkpoint; "
@@ -173,15 +174,15 @@ def epoch_record(epoch: int, state, totals, test: Dict[str, float], speed: float
         "images_per_second": speed, "wall_time": record.wall_time()}
 
 
-def run_summary(config: Config, data, loaded_counts, state, program, record: hooks.RunRecord,
-                ckpt_path: str, devices) -> Dict[str, Any]:
+def run_summary(config: ExperimentConfig, runtime: RuntimeConfig, data, loaded_counts, state, program,
+                record: hooks.RunRecord, ckpt_path: str, devices) -> Dict[str, Any]:
     """summary.json's content (README, "Output files")."""
     history = record.history
     final = history[-1] if history else {"test_accuracy": program.evaluate(state)["accuracy"]}
     speeds = [r["images_per_second"] for r in history[1:] or history]
     trainable, total = train_modes.count(train_modes.variables_of(state), config.train_mode, config.k)
     return {"model": config.model, "width": config.width, "train_mode": config.train_mode,
-            "dataset": config.data_dir or config.dataset, "num_classes": data.num_classes,
+            "dataset": runtime.data_dir or config.dataset, "num_classes": data.num_classes,
             "examples_per_class": data.class_counts(), "examples_per_class_loaded": loaded_counts,
             "total_params": total, "trainable_params": trainable, "trainable_fraction": trainable / total,
             "final_test_accuracy": final["test_accuracy"],
@@ -192,11 +193,11 @@ def run_summary(config: Config, data, loaded_counts, state, program, record: hoo
             "provenance": provenance.provenance()}
 
 
-def load_data(config: Config, data: Optional[input_pipeline.Dataset], guard):
+def load_data(config: ExperimentConfig, runtime: RuntimeConfig, data: Optional[input_pipeline.Dataset], guard):
     """(the run's data, per-class counts as loaded); DataError for data it cannot train on."""
     if data is None:
-        data = input_pipeline.load(config.dataset, config.data_dir)
-    preemption.stop_before_start(guard, config.data_dir or config.dataset)
+        data = input_pipeline.load(config.dataset, runtime.data_dir)
+    preemption.stop_before_start(guard, runtime.data_dir or config.dataset)
     loaded = data.class_counts()
     data = data.subset(config.max_train_examples, config.max_test_examples)
     n_train = len(data.train_labels)
@@ -209,11 +210,13 @@ def load_data(config: Config, data: Optional[input_pipeline.Dataset], guard):
     return data, loaded
 
 
-def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeline.Dataset] = None,
-                       log=print, checkpointing: Optional[checkpoints.CheckpointOptions] = None,
+def train_and_evaluate(config: ExperimentConfig, workdir: str, data: Optional[input_pipeline.Dataset] = None,
+                       log=print, runtime: Optional[RuntimeConfig] = None,
+                       checkpointing: Optional[checkpoints.CheckpointOptions] = None,
                        guard: Optional[preemption.PreemptionGuard] = None,
                        extra_hooks: Sequence[hooks.Hook] = ()) -> Dict[str, Any]:
-    """Train, evaluate every epoch, and write config/metrics/summary/checkpoints into workdir.
+    """Train ``config``, evaluate every epoch, and write config/metrics/summary/checkpoints into
+    workdir. ``runtime``: how to execute it (devices, loop, data location; default RuntimeConfig()).
 
     ``guard``: a PreemptionGuard the caller entered early, so that a signal during start-up
     (data loading, restoring) stops the run at once with Preempted, and whose ``deadline`` may ask
@@ -224,9 +227,10 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
     bits as an uninterrupted run); see docs/checkpoints.md.
     """
     config.validate()
+    runtime = (runtime or RuntimeConfig()).validate()
     options = (checkpointing or checkpoints.CheckpointOptions()).validate()
-    data, loaded = load_data(config, data, guard)
-    mesh = parallel.make_mesh(config.num_devices)
+    data, loaded = load_data(config, runtime, data, guard)
+    mesh = parallel.make_mesh(runtime.num_devices)
     parallel.check_batch_size(config.batch_size, mesh)
     devices, writer = device_summary(mesh, config.batch_size), parallel.is_writer()
     log = log if writer else (lambda *args: None)
@@ -238,7 +242,7 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
         if writer or not options.restart:  # every process refuses alike; one deletes for --restart
             prepare_workdir(workdir, config, options.restart, log)
         parallel.barrier("prepare_workdir")
-        program = program_lib.build_program(config, data, mesh)
+        program = program_lib.build_program(config, runtime, data, mesh)
         state = create_train_state(config, data.num_classes, data.train_images.shape[1:], program.steps_per_epoch)
         state = parallel.replicate(state, mesh)
         variables = train_modes.variables_of(state)
@@ -254,14 +258,14 @@ def train_and_evaluate(config: Config, workdir: str, data: Optional[input_pipeli
             state = parallel.replicate(state, mesh)  # restored leaves are host arrays
             if writer:
                 metrics_log.write_metrics(os.path.join(workdir, "metrics.jsonl"), record.history)
-                config.save(os.path.join(workdir, "config.json"))
+                config_lib.save(os.path.join(workdir, "config.json"), config, runtime, provenance.provenance())
             preemption.stop_before_start(guard, ckpt.path)  # a signal while loading or restoring
             saver = hooks.Saver(ckpt, program, expected, record)
             hook_list = [*extra_hooks, *hooks.standard_hooks(program, saver, options, guard, config.epochs, workdir, log)]
             state = train_loop(state, totals, program, hook_list, config.epochs, record)
             if config.epochs == 0:
                 saver.save(state, program.zero_totals())
-        summary = run_summary(config, data, loaded, state, program, record, ckpt.path, devices)
+        summary = run_summary(config, runtime, data, loaded, state, program, record, ckpt.path, devices)
         if writer:
             workdir_lib.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
     return summary

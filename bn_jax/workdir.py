@@ -23,7 +23,6 @@ import socket
 import tempfile
 from typing import Optional, Tuple
 
-from bn_jax import parallel
 
 LOCK_FILE = ".lock"
 
@@ -76,11 +75,26 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")  # what a run rewrites or appends to
+
+
+def _unwritable_file(path: str) -> Optional[str]:
+    if os.path.isdir(path):
+        return f"{path} is a folder; a run writes a file there"
+    if os.path.exists(path) and not os.access(path, os.W_OK):  # (as root: a read-only file system)
+        return f"cannot write to {path} (read-only)"
+    return None
+
+
 def _acquire(workdir: str) -> Tuple[Optional[int], Optional[str]]:
     """(locked file descriptor, None), or (None, why not)."""
     for folder in (workdir, os.path.join(workdir, "checkpoints")):
         problem = os.path.isdir(folder) and unwritable(folder)
         if problem:  # fail now, not after the first epoch's checkpoint times out
+            return None, problem
+    for name in RUN_FILES:  # fail now, not when the first epoch's metrics line is written
+        problem = _unwritable_file(os.path.join(workdir, name))
+        if problem:
             return None, problem
     fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -107,6 +121,7 @@ def _acquire(workdir: str) -> Tuple[Optional[int], Optional[str]]:
 @contextlib.contextmanager
 def exclusive(workdir: str):
     """Hold ``workdir`` for the duration; raise WorkdirInUse at once if another run holds it."""
+    from bn_jax import parallel  # (this module imports no JAX: the CLI checks a workdir before it starts JAX)
     fd, problem = _acquire(workdir) if parallel.is_writer() else (None, None)
     if parallel.any_process(problem is not None):  # every process refuses alike
         if fd is not None:

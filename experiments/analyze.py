@@ -190,7 +190,7 @@ def write_report(runs, out: str, threshold: float = reference.DISABLED_THRESHOLD
         if overall is not None:
             disabled.append(f"| {run.name} | {run.config.train_mode} | {100 * overall:.1f}% |")
             if load_data is not None:
-                curves[run.name] = analysis.ablation_curve(state, load_data(run.config), fractions,
+                curves[run.name] = analysis.ablation_curve(state, load_data(run), fractions,
                                                            normalize=run.config.normalize)
     lines += ["| run | mode | disabled |", "|---|---|---:|", *disabled, ""]
     lines += ablation_lines(curves, out)
@@ -218,11 +218,11 @@ def data_loader():
     from bn_jax import input_pipeline
     cache = {}
 
-    def load(config):
-        key = (config.dataset, config.data_dir)
+    def load(run):
+        key = (run.config.dataset, run.runtime.data_dir)
         if key not in cache:
-            cache[key] = input_pipeline.load(config.dataset, config.data_dir)
-        return cache[key].subset(config.max_train_examples, config.max_test_examples)
+            cache[key] = input_pipeline.load(*key)
+        return cache[key].subset(run.config.max_train_examples, run.config.max_test_examples)
     return load
 
 

@@ -86,7 +86,7 @@ def positive_ints(value: str, flag: str) -> List[int]:
 
 def validate_cases(args) -> Optional[str]:
     """The first problem with the requested models, modes, precisions or loops, or None."""
-    from bn_jax.config import Config
+    from bn_jax.config import ExperimentConfig
     for loop in split(args.loops):
         if loop not in ("step", "fused"):
             return f"--loops: unknown loop {loop!r}; use step, fused"
@@ -94,7 +94,7 @@ def validate_cases(args) -> Optional[str]:
         for mode in split(args.modes):
             for precision in split(args.precisions):
                 try:
-                    Config(model=model, width=args.width, train_mode=mode, precision=precision).validate()
+                    ExperimentConfig(model=model, width=args.width, train_mode=mode, precision=precision).validate()
                 except (ValueError, KeyError) as e:
                     return f"{model} {mode} {precision}: {e}"
     return None
@@ -161,14 +161,15 @@ def jax_runner(case: Case, width: int, steps: int) -> JaxRunner:
     import jax
     from bn_jax import input_pipeline, parallel, roofline, train
     from bn_jax import program as program_lib
-    from bn_jax.config import Config
+    from bn_jax.config import ExperimentConfig, RuntimeConfig
 
-    config = Config(model=case.model, width=width, train_mode=case.mode, batch_size=case.batch_size,
-                    precision=case.precision, loop=case.loop).validate()
+    config = ExperimentConfig(model=case.model, width=width, train_mode=case.mode, batch_size=case.batch_size,
+                              precision=case.precision).validate()
     mesh = None if case.devices is None else parallel.make_mesh(case.devices)
     if mesh is not None:
         parallel.check_batch_size(case.batch_size, mesh)
-    program = program_lib.build_program(config, input_pipeline.random_dataset(case.batch_size * steps, 1), mesh)
+    program = program_lib.build_program(config, RuntimeConfig(loop=case.loop),
+                                        input_pipeline.random_dataset(case.batch_size * steps, 1), mesh)
     holder = {"state": program.put(train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=steps)),
               "totals": program.zero_totals()}
     fused = program.loop == "fused"

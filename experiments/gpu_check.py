@@ -245,14 +245,15 @@ def _relative_differences(a, b) -> Dict[str, float]:
 def train_small(sizes: Sizes, workroot: str, loop: str, mode: str = "bn"):
     """(initial state, final state) of one epoch of the small ResNet, trained by the real trainer."""
     from bn_jax import checkpoints, input_pipeline, train
-    from bn_jax.config import Config
+    from bn_jax.config import ExperimentConfig, RuntimeConfig
 
     data = input_pipeline.random_dataset(sizes.check_batch * sizes.check_steps, sizes.check_batch)
-    config = Config(model=sizes.check_model, train_mode=mode, epochs=1, batch_size=sizes.check_batch,
-                    eval_batch_size=sizes.check_batch, lr=0.02, schedule="cosine", seed=3, loop=loop,
-                    steps_per_call=max(1, sizes.check_steps - 2))  # two fused calls, one of them partial
+    config = ExperimentConfig(model=sizes.check_model, train_mode=mode, epochs=1, batch_size=sizes.check_batch,
+                              lr=0.02, schedule="cosine", seed=3)
+    runtime = RuntimeConfig(eval_batch_size=sizes.check_batch, loop=loop,
+                            steps_per_call=max(1, sizes.check_steps - 2))  # two fused calls, one of them partial
     workdir = os.path.join(workroot, f"small_{mode}_{loop}")
-    train.train_and_evaluate(config, workdir, data=data, log=lambda *a: None,
+    train.train_and_evaluate(config, workdir, data=data, log=lambda *a: None, runtime=runtime,
                              checkpointing=checkpoints.CheckpointOptions(keep=1, async_save=False))
     fresh = train.create_train_state(config, data.num_classes, data.train_images.shape[1:], sizes.check_steps)
     return fresh, checkpoints.restore(workdir, fresh)
@@ -299,18 +300,17 @@ def correctness(sizes: Sizes, workroot: str, report: Report) -> None:
 
 
 def convolution_counts(sizes: Sizes, mode: str) -> Dict[str, int]:
-    """Convolutions in the compiled single train step of the small ResNet, on this backend."""
-    import jax
+    """Convolutions in the compiled single train step of the small ResNet (the trainer's own
+    program, step loop), on this backend."""
     from bn_jax import input_pipeline, roofline, train
-    from bn_jax.config import Config
+    from bn_jax import program as program_lib
+    from bn_jax.config import ExperimentConfig, RuntimeConfig
 
-    config = Config(model=sizes.check_model, train_mode=mode, batch_size=sizes.check_batch)
-    state = train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=1)
-    data = input_pipeline.random_dataset(sizes.check_batch, 1)
-    mean, std = input_pipeline.channel_stats(data.train_images)
-    compiled = jax.jit(train.train_step).lower(state, data.train_images, data.train_labels, jax.random.key(0),
-                                               mean, std).compile()
-    return roofline.convolution_counts(compiled.as_text())
+    config = ExperimentConfig(model=sizes.check_model, train_mode=mode, batch_size=sizes.check_batch)
+    program = program_lib.build_program(config, RuntimeConfig(loop="step"),
+                                        input_pipeline.random_dataset(sizes.check_batch, 1), mesh=None)
+    state = program.put(train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=1))
+    return roofline.convolution_counts(program.compile(state, program.zero_totals()).as_text())
 
 
 def fused_cost_ratio(sizes: Sizes) -> Optional[float]:
@@ -400,9 +400,11 @@ def throughput(sizes: Sizes, torch_variants: List[str], clock: Clock, report: Re
 # ---- stage 4: the 160-epoch run -------------------------------------------------------------
 
 def run_config(sizes: Sizes, data_dir: str):
-    from bn_jax.config import Config
-    return Config(model=sizes.model, train_mode="bn", epochs=sizes.epochs, batch_size=sizes.batch_size,
-                  data_dir=data_dir, loop="fused").validate()
+    """(experiment, runtime) of the run stage: the paper's BN-only ResNet-110, fused loop."""
+    from bn_jax.config import ExperimentConfig, RuntimeConfig
+    return (ExperimentConfig(model=sizes.model, train_mode="bn", epochs=sizes.epochs,
+                             batch_size=sizes.batch_size).validate(),
+            RuntimeConfig(data_dir=data_dir, loop="fused").validate())
 
 
 def summarize_run(history: List[Dict[str, Any]], epochs: int, session_first_epoch: int) -> Dict[str, Any]:
@@ -432,15 +434,22 @@ def _read_history(workdir: str) -> List[Dict[str, Any]]:
 
 
 def unpack_run(archive: str, workdir: str) -> None:
-    """Unpack a run.tar.gz of an earlier check as ``workdir`` (its one top folder must match)."""
-    name = os.path.basename(os.path.normpath(workdir))
+    """Unpack a run.tar.gz of an earlier check as ``workdir``. Its one top folder may carry an
+    older run name: whether it holds this run is the trainer's to check, from its checkpoints."""
     with tarfile.open(archive) as tar:
         tops = {m.name.split("/")[0] for m in tar.getmembers()}
-        if tops != {name}:
-            raise ValueError(f"--resume_run {archive} holds {', '.join(sorted(tops))}, not the run {name}")
+        if len(tops) != 1:
+            raise ValueError(f"--resume_run {archive} holds {', '.join(sorted(tops))}, not one run folder")
         if os.path.exists(workdir):
             raise ValueError(f"--resume_run: {workdir} exists already; remove it or pass another --workdir")
-        tar.extractall(os.path.dirname(os.path.abspath(workdir)), filter="data")
+        parent = os.path.dirname(os.path.abspath(workdir))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".unpack-", dir=parent)
+        try:
+            tar.extractall(staging, filter="data")
+            os.rename(os.path.join(staging, tops.pop()), workdir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def pack_run(workdir: str, out: str) -> str:
@@ -455,7 +464,7 @@ def run_stage(args, sizes: Sizes, clock: Clock, report: Report, data_dir: str, s
     from bn_jax import checkpoints, preemption, train
     from experiments import cifar
 
-    config = run_config(sizes, data_dir)
+    config, runtime = run_config(sizes, data_dir)
     # a smoke run's data are generated afresh each time, so its run lives and dies with them
     workdir = args.workdir or os.path.join(scratch if args.smoke else "runs", "gpu_check", cifar.run_name(config))
     if args.resume_run:
@@ -484,7 +493,7 @@ def run_stage(args, sizes: Sizes, clock: Clock, report: Report, data_dir: str, s
     guard.deadline = until
     status = "failed"
     try:
-        train.train_and_evaluate(config, workdir, log=log, checkpointing=options, guard=guard)
+        train.train_and_evaluate(config, workdir, log=log, runtime=runtime, checkpointing=options, guard=guard)
         status = "finished"
     except preemption.Preempted as e:
         status = f"stopped: {e}"

@@ -1,9 +1,10 @@
 """Run a grid of ``experiments.cifar`` runs into one folder: ``python -m experiments.sweep --preset modes``.
 
 Each run lives in ROOT/<run name> (``experiments.cifar.run_name``: the hyperparameters that tell
-the grid's runs apart). A run with summary.json and the same config.json is finished and skipped,
-so a sweep can be restarted; one whose config.json differs is a conflict and is refused (use
-another --root). Runs without summary.json are (re)started, and resume from their newest
+the grid's runs apart, and a short hash of the whole experiment, so a sweep with other flags
+gets other folders). A run with summary.json and the same experiment in config.json is finished
+and skipped, so a sweep can be restarted; a folder of that name holding another experiment is a
+conflict and is refused (use another --root). Runs without summary.json are (re)started, and resume from their newest
 checkpoint if an earlier sweep was interrupted (docs/checkpoints.md). ``--print_only`` prints
 one command per unfinished run, for a cluster scheduler. Flags after the known ones are passed
 to every run (e.g. ``--epochs 3 --data_dir ...``).
@@ -23,7 +24,8 @@ import subprocess
 import sys
 from typing import Dict, List, Sequence
 
-from bn_jax import checkpoints, train_modes
+from bn_jax import config as config_lib
+from bn_jax import train_modes
 from bn_jax import workdir as workdir_lib
 from experiments import cifar
 
@@ -67,7 +69,7 @@ def status(workdir: str, config) -> str:
     except (OSError, ValueError):
         return "conflict"
     # keys that only change how a run executes (eval batch, devices, loop) do not make it another run
-    return "conflict" if checkpoints.incompatible_keys(saved, config.to_dict()) else "done"
+    return "done" if isinstance(saved, dict) and config_lib.same_experiment(saved, config) else "conflict"
 
 
 def plan(preset: str, root: str, extra: Sequence[str]):
@@ -76,7 +78,7 @@ def plan(preset: str, root: str, extra: Sequence[str]):
     runs = []
     for point in PRESETS[preset]:
         argv = run_argv(point, extra)
-        config, _ = cifar.config_from_argv(argv)
+        config, _, _ = cifar.configs_from_argv(argv)
         name = cifar.run_name(config)
         workdir = os.path.join(root, name)
         command = ["python", "-m", "experiments.cifar", *argv, "--workdir", workdir]

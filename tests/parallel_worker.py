@@ -12,21 +12,25 @@ import numpy as np
 
 from bn_jax import input_pipeline, parallel, roofline, train, train_modes
 from bn_jax import program as program_lib
-from bn_jax.config import Config
+from bn_jax.config import ExperimentConfig, RuntimeConfig
 
 from conftest import random_dataset
 
 
-def experiment(mode: str, num_devices: int) -> Config:
-    return Config(model="resnet8", train_mode=mode, batch_size=16, lr=0.1, schedule="constant",
-                  num_devices=num_devices, loop="step")
+def experiment(mode: str) -> ExperimentConfig:
+    return ExperimentConfig(model="resnet8", train_mode=mode, batch_size=16, lr=0.1, schedule="constant")
+
+
+def build(mode: str, num_devices: int):
+    """The trainer's program for ``mode`` over ``num_devices`` (step loop), and its initial state."""
+    program = program_lib.build_program(experiment(mode), RuntimeConfig(num_devices=num_devices, loop="step"),
+                                        random_dataset(n_train=64, n_test=8), parallel.make_mesh(num_devices))
+    return program, program.put(train.create_train_state(experiment(mode), 10, (32, 32, 3), steps_per_epoch=4))
 
 
 def count_convolutions(mode: str, n: int) -> int:
     """Convolutions in the compiled sharded step the trainer runs (per-device program)."""
-    program = program_lib.build_program(experiment(mode, n), random_dataset(n_train=64, n_test=8),
-                                        parallel.make_mesh(n))
-    state = program.put(train.create_train_state(experiment(mode, n), 10, (32, 32, 3), steps_per_epoch=4))
+    program, state = build(mode, n)
     return sum(roofline.convolution_counts(program.compile(state, program.zero_totals()).as_text()).values())
 
 
@@ -51,10 +55,7 @@ def ghost_train_step(state, images, labels, key, mean, std, groups: int):
 def run(mode: str, num_devices: int, steps: int = 3, ghost_groups: int = 0):
     """``steps`` steps of ResNet-8 on ``num_devices``, by the program the trainer runs;
     ``ghost_groups`` > 0: the same batches and keys on one device, with BN statistics per group."""
-    config = experiment(mode, num_devices)
-    program = program_lib.build_program(config, random_dataset(n_train=64, n_test=8),
-                                        parallel.make_mesh(num_devices))
-    state = program.put(train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=4))
+    program, state = build(mode, num_devices)
     totals, ghost = program.zero_totals(), jax.jit(functools.partial(ghost_train_step, groups=ghost_groups))
     losses = []
     for i in range(steps):
@@ -85,7 +86,7 @@ def replicas_identical(tree) -> bool:
 def main(out_path: str, n: int):
     results = {}
     for mode in ("full", "bn"):
-        initial = train.create_train_state(Config(model="resnet8", train_mode=mode), 10, (32, 32, 3), 4)
+        initial = train.create_train_state(ExperimentConfig(model="resnet8", train_mode=mode), 10, (32, 32, 3), 4)
         save_leaves(results, f"{mode}/initial", initial, np.zeros(0))
         mask = jax.tree_util.tree_leaves(train_modes.trainable_mask(train_modes.variables_of(initial), mode))
         for devices in (1, n):

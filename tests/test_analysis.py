@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bn_jax import analysis, train
-from bn_jax.config import Config
+from bn_jax.config import ExperimentConfig
 from experiments import analyze
 
 from conftest import random_dataset
@@ -18,7 +18,7 @@ DATA = random_dataset(n_train=64, n_test=16)
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("runs") / "resnet8_w1_bn_s0")
-    config = Config(model="resnet8", train_mode="bn", epochs=1, batch_size=32, schedule="constant")
+    config = ExperimentConfig(model="resnet8", train_mode="bn", epochs=1, batch_size=32, schedule="constant")
     summary = train.train_and_evaluate(config, workdir, data=DATA, log=lambda *_: None)
     return workdir, summary
 
@@ -96,7 +96,7 @@ def test_tensorboard_scalars_round_trip(tmp_path):
 
 def test_random_k_run_restores_with_its_mask(tmp_path):
     # The entry mask lives in the optimizer state: it must survive the checkpoint round trip.
-    config = Config(model="resnet8", train_mode="random_k", k=3, epochs=1, batch_size=32, schedule="constant")
+    config = ExperimentConfig(model="resnet8", train_mode="random_k", k=3, epochs=1, batch_size=32, schedule="constant")
     summary = train.train_and_evaluate(config, str(tmp_path / "rk"), data=DATA, log=lambda *_: None)
     assert summary["trainable_params"] == 3 * (16 + 16 * 2 + 32 * 3 + 64 * 3) + 64 * 10 + 10
     state = analysis.restore_state(analysis.load_run(str(tmp_path / "rk")))
@@ -157,7 +157,7 @@ def test_the_default_report_of_a_single_run_goes_beside_it(finished_run, tmp_pat
 
 
 def test_ablation_normalises_as_the_run_did(tmp_path):
-    config = Config(model="resnet8", epochs=1, batch_size=32, schedule="constant", normalize="imagenet")
+    config = ExperimentConfig(model="resnet8", epochs=1, batch_size=32, schedule="constant", normalize="imagenet")
     summary = train.train_and_evaluate(config, str(tmp_path / "in"), data=DATA, log=lambda *_: None)
     run = analysis.load_run(str(tmp_path / "in"))
     assert run.config.normalize == "imagenet"

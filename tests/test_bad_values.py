@@ -6,7 +6,8 @@ import math
 import pytest
 
 from bn_jax import input_pipeline, metrics_log, train
-from bn_jax.config import Config
+from bn_jax import config as config_lib
+from bn_jax.config import ExperimentConfig, RuntimeConfig
 
 from conftest import random_dataset
 
@@ -14,15 +15,16 @@ from conftest import random_dataset
 def test_eval_batch_beyond_the_test_set_is_one_test_batch(tmp_path):
     # Before: --eval_batch_size 2000000000 asked for a 5.59 TiB padding batch.
     data = random_dataset(n_train=32, n_test=8)
-    config = Config(model="resnet8", epochs=1, batch_size=8, eval_batch_size=2_000_000_000, loop="step")
-    summary = train.train_and_evaluate(config, str(tmp_path / "run"), data=data, log=lambda *a: None)
+    config = ExperimentConfig(model="resnet8", epochs=1, batch_size=8)
+    summary = train.train_and_evaluate(config, str(tmp_path / "run"), data=data, log=lambda *a: None,
+                                       runtime=RuntimeConfig(eval_batch_size=2_000_000_000, loop="step"))
     assert summary["steps"] == 4 and 0 <= summary["final_test_accuracy"] <= 1
 
 
 def test_more_steps_than_the_step_counter_holds_are_refused_before_anything_is_written(tmp_path):
     # Before: an OverflowError at the first step.
     data = random_dataset(n_train=3000, n_test=8)
-    config = Config(model="resnet8", epochs=1_000_000, batch_size=1)
+    config = ExperimentConfig(model="resnet8", epochs=1_000_000, batch_size=1)
     with pytest.raises(input_pipeline.DataError, match="3000 steps exceed the step counter's 2,147,483,647"):
         train.train_and_evaluate(config, str(tmp_path / "run"), data=data, log=lambda *a: None)
     assert not (tmp_path / "run").exists()
@@ -47,4 +49,5 @@ def test_a_nonfinite_metric_is_written_as_null_and_flagged(tmp_path):
 
 def test_config_json_refuses_to_hold_a_nan(tmp_path):
     with pytest.raises(ValueError):
-        Config(lr=math.nan).save(str(tmp_path / "config.json"))
+        config_lib.save(str(tmp_path / "config.json"), ExperimentConfig(lr=math.nan), RuntimeConfig(), {})
+    assert not (tmp_path / "config.json").exists()

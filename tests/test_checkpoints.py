@@ -23,7 +23,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bn_jax import checkpoints, preemption, steps, train, train_modes
-from bn_jax.config import Config
+from bn_jax import config as config_lib
+from bn_jax.config import ExperimentConfig, RuntimeConfig
 from experiments import cifar
 
 from conftest import write_image_folder
@@ -222,7 +223,7 @@ def test_a_finished_run_is_extended_to_more_epochs_from_its_last_checkpoint(env,
     assert [m["epoch"] for m in metrics(workdir)] == [1, 2, 3, 4, 5]
     summary = json.load(open(workdir / "summary.json"))
     assert summary["epochs"] == 5 and summary["steps"] == 15
-    assert json.load(open(workdir / "config.json"))["epochs"] == 5
+    assert json.load(open(workdir / "config.json"))["experiment"]["epochs"] == 5
     assert cifar.main([*argv, "--extend_to_epochs", "4"]) == 2
     assert "cannot extend to 4 epochs: the run in checkpoint step 15 already has 5" in capsys.readouterr().err
     assert cifar.main([*argv[:-1], str(tmp_path / "empty"), "--extend_to_epochs", "4"]) == 2
@@ -275,6 +276,31 @@ def test_a_read_only_checkpoints_folder_is_refused_at_once(env, baseline, tmp_pa
             subprocess.run(["umount", str(workdir / "checkpoints")])
 
 
+@pytest.mark.parametrize("damage", ["read-only", "folder"])
+def test_an_unwritable_metrics_file_is_refused_at_once(env, baseline, tmp_path, damage):
+    # Before: a PermissionError traceback when the first epoch's line was written.
+    workdir = tmp_path / "run"
+    shutil.copytree(baseline, workdir)
+    metrics_file = workdir / "metrics.jsonl"
+    if damage == "folder":
+        metrics_file.unlink()
+        metrics_file.mkdir()
+        out = cli(env, workdir, expect=2)
+        assert f"error: {metrics_file} is a folder; a run writes a file there" in out.stderr
+    else:
+        mounted = subprocess.run(["mount", "--bind", str(metrics_file), str(metrics_file)], capture_output=True)
+        if mounted.returncode:  # (as root the permission bits grant everything: a read-only mount does not)
+            pytest.skip(f"needs a read-only bind mount ({mounted.stderr.decode().strip()})")
+        try:
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(metrics_file)], check=True)
+            out = cli(env, workdir, expect=2)
+            assert f"error: cannot write to {metrics_file} (read-only)" in out.stderr
+        finally:
+            subprocess.run(["umount", str(metrics_file)])
+        assert metrics(workdir) == metrics(baseline)  # nothing lost
+    assert "Traceback" not in out.stderr and out.stderr.startswith("usage: ")
+
+
 def test_fused_loop_stops_at_the_signalled_step_and_resumes_bitwise(env, tmp_path):
     """The fused loop ends a compiled call at every step that must reach the host."""
     fused = ("--loop", "fused", "--steps_per_call", "100")
@@ -324,10 +350,10 @@ def test_incompatible_config_is_refused_naming_keys(env, baseline, capsys):
 
 
 def test_runs_saved_before_a_config_key_existed_still_match_its_legacy_default():
-    saved = Config().to_dict()
+    saved = ExperimentConfig().to_dict()
     del saved["normalize"]  # as runs saved before --normalize existed
-    assert checkpoints.incompatible_keys(saved, Config().to_dict()) == []
-    assert checkpoints.incompatible_keys(saved, Config(normalize="imagenet").to_dict()) == ["normalize"]
+    assert config_lib.different_keys(saved, ExperimentConfig()) == []
+    assert config_lib.different_keys(saved, ExperimentConfig(normalize="imagenet")) == ["normalize"]
 
 
 def test_eval_batch_size_may_change_on_resume(env, baseline, tmp_path, capsys):
@@ -380,9 +406,9 @@ def test_a_checkpoint_that_no_longer_fits_the_train_state_is_refused_not_quarant
     import optax
     from conftest import random_dataset
     data = random_dataset(n_train=16, n_test=8)
-    config = Config(model="resnet8", train_mode="bn", epochs=1, batch_size=8, loop="step")
+    config = ExperimentConfig(model="resnet8", train_mode="bn", epochs=1, batch_size=8)
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir, data=data, log=lambda *a: None)
+    train.train_and_evaluate(config, workdir, data=data, log=lambda *a: None, runtime=RuntimeConfig(loop="step"))
     state = train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=2)
     state = state.replace(tx=optax.adam(1e-3), opt_state=optax.adam(1e-3).init(state.params))
     expected = {"config": config.to_dict(), "data_fingerprint": checkpoints.data_fingerprint(data),
@@ -440,7 +466,7 @@ def test_small_checkpoints_resume_exactly_and_refuse_other_frozen_weights(env, t
     cli(env, small, *bn, "--small_checkpoints", hooks={"BN_JAX_TEST_KILL_AT_STEP": "5"}, expect=-signal.SIGKILL)
     cli(env, small, *bn, "--small_checkpoints")
     # Restored into a fresh state, the small checkpoint is the full one, bit for bit.
-    config, _, _ = cifar.parse_args(flags(env, small, *bn))
+    config = cifar.parse_args(flags(env, small, *bn)).experiment
     fresh = train.create_train_state(config, 3, (8, 8, 3), steps_per_epoch=3)
     a = checkpoints.restore(str(small), fresh)
     b = checkpoints.restore(str(full), fresh)
@@ -458,9 +484,9 @@ def test_small_checkpoints_resume_exactly_and_refuse_other_frozen_weights(env, t
         return {**v, "params": jax.tree_util.tree_map(lambda x: x + 1e-3, v["params"])}
 
     monkeypatch.setattr(train.models, "init_variables", perturbed)
-    config, workdir, options = cifar.parse_args(flags(env, small, *bn, "--small_checkpoints"))
+    config, runtime, workdir, options, _ = cifar.parse_args(flags(env, small, *bn, "--small_checkpoints"))
     with pytest.raises(checkpoints.CheckpointError, match="frozen"):
-        train.train_and_evaluate(config, workdir, checkpointing=options, log=lambda *_: None)
+        train.train_and_evaluate(config, workdir, runtime=runtime, checkpointing=options, log=lambda *_: None)
 
 
 def test_workdir_with_results_but_no_checkpoint_is_not_clobbered(env, tmp_path, capsys):

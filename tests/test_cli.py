@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bn_jax import checkpoints, train, train_modes
-from bn_jax.config import Config
+from bn_jax.config import ExperimentConfig
 from experiments import cifar
 
 from conftest import write_image_folder
@@ -30,8 +30,11 @@ def test_end_to_end_bn_only_run_writes_documented_files(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "trainable" in result.stdout
 
-    config = json.load(open(os.path.join(workdir, "config.json")))
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    config = saved["experiment"]
     assert config["train_mode"] == "bn" and config["model"] == "resnet8" and config["seed"] == 3
+    assert saved["runtime"]["data_dir"] == data and saved["provenance"]["versions"]["jax"] == jax.__version__
 
     lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["epoch"] for r in lines] == [1, 2]
@@ -56,7 +59,7 @@ def test_end_to_end_bn_only_run_writes_documented_files(tmp_path):
         assert summary["provenance"]["git"]["commit"] == head.stdout.strip()
 
     # The checkpoint restores into a fresh state: frozen leaves equal the init, BN leaves moved.
-    fresh = train.create_train_state(Config(**config), 3, (8, 8, 3), steps_per_epoch=4)
+    fresh = train.create_train_state(ExperimentConfig(**config), 3, (8, 8, 3), steps_per_epoch=4)
     restored = checkpoints.restore(workdir, fresh)
     assert int(restored.step) == 8
     mask = jax.tree_util.tree_leaves(train_modes.trainable_mask(train_modes.variables_of(fresh), "bn"))
@@ -89,6 +92,21 @@ BAD_FLAGS = {
     "negative seed": (["--seed", "-1"], "seed must be >= 0"),
     "a billion epochs": (["--epochs", "1000000000"], "epochs must be <= 1000000"),
     "zero width": (["--width", "0"], "width must be >= 1"),
+    "epochs not an integer": (["--epochs", "1e9"], "invalid int value: '1e9'"),
+    "zero k": (["--k", "0"], "k must be >= 1"),
+    "empty subset": (["--max_train_examples", "0"], "max_train_examples must be >= 1"),
+    "empty test subset": (["--max_test_examples", "-5"], "max_test_examples must be >= 1"),
+    "unknown schedule": (["--schedule", "linear"], "invalid choice"),
+    "unknown precision": (["--precision", "float16"], "invalid choice"),
+    "unknown normalisation": (["--normalize", "cifar"], "invalid choice"),
+    "zero eval batch": (["--eval_batch_size", "0"], "eval_batch_size must be >= 1"),
+    "unknown loop": (["--loop", "scan"], "invalid choice"),
+    "zero steps per call": (["--steps_per_call", "0"], "steps_per_call must be >= 1"),
+    "zero devices": (["--num_devices", "0"], "num_devices must be >= 1"),
+    "zero checkpoint period": (["--checkpoint_every", "0"], "checkpoint_every must be >= 1"),
+    "keep none": (["--keep", "0"], "keep must be >= 1"),
+    "extend and restart": (["--extend_to_epochs", "9", "--restart"], "--restart discards it"),
+    "extend disagreeing with epochs": (["--extend_to_epochs", "9", "--epochs", "5"], "disagree"),
 }
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from bn_jax import input_pipeline, steps, train
 from bn_jax import program as program_lib
-from bn_jax.config import Config
+from bn_jax.config import ExperimentConfig, RuntimeConfig
 
 from conftest import random_dataset
 
@@ -17,17 +17,21 @@ JIT_EPOCH_STEPS = program_lib.jit_epoch_steps
 
 
 def config(**kw):
-    base = dict(model="resnet8", train_mode="bn", loop="fused", epochs=2, batch_size=16, eval_batch_size=16,
-                lr=0.02, schedule="cosine", seed=3)  # a small lr: float reassociation stays small
-    return Config(**{**base, **kw})
+    base = dict(model="resnet8", train_mode="bn", epochs=2, batch_size=16, lr=0.02, schedule="cosine",
+                seed=3)  # a small lr: float reassociation stays small
+    return ExperimentConfig(**{**base, **kw})
 
 
-def run(monkeypatch, tmp_path, name, **kw):
+def runtime(**kw):
+    return RuntimeConfig(**{"loop": "fused", "eval_batch_size": 16, **kw})
+
+
+def run(monkeypatch, tmp_path, name, mode="bn", **kw):
     """Train; return (final state, summary, the (start, stop) of every compiled step call)."""
     calls, states, compiled = [], [], []
 
-    def counting(cfg, mesh=None):
-        fn = JIT_EPOCH_STEPS(cfg, mesh)
+    def counting(cfg, rt, mesh=None):
+        fn = JIT_EPOCH_STEPS(cfg, rt, mesh)
         compiled.append(fn)
 
         def wrapped(*args):
@@ -38,7 +42,8 @@ def run(monkeypatch, tmp_path, name, **kw):
         return wrapped
 
     monkeypatch.setattr(program_lib, "jit_epoch_steps", counting)
-    summary = train.train_and_evaluate(config(**kw), str(tmp_path / name), data=DATA, log=lambda *a: None)
+    summary = train.train_and_evaluate(config(train_mode=mode), str(tmp_path / name), data=DATA,
+                                       log=lambda *a: None, runtime=runtime(**kw))
     if kw.get("loop", "fused") == "fused":  # one compilation for the whole run, whatever the calls
         assert compiled[0]._cache_size() == 1
     return jax.device_get(states[0]), summary, calls
@@ -52,9 +57,9 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 @pytest.mark.parametrize("mode", ["bn", "full"])
 def test_fused_loop_matches_step_loop(monkeypatch, tmp_path, mode):
-    fused, fused_summary, fused_calls = run(monkeypatch, tmp_path, "fused", train_mode=mode, loop="fused",
+    fused, fused_summary, fused_calls = run(monkeypatch, tmp_path, "fused", mode=mode, loop="fused",
                                             steps_per_call=2)
-    step, step_summary, step_calls = run(monkeypatch, tmp_path, "step", train_mode=mode, loop="step")
+    step, step_summary, step_calls = run(monkeypatch, tmp_path, "step", mode=mode, loop="step")
     assert int(fused.step) == int(step.step) == 10
     # 5 steps per epoch in calls of at most 2 steps: [0,2) [2,4) [4,5) per epoch; one call per step otherwise.
     assert fused_calls == [(0, 2), (2, 4), (4, 5)] * 2
@@ -77,7 +82,7 @@ def test_steps_per_call_does_not_change_a_single_bit(monkeypatch, tmp_path):
 def test_a_fused_call_moves_no_data_between_host_and_device():
     """Once the dataset, order and scalars are on the device, S steps run without a transfer."""
     cfg = config()
-    program = program_lib.build_program(cfg, DATA, mesh=None)  # what the trainer runs
+    program = program_lib.build_program(cfg, runtime(), DATA, mesh=None)  # what the trainer runs
     state = program.put(train.create_train_state(cfg, 10, (32, 32, 3), steps_per_epoch=5))
     args = (program.train_data, program.order(0), *jax.device_put((np.int32(0), np.int32(5), np.int32(0))),
             program.augment_key, program.mean, program.std)
@@ -104,9 +109,9 @@ def test_auto_loop_is_fused_except_on_cpu():
 
 def test_bad_loop_and_steps_per_call_are_refused():
     with pytest.raises(ValueError, match="unknown loop 'scan'"):
-        config(loop="scan").validate()
+        runtime(loop="scan").validate()
     with pytest.raises(ValueError, match="steps_per_call must be >= 1"):
-        config(steps_per_call=0).validate()
+        runtime(steps_per_call=0).validate()
 
 
 def test_step_loop_gathers_the_same_batches_as_the_order_says(monkeypatch):

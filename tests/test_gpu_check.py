@@ -117,13 +117,26 @@ def test_bad_flags_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, args,
     assert not (tmp_path / "out").exists()
 
 
-def test_resume_archive_must_hold_the_run_it_resumes(tmp_path):
-    (tmp_path / "other_run").mkdir()
-    archive = tmp_path / "run.tar.gz"
+def test_resume_archive_of_one_run_unpacks_as_the_workdir_whatever_its_folder_name(tmp_path):
+    # An archive packed under an older run name (before names carried the experiment's hash)
+    # still resumes: whether it holds this run is checked by the trainer, from its checkpoints.
+    (tmp_path / "old_name").mkdir()
+    (tmp_path / "old_name" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "second").mkdir()
+    archive, two = tmp_path / "run.tar.gz", tmp_path / "two.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
-        tar.add(tmp_path / "other_run", arcname="other_run")
-    with pytest.raises(ValueError, match="holds other_run, not the run resnet8_w1_bn_s0"):
-        gpu_check.unpack_run(str(archive), str(tmp_path / "runs" / "resnet8_w1_bn_s0"))
+        tar.add(tmp_path / "old_name", arcname="old_name")
+    with tarfile.open(two, "w:gz") as tar:
+        tar.add(tmp_path / "old_name", arcname="old_name")
+        tar.add(tmp_path / "second", arcname="second")
+    workdir = tmp_path / "runs" / "resnet8_w1_bn_s0-0123abcd"
+    with pytest.raises(ValueError, match="holds old_name, second, not one run folder"):
+        gpu_check.unpack_run(str(two), str(workdir))
+    gpu_check.unpack_run(str(archive), str(workdir))
+    assert (workdir / "metrics.jsonl").read_text() == "{}\n"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [workdir.name]  # no staging left
+    with pytest.raises(ValueError, match="exists already"):
+        gpu_check.unpack_run(str(archive), str(workdir))
 
 
 def history(wall_times, speeds):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bn_jax import checkpoints, train
-from bn_jax.config import Config
+from bn_jax import config as config_lib
 
 from conftest import write_image_folder
 
@@ -144,7 +144,7 @@ def test_two_processes_match_one(tmp_path):
         for key in ("train_loss", "test_loss", "train_accuracy", "test_accuracy"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), key
 
-    config = Config(**json.load(open(os.path.join(single, "config.json"))))
+    config, _ = config_lib.load(os.path.join(single, "config.json"))
     fresh = train.create_train_state(config, 3, (8, 8, 3), steps_per_epoch=4)
     s, m = checkpoints.restore(single, fresh), checkpoints.restore(multi, fresh)
     for (path, x), y, x0 in zip(jax.tree_util.tree_leaves_with_path((s.params, s.batch_stats)),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bn_jax import models, train, train_modes
-from bn_jax.config import Config
+from bn_jax.config import ExperimentConfig
 
 from conftest import random_dataset
 
@@ -15,7 +15,7 @@ MEAN, STD = jnp.full(3, 0.5), jnp.full(3, 0.25)
 
 
 def state(precision, mode="bn", model="resnet8"):
-    config = Config(model=model, train_mode=mode, precision=precision, schedule="constant", epochs=1)
+    config = ExperimentConfig(model=model, train_mode=mode, precision=precision, schedule="constant", epochs=1)
     return train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=2)
 
 
@@ -70,4 +70,4 @@ def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="unknown precision 'float16'"):
         models.create_model("resnet8", precision="float16")
     with pytest.raises(ValueError, match="unknown precision"):
-        Config(model="resnet8", precision="fp8").validate()
+        ExperimentConfig(model="resnet8", precision="fp8").validate()

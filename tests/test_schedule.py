@@ -3,7 +3,7 @@
 import pytest
 
 from bn_jax import train
-from bn_jax.config import Config
+from bn_jax.config import ExperimentConfig
 
 
 def lr(config, steps_per_epoch, step):
@@ -11,7 +11,7 @@ def lr(config, steps_per_epoch, step):
 
 
 def test_step_schedule_drops_at_half_and_three_quarters():
-    config = Config(epochs=160, lr=0.1, schedule="step")  # the paper: epochs 80 and 120 of 160
+    config = ExperimentConfig(epochs=160, lr=0.1, schedule="step")  # the paper: epochs 80 and 120 of 160
     spe = 390
     assert lr(config, spe, 0) == pytest.approx(0.1)
     assert lr(config, spe, 80 * spe - 1) == pytest.approx(0.1)
@@ -21,13 +21,13 @@ def test_step_schedule_drops_at_half_and_three_quarters():
 
 
 def test_both_drops_on_one_step_still_drop_twice():
-    config = Config(epochs=1, lr=0.1, schedule="step")  # 2 steps: int(1.0) == int(1.5) == 1
+    config = ExperimentConfig(epochs=1, lr=0.1, schedule="step")  # 2 steps: int(1.0) == int(1.5) == 1
     assert lr(config, 2, 0) == pytest.approx(0.1)
     assert lr(config, 2, 2) == pytest.approx(0.001)
 
 
 def test_warmup_then_cosine():
-    config = Config(epochs=10, lr=0.2, schedule="cosine", warmup_epochs=1)
+    config = ExperimentConfig(epochs=10, lr=0.2, schedule="cosine", warmup_epochs=1)
     assert lr(config, 10, 0) == pytest.approx(0.0)
     assert lr(config, 10, 5) == pytest.approx(0.1)
     assert lr(config, 10, 10) == pytest.approx(0.2)

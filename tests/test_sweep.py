@@ -5,43 +5,53 @@ import os
 
 import pytest
 
-from bn_jax.config import Config
+from bn_jax import config as config_lib
+from bn_jax.config import ExperimentConfig, RuntimeConfig
 from experiments import cifar, sweep
+
+
+def prefix(name):
+    """A run name without its experiment hash (checked to be 8 hex digits)."""
+    readable, digest = name.rsplit("-", 1)
+    assert len(digest) == 8 and int(digest, 16) >= 0
+    return readable
 
 
 def test_modes_preset_names_every_mode_once(tmp_path):
     runs = sweep.plan("modes", str(tmp_path), ["--epochs", "2"])
-    names = [name for name, _, _ in runs]
+    names = [prefix(name) for name, _, _ in runs]
     assert names == ["resnet20_w1_full_s0", "resnet20_w1_bn_s0", "resnet20_w1_bn_output_s0",
                      "resnet20_w1_output_s0", "resnet20_w1_gamma_only_s0", "resnet20_w1_beta_only_s0",
                      "resnet20_w1_random_k_k2_s0", "resnet20_w1_no_affine_s0"]
     assert all(state == "todo" for _, state, _ in runs)
-    assert runs[1][2][-4:] == ["--epochs", "2", "--workdir", str(tmp_path / "resnet20_w1_bn_s0")]
+    assert runs[1][2][-4:] == ["--epochs", "2", "--workdir", str(tmp_path / runs[1][0])]
 
 
 def test_names_carry_non_default_hyperparameters(tmp_path):
-    names = [n for n, _, _ in sweep.plan("width", str(tmp_path), ["--bn_placement", "after", "--seed", "3"])]
+    names = [prefix(n) for n, _, _ in sweep.plan("width", str(tmp_path), ["--bn_placement", "after", "--seed", "3"])]
     assert "resnet14_w32_bn_bnafter_s3" in names and len(names) == 12
-    k5 = [n for n, _, _ in sweep.plan("modes", str(tmp_path), ["--k", "5"])]
+    k5 = [prefix(n) for n, _, _ in sweep.plan("modes", str(tmp_path), ["--k", "5"])]
     assert "resnet20_w1_random_k_k5_s0" in k5
 
 
-def finish(root, name, config):
+def finish(root, name, config, runtime=RuntimeConfig()):
     os.makedirs(os.path.join(root, name))
-    config.save(os.path.join(root, name, "config.json"))
+    config_lib.save(os.path.join(root, name, "config.json"), config, runtime, {})
     with open(os.path.join(root, name, "summary.json"), "w") as f:
         json.dump({}, f)
 
 
 def test_finished_runs_are_skipped_and_changed_configs_refused(tmp_path, capsys):
     root = str(tmp_path)
+    named = {prefix(name): name for name, _, _ in sweep.plan("vgg", root, ["--epochs", "3"])}
     # a finished run that differs only in how it executed (eval batch, loop) is the same run
-    finish(root, "vgg11_w1_full_s0", Config(model="vgg11", train_mode="full", epochs=3, eval_batch_size=7,
-                                            loop="step"))
-    finish(root, "vgg11_w1_bn_s0", Config(model="vgg11", train_mode="bn", epochs=5))  # other epochs
-    os.makedirs(os.path.join(root, "vgg13_w1_full_s0"))  # started, never finished: runs again
+    finish(root, named["vgg11_w1_full_s0"], ExperimentConfig(model="vgg11", train_mode="full", epochs=3),
+           RuntimeConfig(eval_batch_size=7, loop="step"))
+    # a folder of this name that holds another experiment (5 epochs) is refused
+    finish(root, named["vgg11_w1_bn_s0"], ExperimentConfig(model="vgg11", train_mode="bn", epochs=5))
+    os.makedirs(os.path.join(root, named["vgg13_w1_full_s0"]))  # started, never finished: runs again
     runs = sweep.plan("vgg", root, ["--epochs", "3"])
-    states = {name: state for name, state, _ in runs}
+    states = {prefix(name): state for name, state, _ in runs}
     assert states["vgg11_w1_full_s0"] == "done"
     assert states["vgg11_w1_bn_s0"] == "conflict"
     assert states["vgg13_w1_full_s0"] == "todo"
@@ -49,7 +59,9 @@ def test_finished_runs_are_skipped_and_changed_configs_refused(tmp_path, capsys)
     failed = sweep.execute(runs, runner=lambda cmd: ran.append(cmd[cmd.index("--workdir") + 1]) or 0,
                            log=lambda *_: None)
     assert failed == 1  # the conflict
-    assert len(ran) == 6 and os.path.join(root, "vgg11_w1_full_s0") not in ran
+    assert len(ran) == 6 and os.path.join(root, named["vgg11_w1_full_s0"]) not in ran
+    # the same grid with other flags is other experiments: other folders, nothing done yet
+    assert all(state == "todo" for _, state, _ in sweep.plan("vgg", root, ["--epochs", "4"]))
 
     assert sweep.main(["--preset", "vgg", "--root", root, "--print_only", "--epochs", "3"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()

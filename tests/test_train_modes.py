@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from bn_jax import roofline, train, train_modes
-from bn_jax.config import Config
+from bn_jax.config import ExperimentConfig
 
 from conftest import random_dataset
 
@@ -21,7 +21,7 @@ MEAN, STD = jnp.full(3, 0.5), jnp.full(3, 0.25)
 
 
 def make_state(mode, model="resnet8", lr=0.1, weight_decay=1e-3, k=2, seed=0):
-    config = Config(model=model, train_mode=mode, lr=lr, weight_decay=weight_decay, schedule="constant",
+    config = ExperimentConfig(model=model, train_mode=mode, lr=lr, weight_decay=weight_decay, schedule="constant",
                     epochs=1, seed=seed, k=k)
     return train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=4)
 
@@ -204,7 +204,7 @@ def expected_counts(depth, k=2):
 @pytest.mark.parametrize("depth", [20, 110])
 @pytest.mark.parametrize("mode", list(EXPECTED_ROLES))
 def test_exact_trainable_counts(depth, mode):
-    config = Config(model=f"resnet{depth}", train_mode=mode)
+    config = ExperimentConfig(model=f"resnet{depth}", train_mode=mode)
     variables = jax.eval_shape(lambda key: config.create_model().init(key, jnp.zeros((1, 32, 32, 3))),
                                jax.random.key(0))
     assert train_modes.count(variables, mode, k=2)[0] == expected_counts(depth)[mode]

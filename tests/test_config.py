@@ -1,0 +1,116 @@
+"""The two configuration parts: flags generated from their fields, the README table that lists
+them, --help without JAX, one same-experiment rule, and run names that tell experiments apart."""
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from bn_jax import config as config_lib
+from experiments import cifar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARTS = (config_lib.ExperimentConfig, config_lib.RuntimeConfig)
+
+
+def readme_flag_rows():
+    """{flag: default cell} of the README's flag table (a row may list several flags)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    table = text.split("## `python -m experiments.cifar` flags", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`--"):
+            for flag in re.findall(r"`(--\w+)`", cells[0]):
+                rows[flag] = cells[1].strip("`")
+    return rows
+
+
+def parser_flags():
+    return {s for a in cifar.build_parser()._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+
+
+def test_every_flag_is_in_the_readme_table_and_every_row_is_a_flag():
+    assert set(readme_flag_rows()) == parser_flags()
+
+
+@pytest.mark.parametrize("field", [f for part in PARTS for f in dataclasses.fields(part)], ids=lambda f: f.name)
+def test_the_readme_default_is_the_fields_default(field):
+    cell = readme_flag_rows()[config_lib.flag_name(field)]
+    if field.default is None:
+        assert cell in ("none", "all")
+    elif isinstance(field.default, bool):
+        assert cell == "off"  # a switch that is off unless given (--no_augment for a True field)
+    elif isinstance(field.default, (int, float)):
+        assert float(cell.replace("−", "-")) == field.default
+    else:
+        assert cell == field.default
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_every_field_has_help_and_a_flag(part):
+    parser = cifar.build_parser()
+    dests = {a.dest: a for a in parser._actions}
+    for field in dataclasses.fields(part):
+        assert field.metadata["help"], field.name
+        assert config_lib.flag_name(field) in dests[field.name].option_strings
+
+
+def test_the_names_config_declares_are_the_libraries():
+    from bn_jax import input_pipeline, models, train_modes
+    assert config_lib.TRAIN_MODES == tuple(train_modes.MODES)
+    assert config_lib.BN_INITS == tuple(models.BN_INITS)
+    assert config_lib.PRECISIONS == tuple(models.PRECISIONS)
+    assert config_lib.NORMALIZATIONS == tuple(input_pipeline.NORMALIZATIONS)
+
+
+def test_help_imports_no_jax():
+    code = ("import sys\nfrom experiments import cifar\n"
+            "try:\n    cifar.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "heavy = sorted(m for m in ('jax', 'flax', 'optax', 'orbax', 'numpy') if m in sys.modules)\n"
+            "print('imported:', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("imported: []")
+    assert "--weight_decay" in out.stdout and "--steps_per_call" in out.stdout
+
+
+def test_runtime_keys_do_not_make_another_experiment():
+    experiment = config_lib.ExperimentConfig(model="resnet8")
+    saved_flat = {**experiment.to_dict(), "eval_batch_size": 7, "loop": "fused", "num_devices": 8,
+                  "data_dir": "/elsewhere", "steps_per_call": 3}  # a config.json of the older flat layout
+    assert config_lib.same_experiment(saved_flat, experiment)
+    saved = {"experiment": experiment.to_dict(), "runtime": config_lib.RuntimeConfig(eval_batch_size=7).to_dict()}
+    assert config_lib.same_experiment(saved, experiment)
+    other = dataclasses.replace(experiment, lr=0.05)
+    assert config_lib.different_keys(saved, other) == ["lr"]
+    # a key saved before it existed counts as the behaviour of that time
+    old = {k: v for k, v in experiment.to_dict().items() if k != "normalize"}
+    assert config_lib.same_experiment(old, experiment)
+    assert not config_lib.same_experiment(old, dataclasses.replace(experiment, normalize="imagenet"))
+
+
+def test_run_names_differ_whenever_experiments_do():
+    base = config_lib.ExperimentConfig(model="resnet20", train_mode="bn")
+    variants = [base, dataclasses.replace(base, lr=0.05), dataclasses.replace(base, epochs=3),
+                dataclasses.replace(base, max_train_examples=100), dataclasses.replace(base, precision="bfloat16")]
+    names = [cifar.run_name(c) for c in variants]
+    assert len(set(names)) == len(names)
+    assert all(n.startswith("resnet20_w1_bn_s0-") for n in names)
+    assert cifar.run_name(base) == cifar.run_name(config_lib.ExperimentConfig(model="resnet20", train_mode="bn"))
+
+
+def test_config_json_holds_both_parts_and_provenance(tmp_path):
+    from bn_jax import provenance
+    experiment, runtime = config_lib.ExperimentConfig(model="resnet8"), config_lib.RuntimeConfig(eval_batch_size=5)
+    config_lib.save(str(tmp_path / "config.json"), experiment, runtime, provenance.provenance())
+    import json
+    with open(tmp_path / "config.json") as f:
+        saved = json.load(f)
+    assert set(saved) == {"experiment", "runtime", "provenance"}
+    assert saved["provenance"]["versions"]["jax"] and "git" in saved["provenance"]
+    assert config_lib.load(str(tmp_path / "config.json")) == (experiment, runtime)
