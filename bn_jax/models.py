@@ -160,11 +160,14 @@ class CifarVGG(Network):
         return head(x, self.num_classes, self.dtype)
 
 
-IMAGENET_PLANS = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3), True)}
+# He et al. 2016, Table 1 (18…152) and He et al. 2016b, "Identity Mappings" (200): blocks per stage,
+# and whether the blocks are bottlenecks.
+IMAGENET_PLANS = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3), True),
+                  101: ((3, 4, 23, 3), True), 152: ((3, 8, 36, 3), True), 200: ((3, 24, 36, 3), True)}
 
 
 class ImageNetResNet(Network):
-    """ResNet-18/34/50 for ImageNet (He et al. 2016; torchvision layout): 7×7/2 stem, max-pool,
+    """ResNet-18/34/50/101/152/200 for ImageNet (He et al. 2016; torchvision layout): 7×7/2 stem, max-pool,
     four stages at 64·width … 512·width channels, global average pool, dense head."""
 
     num_classes: int = 1000
@@ -188,7 +191,7 @@ _NAME = re.compile(r"(imagenet_resnet|resnet|vgg)(\d+)$")
 
 def model_names() -> str:
     return ("resnet<6n+2> (e.g. resnet20, resnet56, resnet110, resnet866), vgg11, vgg13, vgg16, vgg19, "
-            "imagenet_resnet18, imagenet_resnet34, imagenet_resnet50")
+            + ", ".join(f"imagenet_resnet{d}" for d in IMAGENET_PLANS))
 
 
 class ModelName(NamedTuple):
@@ -207,7 +210,7 @@ def parse_model_name(name: str) -> ModelName:
     elif family == "vgg" and depth not in VGG_PLANS:
         raise ValueError(f"unknown VGG depth {depth}; known: {', '.join(f'vgg{d}' for d in VGG_PLANS)}")
     elif family == "imagenet_resnet" and depth not in IMAGENET_PLANS:
-        raise ValueError(f"unknown ImageNet ResNet depth {depth}; known: 18, 34, 50")
+        raise ValueError(f"unknown ImageNet ResNet depth {depth}; known: {', '.join(map(str, IMAGENET_PLANS))}")
     return ModelName(family, depth)
 
 
