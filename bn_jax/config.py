@@ -256,7 +256,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default unless it is None or a switch's off state."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, True) or action.default is argparse.SUPPRESS:
+        if action.default is None or isinstance(action.default, bool) or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 

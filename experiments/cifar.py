@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_lib.add_flags(p, config_lib.RuntimeConfig, groups)
     groups["what trains"].add_argument("--bn_only", action="store_true", help="shorthand for --train_mode bn")
     p.set_defaults(train_mode=None)  # (to tell an explicit --train_mode from the default: see --bn_only)
+    mode = next(a for a in p._actions if a.dest == "train_mode")
+    mode.help += f" (default: {EXPERIMENT.train_mode})"
     c = groups["devices and clusters"]
     c.add_argument("--coordinator_address", default=None,
                    help="multi-host: host:port of process 0 (not needed under SLURM or on a TPU pod, "
