@@ -1,23 +1,124 @@
-"""ImageNet (TFDS ``imagenet2012``) batches without TensorFlow, through ``tfds.data_source``.
+"""ImageNet input without TensorFlow: the folder layout and TFDS ``imagenet2012``.
 
-``tfds.load`` needs TensorFlow; ``tfds.data_source`` reads the prepared ArrayRecord files with
-random access and does not, so it suits a JAX-only environment. Preparing imagenet2012 itself
-(TFDS's manual download of the ILSVRC tars, then ``tfds build``) is done once elsewhere.
-Preprocessing is the standard ResNet one: shorter side to 256, then a random 224 crop and
-horizontal flip for training, or the centre crop for evaluation; images stay uint8 (normalise
-on the device as input_pipeline.normalize does).
+Two random-access sources of {"image", "label"} examples:
 
-Not wired into train.py yet: the epoch loop there holds CIFAR in memory and is being rewritten;
-a streaming loop can consume ``batches`` directly.
+* ``FolderSource``: ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``, as open_lth and
+  torchvision read ImageNet; classes in sorted order. ``folder_sources`` checks the layout
+  first (both splits, classes present, the same classes in each) and names what is wrong.
+* ``source``: a prepared TFDS ``imagenet2012`` through ``tfds.data_source``, which (unlike
+  ``tfds.load``) needs no TensorFlow. Preparing it (TFDS's manual download, then ``tfds build``)
+  is done once elsewhere.
+
+Decoding converts grayscale, CMYK and palette images to RGB; a file that does not decode is a
+DataError naming it. Augmentation is the paper's code base's (open_lth ``imagenet``):
+RandomResizedCrop(224, scale 0.1–1, ratio 0.8–1.25) and a horizontal flip for training; shorter
+side to 256 and the centre 224 crop for evaluation. Images stay uint8 (normalised on the device).
+
+Not wired into a command yet: the streaming program that feeds the training loop is next.
 """
 
-from typing import Iterator, Optional, Tuple
+import math
+import os
+
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
+from bn_jax.input_pipeline import IMAGE_SUFFIXES, DataError
+
 RESIZE, CROP = 256, 224
 NUM_CLASSES = 1000
+SPLITS = ("train", "val")
+SCALE, RATIO = (0.1, 1.0), (0.8, 1.25)  # open_lth's RandomResizedCrop for ImageNet
+
+
+class FolderSource:
+    """One split of an ImageNet-style folder: ``(path, label)`` records in sorted order."""
+
+    def __init__(self, root: str, split: str, classes: List[str]):
+        self.root, self.split, self.classes = root, split, classes
+        self.records = [(os.path.join(root, split, c, f), label) for label, c in enumerate(classes)
+                        for f in sorted(os.listdir(os.path.join(root, split, c)))
+                        if f.lower().endswith(IMAGE_SUFFIXES)]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Dict[str, object]:
+        path, label = self.records[i]
+        return {"image": decode(path), "label": label}
+
+    def __repr__(self) -> str:  # (stable: grain compares it when it restores an iterator)
+        return f"FolderSource({self.root!r}, {self.split!r}, {len(self.classes)} classes)"
+
+
+def _classes(root: str, split: str) -> List[str]:
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise DataError(f"{root}: missing folder {split}/ (expected train/<class>/*.JPEG and val/<class>/*.JPEG)")
+    classes = sorted(c for c in os.listdir(folder) if os.path.isdir(os.path.join(folder, c)))
+    if not classes:
+        raise DataError(f"{folder}: no class folders")
+    empty = [c for c in classes if not any(f.lower().endswith(IMAGE_SUFFIXES)
+                                           for f in os.listdir(os.path.join(folder, c)))]
+    if empty:
+        raise DataError(f"{os.path.join(folder, empty[0])}: no images (.JPEG, .jpg or .png)"
+                        + (f", and {len(empty) - 1} more empty classes" if len(empty) > 1 else ""))
+    return classes
+
+
+def folder_sources(root: str) -> Tuple[FolderSource, FolderSource]:
+    """(train, val) sources of an ImageNet-style folder; DataError naming what is wrong."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: no such folder")
+    train, val = (_classes(root, split) for split in SPLITS)
+    if train != val:
+        only = sorted(set(train) ^ set(val))
+        raise DataError(f"{root}: train/ and val/ hold different classes ({len(only)} in one only, e.g. {only[0]})")
+    return FolderSource(root, "train", train), FolderSource(root, "val", train)
+
+
+def decode(path: str) -> np.ndarray:
+    """An image file as uint8 RGB (grayscale, CMYK, palette and alpha converted); a file that
+    does not decode, or is truncated, is a DataError naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # (decodes everything: a truncated JPEG fails here, not later)
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot decode ({e})") from None
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int = CROP,
+                        scale=SCALE, ratio=RATIO) -> np.ndarray:
+    """torchvision's RandomResizedCrop: a box of random area (``scale`` of the image) and aspect
+    ratio (log-uniform in ``ratio``), resized to ``size``²; after 10 misses, the centre crop of
+    the nearest allowed ratio. Then a horizontal flip with probability 1/2."""
+    h, w = image.shape[:2]
+    box = None
+    for _ in range(10):
+        area = h * w * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        bw, bh = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < bw <= w and 0 < bh <= h:
+            top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+            box = (left, top, left + bw, top + bh)
+            break
+    if box is None:
+        aspect = min(max(w / h, ratio[0]), ratio[1])
+        bw, bh = (w, round(w / aspect)) if w / h < aspect else (round(h * aspect), h)
+        bw, bh = min(bw, w), min(bh, h)
+        box = ((w - bw) // 2, (h - bh) // 2, (w - bw) // 2 + bw, (h - bh) // 2 + bh)
+    out = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box))
+    return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def eval_crop(image: np.ndarray, resize: int = RESIZE, crop: int = CROP) -> np.ndarray:
+    """Shorter side to ``resize``, then the centre ``crop``² (an image smaller than that is enlarged)."""
+    image = resize_shorter(image, max(resize, crop))
+    h, w = image.shape[:2]
+    return image[(h - crop) // 2:(h - crop) // 2 + crop, (w - crop) // 2:(w - crop) // 2 + crop]
 
 
 def source(split: str, data_dir: Optional[str] = None):
