@@ -186,7 +186,8 @@ class MetricsLog(Hook):
         if self.writer:
             metrics_log.append_metrics(self.path, r)
         self.log(f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.4f} | "
-                 f"test loss {r['test_loss']:.4f} acc {r['test_accuracy']:.4f} | {r['images_per_second']:.0f} img/s")
+                 f"test loss {r['test_loss']:.4f} acc {r['test_accuracy']:.4f} top-5 {r['test_top5_accuracy']:.4f} | "
+                 f"{r['images_per_second']:.0f} img/s")
 
 
 def standard_hooks(program, saver: Saver, options, guard, epochs: int, workdir: str, log: Callable):

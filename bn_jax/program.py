@@ -89,7 +89,8 @@ def evaluate(state, test_batches, mean, std) -> Dict[str, float]:
         totals = m if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, m)
     totals = jax.device_get(totals)
     return {"loss": float(totals["loss"] / totals["count"]),
-            "accuracy": float(totals["correct"] / totals["count"])}
+            "accuracy": float(totals["correct"] / totals["count"]),
+            "top5_accuracy": float(totals["correct_top5"] / totals["count"])}
 
 
 class DeviceResidentProgram:

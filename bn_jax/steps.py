@@ -34,12 +34,21 @@ def train_step(state, images, labels, key, mean, std, augment: bool = True):
     return state, metrics
 
 
+def top_k_correct(logits, labels, k: int):
+    """Per example: whether the label is among the ``k`` highest logits (all of them when there
+    are fewer than ``k`` classes)."""
+    k = min(k, logits.shape[-1])
+    return jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+
+
 def eval_step(state, images, labels, valid, mean, std):
-    """Summed loss and correct predictions over the valid (non-padding) examples of a batch."""
+    """Summed loss, top-1 and top-5 correct predictions over the valid (non-padding) examples of a
+    batch (top-5: the paper reports it for ImageNet)."""
     logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                             input_pipeline.normalize(images, mean, std), train=False)
     return {"loss": jnp.sum(cross_entropy(logits, labels) * valid),
             "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * valid),
+            "correct_top5": jnp.sum(top_k_correct(logits, labels, 5) * valid),
             "count": jnp.sum(valid)}
 
 

@@ -170,7 +170,7 @@ def epoch_record(epoch: int, state, totals, test: Dict[str, float], speed: float
     """An epoch's line of metrics.jsonl (README, "Output files")."""
     return {"epoch": epoch + 1, "step": int(state.step), "train_loss": float(totals["loss"] / totals["count"]),
         "train_accuracy": float(totals["correct"] / totals["count"]),
-        "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"], "test_accuracy": test["accuracy"], "test_top5_accuracy": test["top5_accuracy"],
         "images_per_second": speed, "wall_time": record.wall_time()}
 
 
@@ -178,7 +178,11 @@ def run_summary(config: ExperimentConfig, runtime: RuntimeConfig, data, loaded_c
                 record: hooks.RunRecord, ckpt_path: str, devices) -> Dict[str, Any]:
     """summary.json's content (README, "Output files")."""
     history = record.history
-    final = history[-1] if history else {"test_accuracy": program.evaluate(state)["accuracy"]}
+    if history:
+        final = history[-1]
+    else:
+        test = program.evaluate(state)
+        final = {"test_accuracy": test["accuracy"], "test_top5_accuracy": test["top5_accuracy"]}
     speeds = [r["images_per_second"] for r in history[1:] or history]
     trainable, total = train_modes.count(train_modes.variables_of(state), config.train_mode, config.k)
     return {"model": config.model, "width": config.width, "train_mode": config.train_mode,
@@ -186,6 +190,7 @@ def run_summary(config: ExperimentConfig, runtime: RuntimeConfig, data, loaded_c
             "examples_per_class": data.class_counts(), "examples_per_class_loaded": loaded_counts,
             "total_params": total, "trainable_params": trainable, "trainable_fraction": trainable / total,
             "final_test_accuracy": final["test_accuracy"],
+            "final_test_top5_accuracy": final.get("test_top5_accuracy"),  # (None: a run resumed from before top-5)
             "best_test_accuracy": max([r["test_accuracy"] for r in history] or [final["test_accuracy"]]),
             "epochs": config.epochs, "steps": int(state.step),
             "images_per_second": float(np.mean(speeds)) if speeds else None,

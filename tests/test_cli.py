@@ -41,12 +41,14 @@ def test_end_to_end_bn_only_run_writes_documented_files(tmp_path):
     assert [r["step"] for r in lines] == [4, 8]  # 36 images // batch 8 = 4 steps per epoch
     for r in lines:
         assert set(r) >= {"epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
-                          "images_per_second", "wall_time"}
+                          "test_top5_accuracy", "images_per_second", "wall_time"}
+        assert r["test_top5_accuracy"] == 1.0  # 3 classes: the label is always among the top 5
         assert 0 <= r["test_accuracy"] <= 1 and r["images_per_second"] > 0
 
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     assert summary["train_mode"] == "bn" and summary["steps"] == 8
     assert summary["final_test_accuracy"] == lines[-1]["test_accuracy"]
+    assert summary["final_test_top5_accuracy"] == 1.0
     assert summary["best_test_accuracy"] == max(r["test_accuracy"] for r in lines)
     assert summary["device_count"] >= 1 and summary["device_kind"]
     per_class = {"train": {"cat": 12, "dog": 12, "frog": 12}, "test": {"cat": 4, "dog": 4, "frog": 4}}

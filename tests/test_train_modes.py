@@ -303,3 +303,14 @@ def test_the_readme_own_model_example_trains_only_batchnorm(capsys):
     assert np.asarray(start["Dense_0"]["kernel"]).tobytes() == np.asarray(end["Dense_0"]["kernel"]).tobytes()
     assert not np.array_equal(start["bn_stem"]["scale"], end["bn_stem"]["scale"])
     assert not np.array_equal(start["bn_stem"]["bias"], end["bn_stem"]["bias"])
+
+
+def test_top_k_correct_on_hand_made_logits():
+    from bn_jax import steps
+    logits = jnp.array([[0.0, 5.0, 1.0, 2.0, 3.0, 4.0, -1.0],   # top 5: classes 1, 5, 4, 3, 2
+                        [9.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])   # top 5: classes 0, 6, 5, 4, 3
+    labels = jnp.array([0, 1])  # row 0: logit 0.0 is 6th highest; row 1: logit 0.0 is the lowest
+    assert steps.top_k_correct(logits, labels, 5).tolist() == [False, False]
+    assert steps.top_k_correct(logits, jnp.array([2, 6]), 5).tolist() == [True, True]
+    assert steps.top_k_correct(logits, jnp.array([1, 0]), 1).tolist() == [True, True]
+    assert steps.top_k_correct(logits[:, :3], jnp.array([0, 1]), 5).tolist() == [True, True]  # k > classes
