@@ -54,9 +54,9 @@ def load_run(workdir: str) -> Run:
         except (OSError, ValueError) as e:
             raise ValueError(f"{name} is unreadable ({e})") from None
 
-    read("config.json", json.load)  # (a missing or unreadable file named as the others are)
+    saved = read("config.json", json.load)
     try:
-        config, runtime = config_lib.load(os.path.join(workdir, "config.json"))
+        config, runtime = config_lib.parts(saved)
         config.validate()
     except (TypeError, ValueError) as e:  # unknown, missing or bad fields
         raise ValueError(f"config.json does not describe a run ({e})") from None

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bn_jax import config as config_lib
-from bn_jax import orbax_failures, parallel, provenance, train_modes
+from bn_jax import orbax_failures, parallel, provenance, steps, train_modes
 from bn_jax.config import CheckpointOptions  # noqa: F401  (declared with the other run options)
 
 FORMAT_VERSION = 2  # 2: epoch order drawn by jax.random on the device
@@ -51,15 +51,12 @@ def _hash_arrays(named_arrays) -> str:
     return h.hexdigest()
 
 
-_leaf_name = train_modes.path_name
-
-
 def frozen_hash(variables, mode: str) -> str:
     """SHA-256 of the leaves that ``mode`` freezes (names, dtypes, shapes and bytes)."""
     mask = train_modes.trainable_mask(variables, mode)
     leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(variables["params"]))
     flags = jax.tree_util.tree_leaves(mask)
-    return _hash_arrays((_leaf_name(p), x) for (p, x), f in zip(leaves, flags) if not f)
+    return _hash_arrays((train_modes.path_name(p), x) for (p, x), f in zip(leaves, flags) if not f)
 
 
 def data_fingerprint(data) -> str:
@@ -75,12 +72,12 @@ def trainable_leaves(variables, mode: str) -> Dict[str, Any]:
     """The trainable leaves as a flat {"Block_0.Conv_0.kernel": array} dict."""
     flags = jax.tree_util.tree_leaves(train_modes.trainable_mask(variables, mode))
     leaves = jax.tree_util.tree_leaves_with_path(variables["params"])
-    return {_leaf_name(p): x for (p, x), f in zip(leaves, flags) if f}
+    return {train_modes.path_name(p): x for (p, x), f in zip(leaves, flags) if f}
 
 
 def merge_trainable(params, flat: Dict[str, Any]):
     """``params`` with the leaves named in ``flat`` replaced."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: flat.get(_leaf_name(p), x), params)
+    return jax.tree_util.tree_map_with_path(lambda p, x: flat.get(train_modes.path_name(p), x), params)
 
 
 # ---- the manager ----------------------------------------------------------------------------
@@ -93,7 +90,7 @@ def _state_tree(state, totals, fmt: str, mode: str):
 
 def state_hash(tree) -> str:
     """SHA-256 of a host state tree: detects corrupt bytes that Orbax would restore silently."""
-    return _hash_arrays((_leaf_name(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree))
+    return _hash_arrays((train_modes.path_name(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree))
 
 
 def _all_finite(tree) -> bool:
@@ -310,11 +307,6 @@ def restore(workdir: str, state, step=None):
                 frozen_hash(train_modes.variables_of(state), mode) != meta["frozen_hash"]:
             raise CheckpointError(f"checkpoint step {step}: frozen weights of the given state do not match the saved hash")
         try:
-            return _read_state(manager, step, meta, state, _zero_totals_like())[0]
+            return _read_state(manager, step, meta, state, steps.zero_totals())[0]
         except StateHashMismatch as e:
             raise CheckpointError(f"checkpoint step {step} in {path}: {e}") from None
-
-
-def _zero_totals_like():
-    """The structure of train.zero_totals() (the partial-epoch metric sums saved with the state)."""
-    return {"loss": np.float32(0), "correct": np.int32(0), "count": np.int32(0), "nonfinite_step": np.int32(-1)}

@@ -78,8 +78,21 @@ def check_fields(config) -> None:
                 raise ValueError(problem)
 
 
+class _Part:
+    """What both parts share: a dict of the fields, and back."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: Dict[str, Any]):
+        """From a saved dict; keys of the other part (a flat config of older runs) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+
 @dataclasses.dataclass
-class ExperimentConfig:
+class ExperimentConfig(_Part):
     model: str = param("resnet110", f"architecture: {MODEL_NAMES}", group="model")
     width: int = param(1, "width multiplier k: ResNet segments have 16k, 32k, 64k channels; VGG channels ×k",
                        at_least(1), group="model")
@@ -133,23 +146,14 @@ class ExperimentConfig:
                                    bn_init=self.bn_init, bn_before_relu=self.bn_placement == "before",
                                    precision=self.precision, **train_modes.model_options(self.train_mode))
 
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def short_hash(self) -> str:
         """8 hex digits of SHA-256 over the experiment (open_lth names runs by such a hash)."""
         text = json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
-    @classmethod
-    def from_dict(cls, saved: Dict[str, Any]) -> "ExperimentConfig":
-        """From a saved dict; keys of the other part (a flat config of older runs) are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in names})
-
 
 @dataclasses.dataclass
-class RuntimeConfig:
+class RuntimeConfig(_Part):
     data_dir: Optional[str] = param(None, "offline data instead of TFDS: a folder or .tar.gz with "
                                     "train/<class>/*.jpg|png and test/<class>/*; classes are taken in sorted order "
                                     "(the data themselves are fingerprinted, so moving them does not change a run)",
@@ -170,14 +174,6 @@ class RuntimeConfig:
         if self.data_dir is not None and not os.path.exists(self.data_dir):
             raise ValueError(f"data_dir does not exist: {self.data_dir}")
         return self
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, saved: Dict[str, Any]) -> "RuntimeConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in names})
 
 
 def different_keys(saved: Dict[str, Any], current) -> List[str]:
@@ -202,14 +198,18 @@ def save(path: str, experiment: ExperimentConfig, runtime: RuntimeConfig, proven
                                            "provenance": provenance}, indent=2, sort_keys=True, allow_nan=False))
 
 
-def load(path: str):
-    """(ExperimentConfig, RuntimeConfig) from a config.json, of this layout or the older flat one."""
-    with open(path) as f:
-        saved = json.load(f)
+def parts(saved: Any):
+    """(ExperimentConfig, RuntimeConfig) of a config.json's content, this layout or the older flat one."""
     if not isinstance(saved, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
+        raise ValueError("config.json does not hold a JSON object")
     return (ExperimentConfig.from_dict(saved.get("experiment", saved)),
             RuntimeConfig.from_dict(saved.get("runtime", saved)))
+
+
+def load(path: str):
+    """(ExperimentConfig, RuntimeConfig) from a config.json file."""
+    with open(path) as f:
+        return parts(json.load(f))
 
 
 # ---- checkpoint options (how a run saves; its flags are in experiments.cifar) ------------------

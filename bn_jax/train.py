@@ -127,7 +127,7 @@ def resume(ckpt: checkpoints.Checkpointer, program, fresh_state, expected: Dict[
             f"checkpoint step {step}: this JAX/NumPy version derives a different data order or "
             "augmentation key from the seed; an exact resume is impossible (pass --restart)")
     log(f"resumed from checkpoint step {step} (epoch {step // spe + 1}, step {step % spe} of {spe}) in {ckpt.path}")
-    return state, parallel.replicate(totals, program.mesh), hooks.RunRecord(meta["history"], meta["wall_time"])
+    return state, program.put(totals), hooks.RunRecord(meta["history"], meta["wall_time"])
 
 
 def call_end(program, hook_list, epoch: int, i: int) -> int:
@@ -260,7 +260,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: Optional[in
         with checkpoints.Checkpointer(workdir, options, log) as ckpt, \
                 (contextlib.nullcontext(guard) if guard else preemption.PreemptionGuard()) as guard:
             state, totals, record = resume(ckpt, program, state, expected, log)
-            state = parallel.replicate(state, mesh)  # restored leaves are host arrays
+            state = program.put(state)  # restored leaves are on the default device only
             if writer:
                 metrics_log.write_metrics(os.path.join(workdir, "metrics.jsonl"), record.history)
                 config_lib.save(os.path.join(workdir, "config.json"), config, runtime, provenance.provenance())

@@ -38,9 +38,13 @@ class UnknownParameter(ValueError):
     """A parameter that no role rule recognises: we refuse to guess whether it trains."""
 
 
+def _keys(path) -> tuple:
+    return tuple(str(getattr(k, "key", k)) for k in path)
+
+
 def path_name(path, sep: str = ".") -> str:
     """``"Block_0.Conv_0.kernel"`` from a pytree key path (the name hashes and reports use)."""
-    return sep.join(str(getattr(k, "key", k)) for k in path)
+    return sep.join(_keys(path))
 
 
 def _module_roles(leaves: Dict[str, Any], has_running_stats: bool) -> Dict[str, str]:
@@ -70,11 +74,10 @@ def roles(variables):
     ``variables``: what ``model.init`` returns (``params`` and ``batch_stats``), arrays or shapes.
     """
     params, stats = variables["params"], variables.get("batch_stats", {})
-    stat_paths = {tuple(str(getattr(k, "key", k)) for k in p)
-                  for p, _ in jax.tree_util.tree_leaves_with_path(stats)}
+    stat_paths = {_keys(p) for p, _ in jax.tree_util.tree_leaves_with_path(stats)}
     modules: Dict[tuple, Dict[str, Any]] = {}
     for path, x in jax.tree_util.tree_leaves_with_path(params):
-        keys = tuple(str(getattr(k, "key", k)) for k in path)
+        keys = _keys(path)
         modules.setdefault(keys[:-1], {})[keys[-1]] = x
     found = {}
     for module, leaves in modules.items():
@@ -88,7 +91,7 @@ def roles(variables):
                     "kernels and their biases")
             found[module + (leaf,)] = module_roles[leaf]
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: found[tuple(str(getattr(k, "key", k)) for k in p)], params)
+        lambda p, _: found[_keys(p)], params)
 
 
 def role_leaves(variables):

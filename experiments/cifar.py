@@ -83,10 +83,10 @@ class Command(NamedTuple):
     args: argparse.Namespace  # (the cluster flags, for start_cluster)
 
 
-def parse_args(argv=None) -> Command:
+def parse_args(argv=None, parser=None) -> Command:
     """What the command line asks for, validated; bad flags exit with code 2. Creates no files
     and starts nothing (no JAX, no cluster)."""
-    parser = build_parser()
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     try:
         options = config_lib.CheckpointOptions(
@@ -158,17 +158,18 @@ def main(argv=None, extra_hooks=()) -> int:
     orbax_failures.quiet_background_noise()
     # Signals are turned into a checkpoint and exit 75 from the start, data loading included.
     with preemption.PreemptionGuard() as guard:
-        experiment, runtime, workdir, options, args = parse_args(argv)
+        parser = build_parser()
+        experiment, runtime, workdir, options, args = parse_args(argv, parser)
         try:
-            start_cluster(args, runtime, experiment.batch_size, build_parser())
+            start_cluster(args, runtime, experiment.batch_size, parser)
         except KeyboardInterrupt:  # a second Ctrl-C while waiting for a coordinator
             print("interrupted: stopped at once on a second SIGINT", file=sys.stderr)
             return EXIT_INTERRUPTED
         guard.reinstall()  # after jax.distributed.initialize, which takes SIGTERM for itself
-        return train(experiment, runtime, workdir, options, guard, extra_hooks)
+        return train(experiment, runtime, workdir, options, guard, extra_hooks, parser)
 
 
-def train(experiment, runtime, workdir: str, options, guard, extra_hooks) -> int:
+def train(experiment, runtime, workdir: str, options, guard, extra_hooks, parser) -> int:
     """Run the training; its outcome as an exit code with one line on stderr."""
     from bn_jax import checkpoints, input_pipeline, parallel
     from bn_jax import train as train_lib
@@ -176,7 +177,7 @@ def train(experiment, runtime, workdir: str, options, guard, extra_hooks) -> int
         summary = train_lib.train_and_evaluate(experiment, workdir, runtime=runtime, checkpointing=options,
                                                guard=guard, extra_hooks=extra_hooks)
     except (input_pipeline.DataError, checkpoints.CheckpointError, workdir_lib.WorkdirUnusable) as e:
-        build_parser().print_usage(sys.stderr)
+        parser.print_usage(sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except FloatingPointError as e:
