@@ -29,6 +29,7 @@ from bn_jax import orbax_failures, parallel, provenance, steps, train_modes
 from bn_jax.config import CheckpointOptions  # noqa: F401  (declared with the other run options)
 
 FORMAT_VERSION = 2  # 2: epoch order drawn by jax.random on the device
+ITEMS = ("state", "meta", "data")  # data: a streamed input's iterator state (one file per host)
 VERSION_KEYS = ("jax", "flax", "optax", "orbax-checkpoint")  # what shapes the saved train state
 
 
@@ -60,6 +61,8 @@ def frozen_hash(variables, mode: str) -> str:
 
 
 def data_fingerprint(data) -> str:
+    if hasattr(data, "fingerprint"):  # streamed data: what identifies its files (bn_jax.streaming)
+        return data.fingerprint()
     return _hash_arrays([("train_images", data.train_images), ("train_labels", data.train_labels),
                          ("test_images", data.test_images), ("test_labels", data.test_labels)])
 
@@ -113,7 +116,7 @@ class Checkpointer:
         keep = {"preservation_policy": policy(n=self.options.keep)} if policy else {"max_to_keep": self.options.keep}
         options = ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True,
                                                enable_async_checkpointing=self.options.async_save, **keep)
-        return ocp.CheckpointManager(self.path, item_names=("state", "meta"), options=options)
+        return ocp.CheckpointManager(self.path, item_names=ITEMS, options=options)
 
     def __enter__(self):
         return self
@@ -145,8 +148,9 @@ class Checkpointer:
     def steps(self) -> List[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, state, totals, meta: Dict[str, Any]) -> None:
-        """Write a checkpoint at ``state.step``; refuses (FloatingPointError) a non-finite state."""
+    def save(self, state, totals, meta: Dict[str, Any], items: Optional[Dict[str, Any]] = None) -> None:
+        """Write a checkpoint at ``state.step``; refuses (FloatingPointError) a non-finite state.
+        ``items``: further Orbax items saved with it (a streamed input's iterator)."""
         host_state = jax.device_get(_state_tree(state, totals, self.options.format, meta["config"]["train_mode"]))
         step = int(host_state["step"])
         if not _all_finite(host_state):
@@ -158,7 +162,12 @@ class Checkpointer:
             return
         with self._disk_full_as_error():
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
-                                                            meta=ocp.args.JsonSave(meta)), force=True)
+                                                            meta=ocp.args.JsonSave(meta), **(items or {})),
+                              force=True)
+
+    def restore_item(self, step: int, name: str, args):
+        """One further item of checkpoint ``step`` (see ``save``)."""
+        return self.manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
 
     def latest_saved(self) -> Optional[int]:
         steps = self.manager.all_steps()
@@ -296,7 +305,7 @@ def restore(workdir: str, state, step=None):
     if not os.path.isdir(path):  # (a CheckpointManager would create the folder: reading writes nothing)
         raise CheckpointError(f"{workdir} has no checkpoints/ folder")
     read_only = ocp.CheckpointManagerOptions(create=False, read_only=True)
-    with ocp.CheckpointManager(path, item_names=("state", "meta"), options=read_only) as manager:
+    with ocp.CheckpointManager(path, item_names=ITEMS, options=read_only) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{path} holds no checkpoint")

@@ -29,13 +29,21 @@ TRAIN_MODES = ("full", "bn", "bn_output", "output", "gamma_only", "beta_only", "
 BN_INITS = ("uniform", "ones")
 PRECISIONS = ("float32", "bfloat16")
 NORMALIZATIONS = ("dataset", "imagenet")
-SCHEDULES = ("step", "cosine", "constant")
+SCHEDULES = ("step", "imagenet", "cosine", "constant")
+# Datasets streamed from the hosts (bn_jax.streaming) rather than held on the device; their models
+# are the ImageNet ResNets, and the CLI's --model resnet50 means imagenet_resnet50 for them.
+STREAMED_DATASETS = ("imagenet2012",)
+IMAGENET_DEPTHS = (18, 34, 50, 101, 152, 200)
 BN_PLACEMENTS = ("before", "after")  # BatchNorm before (paper, He et al. 2016) or after the ReLU
 LOOPS = ("auto", "fused", "step")
-MODEL_NAMES = ("resnet<6n+2> (e.g. resnet20, resnet56, resnet110, resnet866), vgg11, vgg13, vgg16, vgg19")
+MODEL_NAMES = ("resnet<6n+2> (e.g. resnet20, resnet56, resnet110, resnet866), vgg11, vgg13, vgg16, vgg19; "
+               "ImageNet (--dataset imagenet2012): resnet18, 34, 50, 101, 152, 200")
 MAX_SEED = 2**31 - 1  # jax.random.key and NumPy take any such int; larger ones overflow somewhere
 # Experiment keys added after runs were saved, with the behaviour those runs had.
-LEGACY_DEFAULTS = {"normalize": "dataset"}
+LEGACY_DEFAULTS = {"normalize": "dataset", "image_size": None}
+# Of those, the keys left out of a run's name hash at their legacy value, so that runs named before
+# the key existed keep their names (normalize was there when names got their hash).
+UNHASHED_AT_LEGACY = ("image_size",)
 
 
 # ---- validation rules: (name, value) -> a one-line complaint, or None -----------------------
@@ -110,7 +118,8 @@ class ExperimentConfig(_Part):
     batch_size: int = param(128, "training batch size (each epoch's last partial batch is dropped)", at_least(1))
     lr: float = param(0.1, "peak SGD learning rate", at_least(0.0))
     schedule: str = param("step", "step: ×0.1 at 50%% and 75%% of training (the paper's epochs 80/120 of 160); "
-                          "cosine: cosine decay to 0; constant", choices=SCHEDULES)
+                          "imagenet: ×0.1 at 1/3, 2/3 and 8/9 of training (the paper's ImageNet epochs 30/60/80 of "
+                          "90); cosine: cosine decay to 0; constant", choices=SCHEDULES)
     warmup_epochs: float = param(0.0, "linear learning-rate warm-up from 0, in epochs", at_least(0.0))
     momentum: float = param(0.9, "SGD momentum", at_least(0.0))
     weight_decay: float = param(1e-4, "coupled L2 penalty, applied to the trainable parameters only", at_least(0.0))
@@ -121,7 +130,13 @@ class ExperimentConfig(_Part):
                            "ImageNet's as the paper's code (open_lth) does", choices=NORMALIZATIONS)
     seed: int = param(0, "seeds the initialisation, data order and augmentation", at_least(0), at_most(MAX_SEED))
     dataset: str = param("cifar10", "TFDS name (cifar10, cifar100), or the name of the --data_dir data; "
-                         "TFDS downloads and caches it and needs TensorFlow", group="data")
+                         "TFDS downloads and caches it and needs TensorFlow. imagenet2012: streamed from an "
+                         "ImageNet folder (--data_dir) or a prepared TFDS imagenet2012 (no TensorFlow needed)",
+                         group="data")
+    image_size: Optional[int] = param(None, "streamed data (ImageNet): side of the square training and "
+                                      "evaluation crops (default 224; evaluation resizes the shorter side to 256/224 "
+                                      "of it first); smaller sizes make quick CPU looks. CIFAR stays 32×32",
+                                      at_least(32), group="data")
     max_train_examples: Optional[int] = param(None, "train on a fixed random subset of this size (for quick looks)",
                                               at_least(1), group="data")
     max_test_examples: Optional[int] = param(None, "evaluate on a fixed random subset of this size",
@@ -133,9 +148,18 @@ class ExperimentConfig(_Part):
     def validate(self) -> "ExperimentConfig":
         """Raise ValueError with one readable line for anything that cannot run."""
         check_fields(self)
-        if self.model.startswith("imagenet_"):
-            raise ValueError(f"{self.model} is an ImageNet definition (see bn_jax.imagenet); this trainer "
-                             "takes 32×32 models: resnet<6n+2>, vgg11/13/16/19")
+        streamed = self.dataset in STREAMED_DATASETS
+        if self.model.startswith("imagenet_") and not streamed:
+            raise ValueError(f"{self.model} is an ImageNet model: train it with python -m experiments.imagenet "
+                             "(--dataset imagenet2012); CIFAR takes resnet<6n+2>, vgg11/13/16/19")
+        if streamed and not self.model.startswith("imagenet_"):
+            raise ValueError(f"{self.dataset} takes the ImageNet ResNets (resnet18, 34, 50, 101, 152, 200), "
+                             f"not {self.model}")
+        if not streamed and self.image_size is not None:
+            raise ValueError(f"image_size applies to streamed datasets (imagenet2012); {self.dataset} is 32×32")
+        if streamed and self.normalize == "dataset":
+            raise ValueError(f"normalize 'dataset' needs the training set in memory; {self.dataset} is streamed: "
+                             "use --normalize imagenet")
         self.create_model()
         return self
 
@@ -148,7 +172,9 @@ class ExperimentConfig(_Part):
 
     def short_hash(self) -> str:
         """8 hex digits of SHA-256 over the experiment (open_lth names runs by such a hash)."""
-        text = json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
+        fields = {k: v for k, v in self.to_dict().items()
+                  if not (k in UNHASHED_AT_LEGACY and v == LEGACY_DEFAULTS[k])}
+        text = json.dumps(fields, sort_keys=True, allow_nan=False)
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
@@ -168,12 +194,26 @@ class RuntimeConfig(_Part):
     num_devices: Optional[int] = param(None, "data-parallel over the first N local devices (default: all); the "
                                        "global --batch_size is split over them and must divide by N",
                                        at_least(1), group="devices and clusters")
+    workers: Optional[int] = param(None, "streamed data (ImageNet): processes per host that decode and augment "
+                                   "images (default: the host's CPU cores less one; 0: threads of the training "
+                                   "process). Unused by CIFAR, which stays on the device", at_least(0),
+                                   group="speed")
+
+    def resolved_workers(self) -> int:
+        return max(0, (os.cpu_count() or 1) - 1) if self.workers is None else self.workers
 
     def validate(self) -> "RuntimeConfig":
         check_fields(self)
         if self.data_dir is not None and not os.path.exists(self.data_dir):
             raise ValueError(f"data_dir does not exist: {self.data_dir}")
         return self
+
+
+def imagenet_model_name(name: str) -> str:
+    """``resnet50`` → ``imagenet_resnet50`` (the registry's name); other names unchanged."""
+    if name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in IMAGENET_DEPTHS:
+        return "imagenet_" + name
+    return name
 
 
 def different_keys(saved: Dict[str, Any], current) -> List[str]:

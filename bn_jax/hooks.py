@@ -88,10 +88,11 @@ class Saver:
         if step == self.last_step:
             return
         check_finite(jax.device_get(totals), step // spe, self.ckpt.latest_saved())
+        input_meta, items = self.program.input_checkpoint()
         self.ckpt.save(state, totals, {**self.expected, "epoch": step // spe, "position": step % spe,
                                        "steps_per_epoch": spe, "history": list(self.record.history),
                                        "wall_time": self.record.wall_time(),
-                                       "rng": self.program.position(step // spe)})
+                                       "rng": self.program.position(step // spe), **input_meta}, items)
         self.last_step = step
 
 
@@ -108,8 +109,13 @@ class ProgressBar(Hook):
         self.bar.update(tick.step - tick.first_step)
         if tick.synced:
             t, done = tick.host_totals, tick.step - tick.epoch * self.program.steps_per_epoch - self.first
+            speeds = {"img_s": f"{done * self.program.batch_size / (time.time() - self.start):.0f}"}
+            report = self.program.input_report()
+            if report:  # streamed input: what it can deliver, and how long training waited for it
+                speeds.update(load_img_s=f"{report['input_images_per_second']:.0f}",
+                              wait=f"{report['input_wait_fraction']:.0%}")
             self.bar.set_postfix(loss=f"{t['loss'] / t['count']:.3f}", acc=f"{t['correct'] / t['count']:.3f}",
-                                 img_s=f"{done * self.program.batch_size / (time.time() - self.start):.0f}")
+                                 **speeds)
         if tick.epoch_end:
             self.bar.close()
 
@@ -185,9 +191,12 @@ class MetricsLog(Hook):
         self.record.history.append(r)
         if self.writer:
             metrics_log.append_metrics(self.path, r)
+        loading = "" if "input_images_per_second" not in r else (
+            f" (input can load {r['input_images_per_second']:.0f} img/s; training waited for it "
+            f"{r['input_wait_fraction']:.0%} of the time)")
         self.log(f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.4f} | "
                  f"test loss {r['test_loss']:.4f} acc {r['test_accuracy']:.4f} top-5 {r['test_top5_accuracy']:.4f} | "
-                 f"{r['images_per_second']:.0f} img/s")
+                 f"{r['images_per_second']:.0f} img/s trained{loading}")
 
 
 def standard_hooks(program, saver: Saver, options, guard, epochs: int, workdir: str, log: Callable):

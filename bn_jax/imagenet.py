@@ -6,26 +6,28 @@ Two random-access sources of {"image", "label"} examples:
   torchvision read ImageNet; classes in sorted order. ``folder_sources`` checks the layout
   first (both splits, classes present, the same classes in each) and names what is wrong.
 * ``source``: a prepared TFDS ``imagenet2012`` through ``tfds.data_source``, which (unlike
-  ``tfds.load``) needs no TensorFlow. Preparing it (TFDS's manual download, then ``tfds build``)
-  is done once elsewhere.
+  ``tfds.load``) needs no TensorFlow. Preparing it (TFDS's manual download, then ``tfds build
+  --file_format array_record``, the format random access reads) is done once elsewhere.
 
 Decoding converts grayscale, CMYK and palette images to RGB; a file that does not decode is a
 DataError naming it. Augmentation is the paper's code base's (open_lth ``imagenet``):
 RandomResizedCrop(224, scale 0.1–1, ratio 0.8–1.25) and a horizontal flip for training; shorter
 side to 256 and the centre 224 crop for evaluation. Images stay uint8 (normalised on the device).
 
-Not wired into a command yet: the streaming program that feeds the training loop is next.
+``load`` wraps either as a ``bn_jax.streaming.StreamData``, which ``python -m experiments.imagenet``
+trains on through grain.
 """
 
+import functools
 import math
 import os
-
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
 from bn_jax.input_pipeline import IMAGE_SUFFIXES, DataError
+from bn_jax.streaming import StreamData
 
 RESIZE, CROP = 256, 224
 NUM_CLASSES = 1000
@@ -121,10 +123,48 @@ def eval_crop(image: np.ndarray, resize: int = RESIZE, crop: int = CROP) -> np.n
     return image[(h - crop) // 2:(h - crop) // 2 + crop, (w - crop) // 2:(w - crop) // 2 + crop]
 
 
+def _tfds_source(split: str, data_dir: Optional[str]):
+    try:
+        import tensorflow_datasets as tfds
+        # download=False: ImageNet is a manual download, and an unprepared one must not start a build
+        return tfds.data_source("imagenet2012", split=split, data_dir=data_dir, download=False)
+    except ImportError as e:
+        raise DataError(f"reading TFDS imagenet2012 needs tensorflow-datasets ({e})") from None
+    except Exception as e:  # noqa: BLE001  (TFDS raises several types for an unprepared dataset)
+        where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+        raise DataError(f"TFDS imagenet2012 is not prepared in {where} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else ''}); prepare it once, in the array_record "
+                        "format that random access needs: tfds build imagenet2012 --manual_dir DIR "
+                        "--file_format array_record; or pass --data_dir with train/<wnid>, val/<wnid> "
+                        "folders") from None
+
+
 def source(split: str, data_dir: Optional[str] = None):
     """Random-access examples {"image": uint8 HWC, "label": int} of a prepared imagenet2012 split."""
+    return _tfds_source(split, data_dir)
+
+
+def load(data_dir: Optional[str] = None, crop: int = CROP) -> StreamData:
+    """ImageNet as a streamed dataset: the folder at ``data_dir``, else TFDS imagenet2012 (from
+    ``$TFDS_DATA_DIR`` or TFDS's default folder). DataError naming what is wrong."""
+    prepare_train = functools.partial(random_resized_crop, size=crop)
+    prepare_test = functools.partial(eval_crop, resize=round(crop * RESIZE / CROP), crop=crop)
+    if data_dir:
+        train, val = folder_sources(data_dir)
+        fingerprint = "\n".join(f"{os.path.relpath(p, data_dir)}|{label}" for src in (train, val)
+                                for p, label in src.records)
+        counts = {name: {c: n for c, n in zip(train.classes, np.bincount([label for _, label in src.records],
+                                                                          minlength=len(train.classes)).tolist())}
+                  for name, src in (("train", train), ("test", val))}
+        return StreamData(data_dir, train, val, train.classes, (crop, crop, 3), prepare_train, prepare_test,
+                          fingerprint_text=fingerprint, counts=counts)
+    tfds_dir = os.environ.get("TFDS_DATA_DIR")  # (TFDS itself reads it once, at import)
+    train, val = _tfds_source("train", tfds_dir), _tfds_source("validation", tfds_dir)
     import tensorflow_datasets as tfds
-    return tfds.data_source("imagenet2012", split=split, data_dir=data_dir)
+    info = tfds.builder("imagenet2012", data_dir=tfds_dir).info
+    names = list(info.features["label"].names)
+    return StreamData("imagenet2012 (TFDS)", train, val, names, (crop, crop, 3), prepare_train, prepare_test,
+                      fingerprint_text=f"tfds imagenet2012 {info.version} {len(train)} {len(val)}")
 
 
 def resize_shorter(image: np.ndarray, size: int = RESIZE) -> np.ndarray:
@@ -132,28 +172,3 @@ def resize_shorter(image: np.ndarray, size: int = RESIZE) -> np.ndarray:
     scale = size / min(h, w)
     new = (max(size, round(w * scale)), max(size, round(h * scale)))  # PIL takes (width, height)
     return np.asarray(Image.fromarray(image).resize(new, Image.BILINEAR))
-
-
-def preprocess(image: np.ndarray, rng: np.random.Generator, train: bool, crop: int = CROP) -> np.ndarray:
-    image = resize_shorter(image, max(crop, round(crop * RESIZE / CROP)))
-    h, w = image.shape[:2]
-    if train:
-        top, left = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
-    else:
-        top, left = (h - crop) // 2, (w - crop) // 2
-    out = image[top:top + crop, left:left + crop]
-    return out[:, ::-1] if train and rng.random() < 0.5 else out
-
-
-def batches(src, batch_size: int, seed: int, epoch: int, train: bool = True,
-            crop: int = CROP) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-    """(uint8 images (B, crop, crop, 3), int32 labels (B,)): a shuffled epoch (a function of seed
-    and epoch) without its last partial batch for training; every example in order for evaluation."""
-    n = len(src)
-    order = np.random.default_rng([seed, epoch]).permutation(n) if train else np.arange(n)
-    rng = np.random.default_rng([seed, epoch, 1])
-    stop = n - n % batch_size if train else n
-    for start in range(0, stop, batch_size):
-        examples = [src[int(i)] for i in order[start:start + batch_size]]
-        images = np.stack([preprocess(np.asarray(e["image"]), rng, train, crop) for e in examples])
-        yield images, np.array([e["label"] for e in examples], np.int32)

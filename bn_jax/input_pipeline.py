@@ -42,6 +42,14 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def num_train(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def image_shape(self):
+        return self.train_images.shape[1:]
+
     def class_counts(self) -> Dict[str, Dict[str, int]]:
         """Images per class in each split (logged and saved in summary.json: nothing lost unseen)."""
         return {split: dict(zip(self.class_names, np.bincount(labels, minlength=self.num_classes).tolist()))

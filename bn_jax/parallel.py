@@ -123,3 +123,12 @@ def barrier(name: str) -> None:
 def is_writer() -> bool:
     """Only process 0 writes metrics, summaries and plots (Orbax coordinates checkpoints itself)."""
     return jax.process_index() == 0
+
+
+def sum_over_processes(values) -> np.ndarray:
+    """Elementwise sum of ``values`` over all processes (an all-gather: every process must call it)."""
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(values)).sum(0)

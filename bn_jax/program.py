@@ -7,20 +7,24 @@ measure and check the very code that trains.
 A program offers the training loop one small interface, whatever feeds it:
 ``run(state, totals, epoch, start, stop)`` trains steps ``start``…``stop - 1`` of an epoch,
 ``evaluate(state)`` scores the test set, and ``position(epoch)`` describes what an exact resume
-must find unchanged. ``DeviceResidentProgram`` keeps the whole training set on the device as
-uint8 and draws each epoch's order there; a streaming host pipeline implements the same three.
+must find unchanged; ``input_checkpoint``/``restore_input`` save and restore the input's own
+state beside the train state, and ``input_report`` says how fast the input is.
+``DeviceResidentProgram`` keeps the whole training set on the device as uint8 and draws each
+epoch's order there (CIFAR); ``StreamingProgram`` trains on batches that grain workers decode
+and augment on the hosts (ImageNet, ``bn_jax.streaming``).
 
 Everything random is a function of ``config.seed`` and the step number (init key, epoch order,
 augmentation key), so a run is reproducible and can be replayed from any step.
 """
 
 import functools
+import time
 from typing import Any, Dict, List, Tuple
 
 import jax
 import numpy as np
 
-from bn_jax import checkpoints, input_pipeline, parallel, steps
+from bn_jax import checkpoints, input_pipeline, parallel, steps, streaming
 from bn_jax.config import ExperimentConfig, RuntimeConfig
 
 # fused: ``steps_per_call`` steps as one compiled fori_loop, so the host only wakes between
@@ -87,7 +91,10 @@ def evaluate(state, test_batches, mean, std) -> Dict[str, float]:
     for images, labels, valid in test_batches:
         m = jit_eval_step(state, images, labels, valid, mean, std)
         totals = m if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, m)
-    totals = jax.device_get(totals)
+    return test_metrics(jax.device_get(totals))
+
+
+def test_metrics(totals) -> Dict[str, float]:
     return {"loss": float(totals["loss"] / totals["count"]),
             "accuracy": float(totals["correct"] / totals["count"]),
             "top5_accuracy": float(totals["correct_top5"] / totals["count"])}
@@ -155,8 +162,140 @@ class DeviceResidentProgram:
                 "augment_key_data": np.asarray(jax.random.key_data(self.augment_key)).tolist(),
                 "epoch_order_sha256": checkpoints.order_hash(order)}
 
+    def input_checkpoint(self) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        """(meta, Orbax items) of the input's state: none, the position is the step."""
+        return {}, {}
 
-def build_program(config: ExperimentConfig, runtime: RuntimeConfig, data: input_pipeline.Dataset,
-                  mesh) -> DeviceResidentProgram:
-    """The program that trains ``config`` on ``data`` over ``mesh``, executed as ``runtime`` says."""
+    def restore_input(self, ckpt, step: int, meta: Dict[str, Any], log) -> None:
+        pass
+
+    def input_report(self) -> Dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class StreamingProgram:
+    """Batches streamed from the hosts: grain workers decode and augment each host's slice of every
+    global batch (``bn_jax.streaming``), and one jitted step trains on it."""
+
+    loop = "stream"
+    max_steps_per_call = 1
+
+    def __init__(self, config: ExperimentConfig, runtime: RuntimeConfig, data: streaming.StreamData, mesh):
+        self.mesh = mesh if mesh is not None else parallel.make_mesh(1)
+        self.seed, self.batch_size, self.data = config.seed, config.batch_size, data
+        self.steps_per_epoch = data.num_train // config.batch_size
+        self.workers = runtime.resolved_workers()
+        self.eval_batch_size = -(-min(runtime.eval_batch_size, data.num_test) // self.mesh.devices.size) \
+            * self.mesh.devices.size
+        self.host = (jax.process_index(), jax.process_count())
+        self.train_ds = streaming.train_dataset(data, config.seed, config.batch_size, config.epochs,
+                                                config.augment, *self.host)
+        self.mean, self.std = self.put(input_pipeline.normalization(config.normalize, None))
+        self.step_fn = jax.jit(steps.train_step_on, donate_argnums=0, out_shardings=parallel.replicated(self.mesh))
+        self.iterator, self.base = None, 0
+        self.undecodable = {"train": 0, "test": 0}
+        self._reset_report()
+
+    def put(self, tree):
+        return parallel.replicate(tree, self.mesh)
+
+    def zero_totals(self):
+        return self.put(steps.zero_totals())
+
+    def _global(self, local: np.ndarray, global_batch: int):
+        """This host's slice of a batch → the global batch, sharded over the mesh."""
+        return jax.make_array_from_process_local_data(parallel.sharded(self.mesh), local,
+                                                      (global_batch, *local.shape[1:]))
+
+    def _next(self, step: int) -> Dict[str, np.ndarray]:
+        if self.iterator is None:
+            self.iterator, self.base = streaming.iterate(self.train_ds, self.workers, start=step), step
+        start = time.perf_counter()
+        batch = next(self.iterator)
+        self.report["wait_s"] += time.perf_counter() - start
+        streaming.check_indices(batch["index"], step, self.batch_size, *self.host)
+        self.report["images"] += len(batch["index"])
+        self.report["worker_s"] += float(np.sum(batch["seconds"]))
+        self.undecodable["train"] += int(np.sum(batch["undecodable"]))
+        return batch
+
+    def run(self, state, totals, epoch: int, start: int, stop: int):
+        if start == 0:
+            self._reset_report()
+        for i in range(start, stop):
+            step = epoch * self.steps_per_epoch + i
+            batch = self._next(step)
+            images, labels = (self._global(batch[k], self.batch_size) for k in ("image", "label"))
+            state, totals = self.step_fn(state, totals, images, labels, step, self.mean, self.std)
+        return state, totals
+
+    def evaluate(self, state) -> Dict[str, float]:
+        ds = streaming.eval_dataset(self.data, self.eval_batch_size, *self.host)
+        it, totals, undecodable = streaming.iterate(ds, self.workers), None, 0
+        try:
+            for batch in it:
+                undecodable += int(np.sum(batch["undecodable"]))
+                images, labels, valid = (self._global(batch[k], self.eval_batch_size)
+                                         for k in ("image", "label", "valid"))
+                m = jit_eval_step(state, images, labels, valid, self.mean, self.std)
+                totals = m if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, m)
+        finally:
+            streaming.close(it)
+        self.undecodable["test"] = undecodable
+        return test_metrics(jax.device_get(totals))
+
+    def position(self, epoch: int) -> Dict[str, Any]:
+        order = streaming.epoch_order(self.seed, epoch, self.data.num_train)
+        return {"seed": self.seed, "epoch": epoch, "epoch_order_sha256": checkpoints.order_hash(order)}
+
+    def input_checkpoint(self) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        """(meta, Orbax items): grain's iterator state (one file per host) and how to rebuild it."""
+        if self.iterator is None:
+            return {}, {}
+        import grain
+        meta = {"input": {"base": self.base, "workers": self.workers, "processes": self.host[1]}}
+        return meta, {"data": grain.checkpoint.CheckpointSave(self.iterator)}
+
+    def restore_input(self, ckpt, step: int, meta: Dict[str, Any], log) -> None:
+        """Put grain's iterator where checkpoint ``step`` left it. Saved under another worker or
+        host count (grain's state does not carry over), start the stream afresh at ``step``:
+        the same batches, because a batch is a function of its step."""
+        saved = meta.get("input")
+        if not saved:
+            return
+        if (saved["workers"], saved["processes"]) != (self.workers, self.host[1]):
+            log(f"input pipeline: checkpoint saved with {saved['workers']} workers on {saved['processes']} "
+                f"host(s), now {self.workers} on {self.host[1]}; restarting the stream at step {step}")
+            return
+        import grain
+        iterator = streaming.iterate(self.train_ds, self.workers, start=saved["base"])
+        self.iterator = ckpt.restore_item(step, "data", grain.checkpoint.CheckpointRestore(iterator))
+        self.base = saved["base"]
+
+    def _reset_report(self):
+        self.report = {"start": time.perf_counter(), "images": 0, "wait_s": 0.0, "worker_s": 0.0}
+
+    def input_report(self) -> Dict[str, float]:
+        """Since the epoch (or session) began: what the input could deliver (images per second of
+        worker time × workers) and the share of time the training waited for it."""
+        r = self.report
+        elapsed = time.perf_counter() - r["start"]
+        if not r["images"] or elapsed <= 0:
+            return {}
+        capacity = r["images"] / r["worker_s"] * max(1, self.workers) if r["worker_s"] > 0 else float("inf")
+        return {"input_images_per_second": capacity, "input_wait_fraction": min(1.0, r["wait_s"] / elapsed)}
+
+    def close(self) -> None:
+        streaming.close(self.iterator)
+        self.iterator = None
+
+
+def build_program(config: ExperimentConfig, runtime: RuntimeConfig, data, mesh):
+    """The program that trains ``config`` on ``data`` over ``mesh``, executed as ``runtime`` says:
+    streamed from the hosts for a ``StreamData``, device-resident for an in-memory ``Dataset``."""
+    if isinstance(data, streaming.StreamData):
+        return StreamingProgram(config, runtime, data, mesh)
     return DeviceResidentProgram(config, runtime, data, mesh)

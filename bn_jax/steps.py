@@ -81,6 +81,12 @@ def train_step_at(state, totals, data, order, i, step, key, mean, std, *, batch_
     return state, accumulate(totals, metrics, step)
 
 
+def train_step_on(state, totals, images, labels, step, mean, std):
+    """One step on a batch the host prepared (streamed, already augmented), added to ``totals``."""
+    state, metrics = train_step(state, images, labels, None, mean, std, augment=False)
+    return state, accumulate(totals, metrics, step)
+
+
 def train_steps(state, totals, data, order, start, stop, epoch_step, key, mean, std, **kw):
     """Steps ``start``…``stop - 1`` of an epoch as one ``fori_loop`` (``epoch_step``: its first step)."""
     def body(i, carry):

@@ -33,14 +33,20 @@ class TrainState(train_state.TrainState):
     batch_stats: Any
 
 
+# ×0.1 at these fractions of training: the paper's CIFAR epochs 80/120 of 160, and its ImageNet
+# epochs 30/60/80 of 90 (open_lth's imagenet_resnet milestones). Exact fractions: 1/3 in floating
+# point would put the first ImageNet drop a step early.
+DROP_FRACTIONS = {"step": ((1, 2), (3, 4)), "imagenet": ((1, 3), (2, 3), (8, 9))}
+
+
 def make_schedule(config: ExperimentConfig, steps_per_epoch: int) -> optax.Schedule:
     total = max(1, config.epochs * steps_per_epoch)
     warmup = int(config.warmup_epochs * steps_per_epoch)
-    if config.schedule == "step":  # the paper's: ×0.1 at epochs 80 and 120 of 160
+    if config.schedule in DROP_FRACTIONS:
         drops = {}
-        for fraction in (0.5, 0.75):  # steps counted from the end of warm-up
-            boundary = int(fraction * total) - warmup
-            drops[boundary] = drops.get(boundary, 1.0) * 0.1  # both drops may land on one step
+        for num, den in DROP_FRACTIONS[config.schedule]:  # steps counted from the end of warm-up
+            boundary = total * num // den - warmup
+            drops[boundary] = drops.get(boundary, 1.0) * 0.1  # two drops may land on one step
         main = optax.piecewise_constant_schedule(config.lr, drops)
     elif config.schedule == "cosine":
         main = optax.cosine_decay_schedule(config.lr, max(1, total - warmup))
@@ -126,6 +132,7 @@ def resume(ckpt: checkpoints.Checkpointer, program, fresh_state, expected: Dict[
         raise checkpoints.CheckpointError(
             f"checkpoint step {step}: this JAX/NumPy version derives a different data order or "
             "augmentation key from the seed; an exact resume is impossible (pass --restart)")
+    program.restore_input(ckpt, step, meta, log)
     log(f"resumed from checkpoint step {step} (epoch {step // spe + 1}, step {step % spe} of {spe}) in {ckpt.path}")
     return state, program.put(totals), hooks.RunRecord(meta["history"], meta["wall_time"])
 
@@ -158,20 +165,23 @@ def train_loop(state, totals, program, hook_list: Sequence[hooks.Hook], epochs: 
                 hook.after_steps(tick)
             i = end
         speed = (spe - first) * program.batch_size / (time.time() - epoch_start)
+        input_report = program.input_report()  # (before the evaluation, which reads input too)
         tick = hooks.Tick(epoch, tick.step, tick.step, True, state, program.zero_totals(), tick.host_totals,
-                          epoch_record(epoch, state, tick.host_totals, program.evaluate(state), speed, record))
+                          epoch_record(epoch, state, tick.host_totals, program.evaluate(state), speed, record,
+                                       input_report))
         for hook in hook_list:
             hook.after_epoch(tick)
     return state
 
 
 def epoch_record(epoch: int, state, totals, test: Dict[str, float], speed: float,
-                 record: hooks.RunRecord) -> Dict[str, Any]:
-    """An epoch's line of metrics.jsonl (README, "Output files")."""
+                 record: hooks.RunRecord, input_report: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+    """An epoch's line of metrics.jsonl (README, "Output files"); a streamed run adds what its
+    input could load (images/s) and the share of the epoch training waited for it."""
     return {"epoch": epoch + 1, "step": int(state.step), "train_loss": float(totals["loss"] / totals["count"]),
         "train_accuracy": float(totals["correct"] / totals["count"]),
         "test_loss": test["loss"], "test_accuracy": test["accuracy"], "test_top5_accuracy": test["top5_accuracy"],
-        "images_per_second": speed, "wall_time": record.wall_time()}
+        "images_per_second": speed, **(input_report or {}), "wall_time": record.wall_time()}
 
 
 def run_summary(config: ExperimentConfig, runtime: RuntimeConfig, data, loaded_counts, state, program,
@@ -195,20 +205,37 @@ def run_summary(config: ExperimentConfig, runtime: RuntimeConfig, data, loaded_c
             "epochs": config.epochs, "steps": int(state.step),
             "images_per_second": float(np.mean(speeds)) if speeds else None,
             "wall_time": record.wall_time(), "checkpoints": ckpt_path, "loop": program.loop, **devices,
-            "provenance": provenance.provenance()}
+            **streamed_summary(program, history), "provenance": provenance.provenance()}
 
 
-def load_data(config: ExperimentConfig, runtime: RuntimeConfig, data: Optional[input_pipeline.Dataset], guard):
-    """(the run's data, per-class counts as loaded); DataError for data it cannot train on."""
+def streamed_summary(program, history) -> Dict[str, Any]:
+    """A streamed run's input figures: undecodable images met (this session, summed over hosts)
+    and the mean input capacity and wait over its epochs."""
+    if not hasattr(program, "undecodable"):
+        return {}
+    counts = parallel.sum_over_processes([program.undecodable["train"], program.undecodable["test"]])
+    rates = [r["input_images_per_second"] for r in history if "input_images_per_second" in r]
+    waits = [r["input_wait_fraction"] for r in history if "input_wait_fraction" in r]
+    return {"undecodable_images": {"train_replaced": int(counts[0]), "test_left_out": int(counts[1])},
+            "input_images_per_second": float(np.mean(rates)) if rates else None,
+            "input_wait_fraction": float(np.mean(waits)) if waits else None, "input_workers": program.workers}
+
+
+def load_data(config: ExperimentConfig, runtime: RuntimeConfig, data, guard):
+    """(the run's data, per-class counts as loaded); DataError for data it cannot train on.
+    Streamed datasets (ImageNet) are opened, not loaded: their images are read as training goes."""
     if data is None:
-        data = input_pipeline.load(config.dataset, runtime.data_dir)
+        if config.dataset in config_lib.STREAMED_DATASETS:
+            from bn_jax import imagenet
+            data = imagenet.load(runtime.data_dir, crop=config.image_size or imagenet.CROP)
+        else:
+            data = input_pipeline.load(config.dataset, runtime.data_dir)
     preemption.stop_before_start(guard, runtime.data_dir or config.dataset)
     loaded = data.class_counts()
     data = data.subset(config.max_train_examples, config.max_test_examples)
-    n_train = len(data.train_labels)
-    if n_train < config.batch_size:
-        raise input_pipeline.DataError(f"batch_size {config.batch_size} exceeds the {n_train} training examples")
-    steps_per_epoch = n_train // config.batch_size  # the remainder of each epoch's order is dropped
+    if data.num_train < config.batch_size:
+        raise input_pipeline.DataError(f"batch_size {config.batch_size} exceeds the {data.num_train} training examples")
+    steps_per_epoch = data.num_train // config.batch_size  # the remainder of each epoch's order is dropped
     if config.epochs * steps_per_epoch > MAX_STEPS:
         raise input_pipeline.DataError(
             f"{config.epochs} epochs of {steps_per_epoch} steps exceed the step counter's {MAX_STEPS:,} steps")
@@ -248,7 +275,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: Optional[in
             prepare_workdir(workdir, config, options.restart, log)
         parallel.barrier("prepare_workdir")
         program = program_lib.build_program(config, runtime, data, mesh)
-        state = create_train_state(config, data.num_classes, data.train_images.shape[1:], program.steps_per_epoch)
+        state = create_train_state(config, data.num_classes, data.image_shape, program.steps_per_epoch)
         state = parallel.replicate(state, mesh)
         variables = train_modes.variables_of(state)
         log(f"data: {data.describe()}")
@@ -257,7 +284,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: Optional[in
             f"{devices['platform']} device(s), {devices['per_device_batch_size']} images per device")
         expected = {"config": config.to_dict(), "data_fingerprint": checkpoints.data_fingerprint(data),
                     "frozen_hash": checkpoints.frozen_hash(variables, config.train_mode)}
-        with checkpoints.Checkpointer(workdir, options, log) as ckpt, \
+        with checkpoints.Checkpointer(workdir, options, log) as ckpt, contextlib.closing(program), \
                 (contextlib.nullcontext(guard) if guard else preemption.PreemptionGuard()) as guard:
             state, totals, record = resume(ckpt, program, state, expected, log)
             state = program.put(state)  # restored leaves are on the default device only

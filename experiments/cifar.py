@@ -26,15 +26,18 @@ EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, preemption.EXIT_PREEMPTED
 EXIT_INTERRUPTED = 130  # the shell's code for an interrupted command (128 + SIGINT)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.cifar",
-        description="Train a CIFAR ResNet with all weights (--train_mode full) or only BatchNorm's "
-                    "γ and β (--bn_only), everything else frozen at its random initialisation. "
-                    "Defaults reproduce the paper's recipe (Frankle et al., ICLR 2021).",
-        formatter_class=config_lib.HelpFormatter)
+DESCRIPTION = ("Train a CIFAR ResNet with all weights (--train_mode full) or only BatchNorm's γ and β "
+               "(--bn_only), everything else frozen at its random initialisation. Defaults reproduce the "
+               "paper's recipe (Frankle et al., ICLR 2021).")
+
+
+def build_parser(prog: str = "python -m experiments.cifar", description: str = DESCRIPTION,
+                 defaults=None) -> argparse.ArgumentParser:
+    """The trainer's flags; ``defaults`` replaces field defaults (experiments.imagenet's recipe)."""
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=config_lib.HelpFormatter)
     groups = config_lib.add_flags(p, config_lib.ExperimentConfig)
     config_lib.add_flags(p, config_lib.RuntimeConfig, groups)
+    p.set_defaults(**(defaults or {}))
     groups["what trains"].add_argument("--bn_only", action="store_true", help="shorthand for --train_mode bn")
     p.set_defaults(train_mode=None)  # (to tell an explicit --train_mode from the default: see --bn_only)
     mode = next(a for a in p._actions if a.dest == "train_mode")
@@ -116,10 +119,12 @@ def configs_from_args(args, parser):
             parser.error(f"--bn_only conflicts with --train_mode {args.train_mode}")
         values["train_mode"] = "bn"
     values["train_mode"] = values["train_mode"] or EXPERIMENT.train_mode
+    if values["dataset"] in config_lib.STREAMED_DATASETS:
+        values["model"] = config_lib.imagenet_model_name(values["model"])
     if values.get("extend_to_epochs") is not None:
         if args.restart:
             parser.error("--extend_to_epochs continues a run; --restart discards it")
-        if values["epochs"] not in (EXPERIMENT.epochs, values["extend_to_epochs"]):
+        if values["epochs"] not in (parser.get_default("epochs"), values["extend_to_epochs"]):
             parser.error("--epochs and --extend_to_epochs disagree; give only --extend_to_epochs")
         values["epochs"] = values["extend_to_epochs"]
     try:
@@ -154,11 +159,11 @@ def start_cluster(args, runtime, batch_size: int, parser) -> None:
         parser.error(str(e))
 
 
-def main(argv=None, extra_hooks=()) -> int:
+def main(argv=None, extra_hooks=(), parser=None) -> int:
     orbax_failures.quiet_background_noise()
     # Signals are turned into a checkpoint and exit 75 from the start, data loading included.
     with preemption.PreemptionGuard() as guard:
-        parser = build_parser()
+        parser = parser or build_parser()
         experiment, runtime, workdir, options, args = parse_args(argv, parser)
         try:
             start_cluster(args, runtime, experiment.batch_size, parser)
@@ -198,13 +203,14 @@ def train(experiment, runtime, workdir: str, options, guard, extra_hooks, parser
         return EXIT_INTERRUPTED
     if parallel.is_writer():
         print(f"final test accuracy {summary['final_test_accuracy']:.4f} "
-              f"(best {summary['best_test_accuracy']:.4f}); results in {workdir}")
+              f"(best {summary['best_test_accuracy']:.4f}), top-5 {summary['final_test_top5_accuracy'] or 0:.4f}; "
+              f"results in {workdir}")
     return 0
 
 
-def run_main(argv=None, extra_hooks=()) -> int:
+def run_main(argv=None, extra_hooks=(), parser=None) -> int:
     """``main``'s exit code; after a failed background save, exit at once (see below)."""
-    code = main(argv, extra_hooks)
+    code = main(argv, extra_hooks, parser)
     if orbax_failures.FAILED_IN_BACKGROUND:  # skip the shutdown, where Orbax's failed threads print tracebacks
         sys.stdout.flush()
         sys.stderr.flush()

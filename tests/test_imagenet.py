@@ -1,38 +1,53 @@
-"""The TF-free imagenet2012 path on TFDS mock data (random images of random sizes)."""
+"""The TF-free TFDS imagenet2012 path, on TFDS mock data (random images of random sizes)."""
 
 import numpy as np
 import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
+pytest.importorskip("grain")
 
-from bn_jax import imagenet  # noqa: E402
+from bn_jax import imagenet, streaming  # noqa: E402
 
 
 @pytest.fixture
-def src():
+def data():
     with tfds.testing.mock_data(num_examples=10):
-        yield imagenet.source("train")
+        yield imagenet.load(crop=32)
 
 
-def test_train_batches_are_cropped_shuffled_and_reproducible(src):
-    first = list(imagenet.batches(src, 4, seed=0, epoch=0, crop=32))
-    assert [b[0].shape for b in first] == [(4, 32, 32, 3)] * 2  # 10 examples: last partial batch dropped
-    assert all(b[0].dtype == np.uint8 and b[1].dtype == np.int32 for b in first)
-    assert all(((0 <= b[1]) & (b[1] < imagenet.NUM_CLASSES)).all() for b in first)
-    again = list(imagenet.batches(src, 4, seed=0, epoch=0, crop=32))
-    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, again))
-    other = list(imagenet.batches(src, 4, seed=0, epoch=1, crop=32))
-    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, other))
+def test_tfds_imagenet_is_read_as_a_stream_of_the_1000_classes(data):
+    assert data.num_classes == imagenet.NUM_CLASSES and (data.num_train, data.num_test) == (10, 10)
+    assert data.image_shape == (32, 32, 3)
+    example = data.train[3]
+    assert example["image"].ndim == 3 and 0 <= int(example["label"]) < imagenet.NUM_CLASSES
 
 
-def test_eval_batches_cover_every_example_in_order_with_centre_crops(src):
-    batches = list(imagenet.batches(src, 4, seed=0, epoch=0, train=False))
-    assert [len(labels) for _, labels in batches] == [4, 4, 2]
-    assert batches[0][0].shape[1:] == (224, 224, 3)
-    labels = np.concatenate([labels for _, labels in batches])
-    assert labels.tolist() == [int(src[i]["label"]) for i in range(10)]
-    expected = imagenet.resize_shorter(np.asarray(src[0]["image"]))
-    h, w = expected.shape[:2]
-    assert min(h, w) == 256
-    np.testing.assert_array_equal(batches[0][0][0], expected[(h - 224) // 2:(h - 224) // 2 + 224,
-                                                               (w - 224) // 2:(w - 224) // 2 + 224])
+def test_train_batches_are_random_crops_of_the_epoch_order_and_reproducible(data):
+    ds = streaming.train_dataset(data, seed=0, batch_size=4, epochs=2, augment=True)
+    assert len(ds) == 4  # 2 epochs of 10 // 4 = 2 steps: each epoch's last partial batch dropped
+    first = ds[0]
+    assert first["image"].shape == (4, 32, 32, 3) and first["image"].dtype == np.uint8
+    order = streaming.epoch_order(0, 0, 10)
+    assert first["label"].tolist() == [int(data.train[int(i)]["label"]) for i in order[:4]]
+    np.testing.assert_array_equal(first["image"], streaming.train_dataset(data, 0, 4, 2, True)[0]["image"])
+    assert not np.array_equal(first["image"], streaming.train_dataset(data, 1, 4, 2, True)[0]["image"])
+    epoch2 = ds[2]
+    assert epoch2["index"].tolist() == [8, 9, 10, 11]
+    assert epoch2["label"].tolist() == [int(data.train[int(i)]["label"]) for i in streaming.epoch_order(0, 1, 10)[:4]]
+
+
+def test_eval_batches_cover_every_example_in_order_with_centre_crops(data):
+    ds = streaming.eval_dataset(data, batch_size=4)
+    batches = [ds[i] for i in range(len(ds))]
+    valid = np.concatenate([b["valid"] for b in batches])
+    assert valid.tolist() == [1] * 10 + [0] * 2  # padded to whole batches, padding masked
+    labels = np.concatenate([b["label"] for b in batches])[:10]
+    assert labels.tolist() == [int(data.test[i]["label"]) for i in range(10)]
+    np.testing.assert_array_equal(batches[0]["image"][1],
+                                  imagenet.eval_crop(np.asarray(data.test[1]["image"]), resize=37, crop=32))
+
+
+def test_an_unprepared_tfds_imagenet_is_one_line_naming_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    with pytest.raises(imagenet.DataError, match="not prepared.*tfds build imagenet2012"):
+        imagenet.load()

@@ -1,0 +1,261 @@
+"""Streaming input for data that do not fit on the device (ImageNet): grain on the hosts.
+
+The run's training examples form one long random-access stream: example ``g`` is example
+``g mod E`` of epoch ``g // E``'s shuffled order (``E`` = steps per epoch × batch size; each
+epoch's leftover is dropped). Global batch ``t`` is stream examples ``t·B … (t+1)·B - 1``, and
+host ``h`` of ``P`` reads only its slice ``h·B/P …`` of it, decoded and augmented by grain worker
+processes, with an augmentation RNG that grain derives from (seed, ``g``). So what a step sees
+is a function of the seed and the step alone: the same for any number of hosts or workers, and
+replayable from any step. Every batch carries its stream indices, and the program checks them
+against the step it runs, so a resume that would train on other data stops instead.
+
+Undecodable images are not fatal (a truncated file found in hour 20 would otherwise end the
+run): a training image that does not decode is replaced by the next decodable one in the
+source's order, an evaluation image is left out of the accuracy; either way the file is named
+in a warning and counted (``undecodable_images`` in the summary).
+"""
+
+import dataclasses
+import functools
+import hashlib
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from bn_jax.input_pipeline import DataError
+
+GRAIN_MISSING = ("streaming input needs grain (Python >= 3.11): pip install -e '.[imagenet]'")
+
+
+def grain():
+    try:
+        import grain as grain_lib
+    except ImportError as e:
+        raise DataError(f"{GRAIN_MISSING} ({e})") from None
+    return grain_lib
+
+
+@dataclasses.dataclass
+class StreamData:
+    """A dataset read example by example: what the trainer needs to know of it up front.
+
+    ``train`` and ``test`` are random-access sources of {"image": uint8 HWC, "label": int}
+    (``len`` and ``[i]``; ``imagenet.FolderSource`` or a TFDS data source); ``prepare_train(image,
+    rng)`` and ``prepare_test(image)`` turn a decoded image into the fixed-size input.
+    """
+
+    name: str
+    train: Any
+    test: Any
+    class_names: List[str]
+    image_shape: tuple
+    prepare_train: Any
+    prepare_test: Any
+    train_indices: Optional[np.ndarray] = None  # a fixed subset of ``train`` (None: all of it)
+    test_indices: Optional[np.ndarray] = None
+    fingerprint_text: str = ""                  # what identifies the data (file list, TFDS version)
+    counts: Optional[Dict[str, Dict[str, int]]] = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train) if self.train_indices is None else len(self.train_indices)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test) if self.test_indices is None else len(self.test_indices)
+
+    def class_counts(self) -> Optional[Dict[str, Dict[str, int]]]:
+        return self.counts
+
+    def describe(self) -> str:
+        subset = "" if self.train_indices is None and self.test_indices is None else " (a fixed subset)"
+        return (f"{self.name}: {self.num_classes} classes; train {self.num_train:,}, test {self.num_test:,}"
+                f"{subset}; streamed, {self.image_shape[0]}×{self.image_shape[1]} crops")
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.fingerprint_text.encode())
+        for indices in (self.train_indices, self.test_indices):
+            h.update(b"all" if indices is None else np.asarray(indices, np.int64).tobytes())
+        return h.hexdigest()
+
+    def subset(self, max_train: Optional[int], max_test: Optional[int]) -> "StreamData":
+        """A fixed random subset (independent of the run's seed, as ``Dataset.subset``)."""
+        def take(n_all, n):
+            if n is None or n >= n_all:
+                return None
+            return np.sort(np.random.default_rng(0).permutation(n_all)[:n])
+        return dataclasses.replace(self, train_indices=take(len(self.train), max_train),
+                                   test_indices=take(len(self.test), max_test), counts=None)
+
+
+# ---- the training stream (runs in grain's worker processes; everything here pickles) --------
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Epoch ``epoch``'s shuffled order of ``n`` examples (NumPy's generator: stable across versions)."""
+    return np.random.default_rng([seed, epoch, 7]).permutation(n)
+
+
+def _decoded(source, index: int, name: str):
+    """(example, ok) for ``source[index]``; a DataError (undecodable file) becomes a warning."""
+    try:
+        return source[index], True
+    except DataError as e:
+        warnings.warn(f"{e}; {name}", stacklevel=2)
+        return None, False
+
+
+class TrainStream:
+    """Random access to the run's stream of prepared training examples (see the module doc)."""
+
+    def __init__(self, data: StreamData, seed: int, per_epoch: int, epochs: int):
+        self.source, self.indices, self.prepare = data.train, data.train_indices, data.prepare_train
+        self.n, self.seed, self.per_epoch, self.epochs = data.num_train, seed, per_epoch, epochs
+        self._order = (None, None)
+
+    def __len__(self) -> int:
+        return self.per_epoch * self.epochs
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.seed, epoch, self.n))
+        return self._order[1]
+
+    def source_index(self, j: int) -> int:
+        return int(j if self.indices is None else self.indices[j])
+
+    def __getitem__(self, g: int) -> Dict[str, Any]:
+        epoch, j = divmod(int(g), self.per_epoch)
+        position = int(self.order(epoch)[j])
+        for attempt in range(self.n):  # an undecodable image: the next decodable one in the source's order
+            example, ok = _decoded(self.source, self.source_index((position + attempt) % self.n),
+                                   "training on the next image in its place")
+            if ok:
+                return {"image": example["image"], "label": np.int32(example["label"]),
+                        "index": np.int64(g), "undecodable": np.int32(attempt)}
+        raise DataError("no training image decodes")
+
+    def __repr__(self) -> str:  # (stable: grain compares it when it restores an iterator)
+        return f"TrainStream({self.source!r}, seed={self.seed}, per_epoch={self.per_epoch})"
+
+
+def _prepare_train(prepare, element, rng):
+    start = time.perf_counter()
+    element = dict(element, image=prepare(np.asarray(element["image"]), rng))
+    return dict(element, seconds=np.float32(time.perf_counter() - start))
+
+
+class EvalStream:
+    """The test set padded to whole batches; padding and undecodable images have ``valid`` 0."""
+
+    def __init__(self, data: StreamData, padded: int):
+        self.source, self.indices, self.prepare = data.test, data.test_indices, data.prepare_test
+        self.n, self.padded, self.shape = data.num_test, padded, data.image_shape
+
+    def __len__(self) -> int:
+        return self.padded
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        i = int(i)
+        if i < self.n:
+            example, ok = _decoded(self.source, int(i if self.indices is None else self.indices[i]),
+                                   "leaving it out of the evaluation")
+            if ok:
+                return {"image": self.prepare(np.asarray(example["image"])), "label": np.int32(example["label"]),
+                        "valid": np.float32(1), "undecodable": np.int32(0)}
+        return {"image": np.zeros(self.shape, np.uint8), "label": np.int32(0), "valid": np.float32(0),
+                "undecodable": np.int32(i < self.n)}
+
+    def __repr__(self) -> str:
+        return f"EvalStream({self.source!r}, padded={self.padded})"
+
+
+# ---- pipelines ---------------------------------------------------------------------------------
+
+def host_slice(ds, local_batch: int, process_index: int, process_count: int):
+    """Batches of ``local_batch``; this host's are every ``process_count``-th from ``process_index``,
+    so global batch ``t`` is local batches ``t·P … t·P + P - 1``, host ``h`` holding the ``h``-th."""
+    return ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
+
+
+def train_dataset(data: StreamData, seed: int, batch_size: int, epochs: int, augment: bool,
+                  process_index: int = 0, process_count: int = 1):
+    """This host's training batches, as a grain MapDataset indexed by global step."""
+    gr = grain()
+    per_epoch = data.num_train // batch_size * batch_size
+    ds = gr.MapDataset.source(TrainStream(data, seed, per_epoch, max(1, epochs)))
+    if augment:
+        ds = ds.random_map(functools.partial(_prepare_train, data.prepare_train), seed=seed)
+    else:
+        ds = ds.map(functools.partial(_prepare_test_timed, data.prepare_test))
+    return host_slice(ds, batch_size // process_count, process_index, process_count)
+
+
+def _prepare_test_timed(prepare, element):
+    start = time.perf_counter()
+    element = dict(element, image=prepare(np.asarray(element["image"])))
+    return dict(element, seconds=np.float32(time.perf_counter() - start))
+
+
+def eval_dataset(data: StreamData, batch_size: int, process_index: int = 0, process_count: int = 1):
+    """This host's evaluation batches; ``batch_size`` (global) must divide by ``process_count``."""
+    gr = grain()
+    padded = -(-data.num_test // batch_size) * batch_size
+    return host_slice(gr.MapDataset.source(EvalStream(data, padded)), batch_size // process_count,
+                      process_index, process_count)
+
+
+def iterate(ds, workers: int, start: int = 0):
+    """An iterator over ``ds[start:]``, decoded by ``workers`` processes (0: threads of this one)."""
+    gr = grain()
+    it = ds[start:].to_iter_dataset()
+    if workers > 0:
+        _absl_flags_parsed()
+        it = it.mp_prefetch(gr.multiprocessing.MultiprocessingOptions(num_workers=workers,
+                                                                      per_worker_buffer_size=2))
+    return iter(it)
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker start reads absl flags, which a JAX program never parsed (google/grain#1355)."""
+    try:
+        from absl import flags
+    except ImportError:
+        return
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def close(iterator) -> None:
+    """Stop an mp_prefetch iterator's worker processes now (not at garbage collection), and let go
+    of the shared memory its batches came in. grain unlinks a batch's shared memory in a thread pool
+    when the array is freed; at interpreter exit that pool's last requests are dropped and Python's
+    resource tracker then warns of "leaked shared_memory objects" (it unlinks them itself)."""
+    stop = getattr(iterator, "close", None)
+    if stop is not None:
+        stop()
+    import gc
+    gc.collect()  # (batch arrays in reference cycles)
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:  # (grain moved it: at worst the warning returns)
+        return
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:  # drain the pending unlinks; grain starts a new pool when it needs one
+        SharedMemoryArray._del_thread_pool = None
+        pool.close()
+        pool.join()
+
+
+def check_indices(indices: Sequence[int], step: int, batch_size: int, process_index: int, process_count: int):
+    """Raise RuntimeError unless a host batch holds the stream examples global step ``step`` needs."""
+    local = batch_size // process_count
+    first = step * batch_size + process_index * local
+    if len(indices) != local or int(indices[0]) != first or int(indices[-1]) != first + local - 1:
+        raise RuntimeError(f"input pipeline out of step: step {step} needs stream examples {first}…"
+                           f"{first + local - 1}, got {int(indices[0])}…{int(indices[-1])}")
