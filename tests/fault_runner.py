@@ -1,4 +1,5 @@
-"""``python tests/fault_runner.py <experiments.cifar flags>``: the CLI, with a fault the test asks for.
+"""``python tests/fault_runner.py [imagenet] <flags>``: the CLI (experiments.cifar, or
+experiments.imagenet when the first argument says so), with a fault the test asks for.
 
 Faults are hooks the tests install, not code in the trainer. Each acts at an exact step, given by
 an environment variable (so a test picks the moment, and a multi-host test one process):
@@ -16,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bn_jax import checkpoints, hooks  # noqa: E402
-from experiments import cifar  # noqa: E402
+from experiments import cifar, imagenet  # noqa: E402
 
 
 class SignalAtStep(hooks.Hook):
@@ -39,8 +40,8 @@ class SignalAtStep(hooks.Hook):
 def kill_after_saving(step: int) -> None:
     save = checkpoints.Checkpointer.save
 
-    def save_then_die(self, state, totals, meta):
-        save(self, state, totals, meta)
+    def save_then_die(self, state, totals, meta, items=None):
+        save(self, state, totals, meta, items)
         if int(state.step) == step:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -60,4 +61,6 @@ def faults():
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["imagenet"]:
+        sys.exit(cifar.run_main(sys.argv[2:], extra_hooks=faults(), parser=imagenet.build_parser()))
     sys.exit(cifar.run_main(sys.argv[1:], extra_hooks=faults()))
