@@ -15,6 +15,16 @@ from bn_jax import input_pipeline
 # tests, not skip them. Its Python 3.12 leg has no CPU build of torch and says so.
 TORCH_REQUIRED = bool(os.environ.get("CI")) and not os.environ.get("BN_JAX_WITHOUT_TORCH")
 
+
+
+def need(module: str):
+    """``module``, or skip the test where it is not installed; under CI, which installs it, fail."""
+    if os.environ.get("CI"):
+        import importlib
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
 SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10-jpg.tar.gz")
 
 

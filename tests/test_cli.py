@@ -74,7 +74,7 @@ def test_end_to_end_bn_only_run_writes_documented_files(tmp_path):
 BAD_FLAGS = {
     "unknown model": (["--model", "resnext9"], "unknown model"),
     "depth not 6n+2": (["--model", "resnet21"], "6n+2"),
-    "imagenet model": (["--model", "imagenet_resnet18"], "ImageNet definition"),
+    "imagenet model": (["--model", "imagenet_resnet18"], "ImageNet model: train it with python -m experiments.imagenet"),
     "batch size 0": (["--batch_size", "0"], "batch_size must be >= 1"),
     "negative epochs": (["--epochs", "-1"], "epochs must be >= 0"),
     "unknown mode": (["--train_mode", "most"], "invalid choice"),

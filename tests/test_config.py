@@ -114,3 +114,36 @@ def test_config_json_holds_both_parts_and_provenance(tmp_path):
     assert set(saved) == {"experiment", "runtime", "provenance"}
     assert saved["provenance"]["versions"]["jax"] and "git" in saved["provenance"]
     assert config_lib.load(str(tmp_path / "config.json")) == (experiment, runtime)
+
+
+def test_a_field_added_later_keeps_earlier_run_names():
+    """image_size came after run names got their hash: at its default it is left out of the hash,
+    so a CIFAR run started before keeps its folder (the hash of the fields as they were then)."""
+    import hashlib
+    import json
+    base = config_lib.ExperimentConfig(model="resnet20", train_mode="bn")
+    before = {k: v for k, v in base.to_dict().items() if k != "image_size"}
+    expected = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:8]
+    assert base.short_hash() == expected
+    imagenet = config_lib.ExperimentConfig(model="imagenet_resnet18", dataset="imagenet2012", normalize="imagenet")
+    assert imagenet.short_hash() != dataclasses.replace(imagenet, image_size=64).short_hash()
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(model="imagenet_resnet50"), "ImageNet model: train it with python -m experiments.imagenet"),
+    (dict(image_size=64), "image_size applies to streamed datasets"),
+    (dict(dataset="imagenet2012", normalize="imagenet"), "imagenet2012 takes the ImageNet ResNets"),
+    (dict(dataset="imagenet2012", model="imagenet_resnet50"), "normalize 'dataset' needs the training set in memory"),
+])
+def test_models_data_and_crops_must_belong_together(changes, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(config_lib.ExperimentConfig(), **changes).validate()
+
+
+def test_the_imagenet_cli_takes_torchvision_model_names():
+    from experiments import imagenet
+    experiment, runtime, _ = cifar.configs_from_argv(["--model", "resnet152", "--workers", "3"], imagenet.build_parser())
+    assert (experiment.model, experiment.dataset, experiment.batch_size) == ("imagenet_resnet152", "imagenet2012", 1024)
+    assert runtime.resolved_workers() == 3
+    with pytest.raises(SystemExit):
+        cifar.configs_from_argv(["--model", "resnet20"], imagenet.build_parser())

@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
-tfds = pytest.importorskip("tensorflow_datasets")
-pytest.importorskip("grain")
+from conftest import need
+
+tfds = need("tensorflow_datasets")
+need("grain")
 
 from bn_jax import imagenet, streaming  # noqa: E402
 

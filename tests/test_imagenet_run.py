@@ -9,9 +9,11 @@ import sys
 
 import numpy as np
 import pytest
+
+from conftest import need
 from PIL import Image
 
-pytest.importorskip("grain")
+need("grain")
 
 from bn_jax import imagenet, streaming  # noqa: E402
 from experiments import imagenet as imagenet_cli  # noqa: E402
@@ -203,3 +205,34 @@ def test_a_batch_from_the_wrong_step_is_refused(stream_data):
     ds = streaming.train_dataset(stream_data, 0, 8, 2, True)
     with pytest.raises(RuntimeError, match="out of step: step 2 needs stream examples 16"):
         streaming.check_indices(ds[1]["index"], 2, 8, 0, 1)
+
+
+def test_two_processes_each_feed_their_slice_and_match_one(env, uninterrupted):
+    """jax.distributed over localhost (one CPU device per process): each host streams only its
+    half of every global batch (make_array_from_process_local_data), saves its own grain state,
+    and the run matches the one-process run up to float reassociation."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    workdir = env["root"] / "two_processes"
+    procs = [subprocess.Popen(
+        [sys.executable, FAULT_RUNNER, "imagenet", "--bn_only", "--model", "resnet18", "--data_dir", env["data"],
+         "--image_size", "32", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "0.5",
+         "--eval_batch_size", "4", "--workers", "0", "--checkpoint_every", "2", "--checkpoint_unit", "steps",
+         "--workdir", str(workdir), "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
+         "--process_id", str(i)],
+        cwd=REPO, env={**{k: v for k, v in os.environ.items() if not k.startswith("BN_JAX_TEST_")},
+                       "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    summary = read(workdir, "summary.json")
+    assert (summary["process_count"], summary["device_count"], summary["per_device_batch_size"]) == (2, 2, 4)
+    saved = os.listdir(os.path.join(workdir, "checkpoints", "6", "data"))
+    assert sorted(n for n in saved if n.startswith("process_")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    one, two = read(uninterrupted[0], "metrics.jsonl"), read(workdir, "metrics.jsonl")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for key in ("train_loss", "test_loss", "train_accuracy", "test_accuracy", "test_top5_accuracy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
