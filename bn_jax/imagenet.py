@@ -153,11 +153,9 @@ def load(data_dir: Optional[str] = None, crop: int = CROP) -> StreamData:
         train, val = folder_sources(data_dir)
         fingerprint = "\n".join(f"{os.path.relpath(p, data_dir)}|{label}" for src in (train, val)
                                 for p, label in src.records)
-        counts = {name: {c: n for c, n in zip(train.classes, np.bincount([label for _, label in src.records],
-                                                                          minlength=len(train.classes)).tolist())}
-                  for name, src in (("train", train), ("test", val))}
+        labels = tuple(np.array([label for _, label in src.records], np.int64) for src in (train, val))
         return StreamData(data_dir, train, val, train.classes, (crop, crop, 3), prepare_train, prepare_test,
-                          fingerprint_text=fingerprint, counts=counts)
+                          fingerprint_text=fingerprint, labels=labels)
     tfds_dir = os.environ.get("TFDS_DATA_DIR")  # (TFDS itself reads it once, at import)
     train, val = _tfds_source("train", tfds_dir), _tfds_source("validation", tfds_dir)
     import tensorflow_datasets as tfds

@@ -56,7 +56,7 @@ class StreamData:
     train_indices: Optional[np.ndarray] = None  # a fixed subset of ``train`` (None: all of it)
     test_indices: Optional[np.ndarray] = None
     fingerprint_text: str = ""                  # what identifies the data (file list, TFDS version)
-    counts: Optional[Dict[str, Dict[str, int]]] = None
+    labels: Optional[tuple] = None              # (train, test) label arrays, where known without decoding
 
     @property
     def num_classes(self) -> int:
@@ -71,7 +71,16 @@ class StreamData:
         return len(self.test) if self.test_indices is None else len(self.test_indices)
 
     def class_counts(self) -> Optional[Dict[str, Dict[str, int]]]:
-        return self.counts
+        """Images per class in each split, as trained and tested (None where labels are unknown
+        without decoding every example: TFDS)."""
+        if self.labels is None:
+            return None
+        counts = {}
+        for split, labels, indices in (("train", self.labels[0], self.train_indices),
+                                       ("test", self.labels[1], self.test_indices)):
+            labels = labels if indices is None else labels[indices]
+            counts[split] = dict(zip(self.class_names, np.bincount(labels, minlength=self.num_classes).tolist()))
+        return counts
 
     def describe(self) -> str:
         subset = "" if self.train_indices is None and self.test_indices is None else " (a fixed subset)"
@@ -91,7 +100,7 @@ class StreamData:
                 return None
             return np.sort(np.random.default_rng(0).permutation(n_all)[:n])
         return dataclasses.replace(self, train_indices=take(len(self.train), max_train),
-                                   test_indices=take(len(self.test), max_test), counts=None)
+                                   test_indices=take(len(self.test), max_test))
 
 
 # ---- the training stream (runs in grain's worker processes; everything here pickles) --------

@@ -236,3 +236,11 @@ def test_two_processes_each_feed_their_slice_and_match_one(env, uninterrupted):
     for a, b in zip(one, two):
         for key in ("train_loss", "test_loss", "train_accuracy", "test_accuracy", "test_top5_accuracy"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def test_a_subset_counts_its_own_classes_and_changes_the_fingerprint(stream_data):
+    sub = stream_data.subset(10, 3)
+    counts = sub.class_counts()
+    assert sum(counts["train"].values()) == 10 and sum(counts["test"].values()) == 3
+    assert stream_data.class_counts()["train"] == {c: 6 for c in CLASSES}
+    assert sub.fingerprint() != stream_data.fingerprint() == imagenet.load(stream_data.name, crop=32).fingerprint()
