@@ -190,3 +190,22 @@ def test_imagenet_resnet_parameter_counts(name, published):
 
 def shapes_of(model):
     return jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 224, 224, 3))), jax.random.key(0))
+
+
+@pytest.mark.parametrize("mode", ["full", "bn", "bn_output", "output", "gamma_only", "beta_only", "random_k",
+                                  "no_affine"])
+def test_every_train_mode_applies_to_the_imagenet_resnets(mode):
+    """ResNet-50's roles, found by structure: BN-only trains exactly γ and β of its 53 BatchNorms
+    (hand count: 2 × 26,560 channels, as torchvision's ResNet-50), and every mode is accepted."""
+    from bn_jax import train_modes
+    model = models.create_model("imagenet_resnet50", num_classes=1000, **train_modes.model_options(mode))
+    shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), (224, 224, 3)))
+    trainable, total = train_modes.count(shapes, mode)
+    expected = {"bn": 53_120, "gamma_only": 26_560, "beta_only": 26_560, "output": 2_049_000,
+                "bn_output": 53_120 + 2_049_000}
+    if mode in expected:
+        assert trainable == expected[mode]
+    elif mode == "no_affine":
+        assert trainable == total == 25_557_032 - 53_120
+    else:
+        assert 0 < trainable <= total == 25_557_032
