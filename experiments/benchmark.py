@@ -13,6 +13,14 @@ Writes ``<out>/benchmark.json`` (every row, the device, versions and the command
 ``<out>/benchmark.md`` (the table) and ``<out>/benchmark.png`` (a bar chart). On a CPU,
 ``--simulate_cpu_devices 8 --num_devices 1,2,4,8`` checks that the sharded program scales
 correctly (all simulated devices share the same cores, so it is no speed claim).
+
+``--input_pipeline DIR|generate`` reports on the streamed ImageNet input instead: decoded and
+augmented images/s (RandomResizedCrop + flip, bn_jax.streaming's training path) in this process
+and in grain worker processes, per CPU core; whether that keeps up with the BN-only ImageNet
+ResNet step timed on this device; and an estimate (never a measurement) of the CPU cores an
+H100 would need, from XLA's FLOP count of that step, the H100's published peak and an assumed
+utilisation. ``generate`` writes a temporary folder of ImageNet-sized synthetic JPEGs; a real
+ImageNet folder (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) measures the real thing.
 """
 
 import argparse
@@ -30,8 +38,9 @@ from tqdm import tqdm
 
 
 def build_parser():
+    from bn_jax.config import HelpFormatter  # (no JAX: --help answers at once)
     p = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--models", default="resnet20", help="comma-separated architectures, as for experiments.cifar")
     p.add_argument("--width", type=int, default=1, help="width multiplier")
     p.add_argument("--batch_sizes", default="128", help="comma-separated global images per step")
@@ -54,6 +63,30 @@ def build_parser():
     p.add_argument("--no_limits", dest="limits", action="store_false",
                    help="skip measuring the device's peaks and the roofline columns")
     p.add_argument("--out", default="runs/benchmark", help="folder for benchmark.json/.md/.png")
+    g = p.add_argument_group(
+        "input pipeline (streamed ImageNet)",
+        "--input_pipeline replaces the step table by the input-pipeline report; --rounds applies to the "
+        "pipeline and the step, --steps, --warmup and --precisions to the step")
+    g.add_argument("--input_pipeline", metavar="DIR|generate", default=None,
+                   help="time decoding + RandomResizedCrop + flip of an ImageNet folder (train/<wnid>/*.JPEG and "
+                        "val/<wnid>/*.JPEG), or of a temporary folder of generated JPEGs of ImageNet's typical size "
+                        "(about 400×350 pixels and 110 KB)")
+    g.add_argument("--input_workers", default="0,cores",
+                   help="comma-separated grain worker-process counts to time (0: in this process; cores: "
+                        "os.cpu_count()); the largest is the 'all cores' configuration the verdicts use")
+    g.add_argument("--input_batches", type=int, default=None,
+                   help="host batches per timed round of the pipeline (default: 10× what grain holds in flight, "
+                        "16 per reading process + 2 per worker, so that its bursts barely move a round), after "
+                        "a warm-up of that in-flight work")
+    g.add_argument("--input_batch_size", type=int, default=16, help="host batch of the pipeline and of the step")
+    g.add_argument("--input_model", default="resnet50", help="ImageNet ResNet whose BN-only step is timed "
+                                                             "(resnet18, 34, 50, 101, 152, 200)")
+    g.add_argument("--input_image_size", type=int, default=224,
+                   help="crop side (224 is ImageNet's; smaller only for quick looks and tests)")
+    g.add_argument("--generate_images", type=int, default=256,
+                   help="generate: training JPEGs to write (the stream cycles over them)")
+    g.add_argument("--h100_mfu", type=float, default=0.4,
+                   help="assumed H100 utilisation (achieved / peak dense FLOP/s) for the estimated cores")
     return p
 
 
@@ -306,6 +339,27 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def write_report(out: str, report: Dict, markdown: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "benchmark.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out, "benchmark.md"), "w") as f:
+        f.write(markdown)
+    print(f"\n{markdown}\nwrote {os.path.join(out, 'benchmark.json')}, {os.path.join(out, 'benchmark.md')}")
+
+
+def report_header(argv) -> Dict:
+    """What every report starts with: when, the exact command, the device, versions and commit."""
+    import jax
+    from bn_jax import provenance
+    device = jax.devices()[0]
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m experiments.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "device": {"platform": device.platform, "kind": device.device_kind, "count": len(jax.devices()),
+                       "host": platform.node(), "cpu_count": os.cpu_count()},
+            "versions": provenance.versions(), "git": provenance.git_commit()}
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -317,6 +371,9 @@ def main(argv=None):
         parser.error(str(e))
     if args.warmup < 0 or args.steps < 1 or args.rounds < 1:
         parser.error("--steps and --rounds must be >= 1 and --warmup >= 0")
+    if args.input_pipeline is not None:
+        from experiments import input_benchmark
+        return input_benchmark.input_main(parser, args, argv)
     problem = validate_cases(args) or unwritable(args.out)
     if problem:  # before anything is compiled or timed
         parser.error(problem)
@@ -326,7 +383,7 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.simulate_cpu_devices}")
     import jax
-    from bn_jax import models, provenance, roofline
+    from bn_jax import models, roofline
 
     cases = jax_cases(args, counts or [len(jax.devices())]) + torch_cases(args)
     runners, costs, skipped = {}, {}, []
@@ -359,12 +416,7 @@ def main(argv=None):
     comps = comparisons(rows)
 
     device = jax.devices()[0]
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python -m experiments.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "device": {"platform": device.platform, "kind": device.device_kind, "count": len(jax.devices()),
-                         "host": platform.node(), "cpu_count": os.cpu_count()},
-              "versions": provenance.versions(), "git": provenance.git_commit(),
-              "steps": args.steps, "rounds": args.rounds, "width": args.width,
+    report = {**report_header(argv), "steps": args.steps, "rounds": args.rounds, "width": args.width,
               "peaks": {p: dataclasses.asdict(v) for p, v in peaks.items()},
               "rows": rows, "comparisons": comps, "skipped": skipped}
     os.makedirs(args.out, exist_ok=True)

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from bn_jax import roofline
-from experiments import benchmark
+from experiments import benchmark, input_benchmark
 
 from conftest import TORCH_REQUIRED
 
@@ -141,3 +141,83 @@ def test_out_that_is_a_file_exits_2_before_any_timing(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         benchmark.main(["--models", "resnet8", "--out", str(blocker / "bench")])
     assert exit.value.code == 2 and "cannot write to --out" in capsys.readouterr().err
+
+
+# ---- the input-pipeline report (--input_pipeline) --------------------------------------------
+
+def test_h100_estimate_is_peak_times_utilisation_over_flops_and_cores_divide_by_the_per_core_rate():
+    rows = {e["precision"]: e for e in input_benchmark.h100_estimates(1e10, images_per_core_second=100.0, mfu=0.5)}
+    assert rows["bfloat16"]["estimated_images_per_second"] == pytest.approx(989e12 * 0.5 / 1e10)
+    assert rows["tf32"]["estimated_cores"] == pytest.approx(495e12 * 0.5 / 1e10 / 100.0)
+    assert input_benchmark.h100_estimates(None, 100.0, 0.5) == []  # no FLOP count (cuDNN): no estimate
+
+
+def test_input_pipeline_report_on_generated_imagenet_sized_jpegs(tmp_path, monkeypatch, capsys):
+    import tempfile
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    out = tmp_path / "bench"
+    benchmark.main(["--input_pipeline", "generate", "--generate_images", "8", "--input_batch_size", "2",
+                    "--input_model", "resnet18", "--input_image_size", "64", "--input_workers", "0,1",
+                    "--precisions", "float32", "--steps", "2", "--rounds", "2",
+                    "--warmup", "1", "--h100_mfu", "0.3", "--out", str(out)])
+    assert not list(scratch.glob("bn_jax_input_*"))  # the generated folder is removed
+    section = json.loads((out / "benchmark.json").read_text())["input_pipeline"]
+    src = section["source"]
+    assert src["files"] == 8 and 300 <= src["mean_width"] <= 500 and 250 <= src["mean_height"] <= 450
+    assert 60 < src["mean_kb"] < 180  # ImageNet-like JPEGs (about 110 KB), not incompressible noise
+    rows = {r["workers"]: r for r in section["pipeline"]}
+    assert set(rows) == {0, 1}
+    for r in rows.values():
+        # each round: 10× the batches grain holds in flight (16 per reading process, 2 per worker)
+        assert r["images_per_round"] == 2 * 10 * (16 * max(1, r["workers"]) + 2 * r["workers"])
+        assert len(r["seconds_rounds"]) == 2 and r["images_per_second"] > 0
+        assert sum(r["cpu_seconds_rounds"]) > 0 and r["cores_busy"] > 0
+        assert r["images_per_core_second"] == pytest.approx(2 * r["images_per_round"] / sum(r["cpu_seconds_rounds"]))
+    (step,) = section["step"]
+    assert (step["model"], step["batch_size"], step["train_mode"]) == ("imagenet_resnet18", 2, "bn")
+    assert step["images_per_second"] == pytest.approx(2 / (step["ms_per_step"] / 1000))
+    assert step["flops_per_image"] > 1e8  # XLA:CPU counts the convolutions
+    verdict = section["keeps_up"]
+    assert verdict["workers"] == 1 and verdict["shared_cores"]
+    assert verdict["ratio"] == pytest.approx(rows[1]["images_per_second"] / step["images_per_second"])
+    assert verdict["keeps_up"] == (verdict["ratio"] >= 1)
+    assert verdict["cores_needed"] == pytest.approx(step["images_per_second"] / rows[1]["images_per_core_second"])
+    estimates = {e["precision"]: e for e in section["h100_estimate"]}
+    for precision, peak in (("bfloat16", 989e12), ("tf32", 495e12)):
+        e = estimates[precision]
+        assert e["assumed_mfu"] == 0.3
+        assert e["estimated_images_per_second"] == pytest.approx(peak * 0.3 / step["flops_per_image"])
+        per_core = rows[1]["images_per_core_second"]  # (the most workers: all the cores it was given)
+        assert e["estimated_cores"] == pytest.approx(e["estimated_images_per_second"] / per_core)
+    text = (out / "benchmark.md").read_text()
+    assert "H100 ESTIMATE (not measured)" in text and "ASSUMED 30% utilisation" in text and "Keeps up" in text
+    assert "share the same" in capsys.readouterr().out  # (a CPU: the step and the workers compete)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--input_pipeline", "MISSING"], "no such folder"),
+    (["--input_pipeline", "generate", "--input_workers", "two"], "--input_workers takes comma-separated counts"),
+    (["--input_pipeline", "generate", "--h100_mfu", "1.5"], "--h100_mfu must be in (0, 1]"),
+    (["--input_pipeline", "generate", "--input_model", "resnet21"], "resnet21"),
+    (["--input_pipeline", "generate", "--generate_images", "4"], "fewer than one batch"),
+    (["--input_pipeline", "generate", "--input_workers", "0,2", "--input_batches", "10"],
+     "fewer than the 36 batches grain holds in flight with 2 workers"),
+])
+def test_bad_input_pipeline_flags_or_folder_exit_2_before_any_timing(tmp_path, capsys, flags, message):
+    flags = [str(tmp_path / "missing") if f == "MISSING" else f for f in flags]
+    with pytest.raises(SystemExit) as exit:
+        benchmark.main([*flags, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_without_val_is_named(tmp_path, capsys):
+    input_benchmark.generate_imagenet_folder(str(tmp_path / "imagenet"), 2)
+    import shutil
+    shutil.rmtree(tmp_path / "imagenet" / "val")
+    with pytest.raises(SystemExit) as exit:
+        benchmark.main(["--input_pipeline", str(tmp_path / "imagenet"), "--out", str(tmp_path / "out")])
+    assert exit.value.code == 2 and "missing folder val/" in capsys.readouterr().err
