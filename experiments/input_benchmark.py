@@ -131,12 +131,13 @@ def cpu_seconds_since(before: Dict[int, float]) -> float:
 
 
 def in_flight_batches(workers: int) -> int:
-    """Batches grain can have in flight while the consumer waits: one per read thread in each
-    process that reads (this one, or each worker), plus the workers' output buffers (2 each,
-    bn_jax.streaming.iterate). They all start with the iterator, so the first batches arrive in a
-    burst, and later ones in smaller bursts: a round must span many batches more than this."""
-    import grain
-    return grain.ReadOptions().num_threads * max(1, workers) + 2 * workers
+    """Batches grain can have in flight while the consumer waits: each reading process's read-ahead
+    (this one, or each worker: bn_jax.streaming.read_options) plus the workers' output buffers.
+    They all start with the iterator, so the first batches arrive in a burst, and later ones in
+    smaller bursts: a round must span many batches more than this."""
+    from bn_jax import streaming
+    per_process = streaming.read_options(workers).prefetch_buffer_size
+    return per_process * max(1, workers) + streaming.PER_WORKER_BUFFER * workers
 
 
 def time_pipeline(data, workers: int, batch_size: int, batches: Optional[int], rounds: int) -> Dict:

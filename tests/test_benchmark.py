@@ -170,8 +170,10 @@ def test_input_pipeline_report_on_generated_imagenet_sized_jpegs(tmp_path, monke
     rows = {r["workers"]: r for r in section["pipeline"]}
     assert set(rows) == {0, 1}
     for r in rows.values():
-        # each round: 10× the batches grain holds in flight (16 per reading process, 2 per worker)
-        assert r["images_per_round"] == 2 * 10 * (16 * max(1, r["workers"]) + 2 * r["workers"])
+        # each round: 10× the batches grain holds in flight: the read-ahead of each reading process
+        # (2 in a worker; 2 per thread, at most 8 threads, without workers) and 2 finished per worker
+        in_flight = 2 * max(1, r["workers"]) + 2 * r["workers"] if r["workers"] else 2 * min(8, os.cpu_count())
+        assert r["images_per_round"] == 2 * 10 * in_flight
         assert len(r["seconds_rounds"]) == 2 and r["images_per_second"] > 0
         assert sum(r["cpu_seconds_rounds"]) > 0 and r["cores_busy"] > 0
         assert r["images_per_core_second"] == pytest.approx(2 * r["images_per_round"] / sum(r["cpu_seconds_rounds"]))
@@ -202,8 +204,8 @@ def test_input_pipeline_report_on_generated_imagenet_sized_jpegs(tmp_path, monke
     (["--input_pipeline", "generate", "--h100_mfu", "1.5"], "--h100_mfu must be in (0, 1]"),
     (["--input_pipeline", "generate", "--input_model", "resnet21"], "resnet21"),
     (["--input_pipeline", "generate", "--generate_images", "4"], "fewer than one batch"),
-    (["--input_pipeline", "generate", "--input_workers", "0,2", "--input_batches", "10"],
-     "fewer than the 36 batches grain holds in flight with 2 workers"),
+    (["--input_pipeline", "generate", "--input_workers", "0,2", "--input_batches", "5"],
+     "fewer than the 8 batches grain holds in flight with 2 workers"),
 ])
 def test_bad_input_pipeline_flags_or_folder_exit_2_before_any_timing(tmp_path, capsys, flags, message):
     flags = [str(tmp_path / "missing") if f == "MISSING" else f for f in flags]
