@@ -34,10 +34,12 @@ SCHEDULES = ("step", "imagenet", "cosine", "constant")
 # are the ImageNet ResNets, and the CLI's --model resnet50 means imagenet_resnet50 for them.
 STREAMED_DATASETS = ("imagenet2012",)
 IMAGENET_DEPTHS = (18, 34, 50, 101, 152, 200)
+DEFAULT_IMAGE_SIZE = 224  # a streamed run's crop when --image_size is not given (imagenet.CROP)
 BN_PLACEMENTS = ("before", "after")  # BatchNorm before (paper, He et al. 2016) or after the ReLU
 LOOPS = ("auto", "fused", "step")
 MODEL_NAMES = ("resnet<6n+2> (e.g. resnet20, resnet56, resnet110, resnet866), vgg11, vgg13, vgg16, vgg19; "
                "ImageNet (--dataset imagenet2012): resnet18, 34, 50, 101, 152, 200")
+MAX_DEFAULT_WORKERS = 32  # each worker holds a few 150 MB ImageNet batches: more by default risks memory
 MAX_SEED = 2**31 - 1  # jax.random.key and NumPy take any such int; larger ones overflow somewhere
 # Experiment keys added after runs were saved, with the behaviour those runs had.
 LEGACY_DEFAULTS = {"normalize": "dataset", "image_size": None}
@@ -195,12 +197,17 @@ class RuntimeConfig(_Part):
                                        "global --batch_size is split over them and must divide by N",
                                        at_least(1), group="devices and clusters")
     workers: Optional[int] = param(None, "streamed data (ImageNet): processes per host that decode and augment "
-                                   "images (default: the host's CPU cores less one; 0: threads of the training "
-                                   "process). Unused by CIFAR, which stays on the device", at_least(0),
+                                   "images (default: the CPUs this process may use less one, at most 32; 0: threads of "
+                                   "the training process). Unused by CIFAR, which stays on the device", at_least(0),
                                    group="speed")
 
     def resolved_workers(self) -> int:
-        return max(0, (os.cpu_count() or 1) - 1) if self.workers is None else self.workers
+        """--workers, or the CPUs this process may use (a SLURM or container limit, not the whole
+        node) less one for the training process, at most MAX_DEFAULT_WORKERS."""
+        if self.workers is not None:
+            return self.workers
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(0, min(cpus - 1, MAX_DEFAULT_WORKERS))
 
     def validate(self) -> "RuntimeConfig":
         check_fields(self)

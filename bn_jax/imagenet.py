@@ -19,6 +19,7 @@ trains on through grain.
 """
 
 import functools
+import hashlib
 import math
 import os
 from typing import Dict, List, Optional, Tuple
@@ -27,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from bn_jax.input_pipeline import IMAGE_SUFFIXES, DataError
-from bn_jax.streaming import StreamData
+from bn_jax.streaming import StreamData, UnreadableFile
 
 RESIZE, CROP = 256, 224
 NUM_CLASSES = 1000
@@ -36,22 +37,38 @@ SCALE, RATIO = (0.1, 1.0), (0.8, 1.25)  # open_lth's RandomResizedCrop for Image
 
 
 class FolderSource:
-    """One split of an ImageNet-style folder: ``(path, label)`` records in sorted order."""
+    """One split of an ImageNet-style folder: ``(path, label)`` records in sorted order.
+
+    The 1.28M names are one bytes buffer with offsets and the labels one array, so that the
+    source pickles to each grain worker process as a few buffers, not a million Python objects."""
 
     def __init__(self, root: str, split: str, classes: List[str]):
         self.root, self.split, self.classes = root, split, classes
-        self.records = [(os.path.join(root, split, c, f), label) for label, c in enumerate(classes)
-                        for f in sorted(os.listdir(os.path.join(root, split, c)))
-                        if f.lower().endswith(IMAGE_SUFFIXES)]
+        names, labels = [], []
+        for label, c in enumerate(classes):
+            for f in sorted(os.listdir(os.path.join(root, split, c))):
+                if f.lower().endswith(IMAGE_SUFFIXES):
+                    names.append(f"{c}/{f}".encode())
+                    labels.append(label)
+        self._names = b"".join(names)
+        self._ends = np.cumsum([len(n) for n in names], dtype=np.int64)
+        self.labels = np.array(labels, np.int32)
+
+    def path(self, i: int) -> str:
+        start = int(self._ends[i - 1]) if i else 0
+        return os.path.join(self.root, self.split, self._names[start:int(self._ends[i])].decode())
+
+    @property
+    def records(self) -> List[Tuple[str, int]]:
+        return [(self.path(i), int(label)) for i, label in enumerate(self.labels)]
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.labels)
 
     def __getitem__(self, i: int) -> Dict[str, object]:
-        path, label = self.records[i]
-        return {"image": decode(path), "label": label}
+        return {"image": decode(self.path(i)), "label": int(self.labels[i])}
 
-    def __repr__(self) -> str:  # (stable: grain compares it when it restores an iterator)
+    def __repr__(self) -> str:
         return f"FolderSource({self.root!r}, {self.split!r}, {len(self.classes)} classes)"
 
 
@@ -83,12 +100,18 @@ def folder_sources(root: str) -> Tuple[FolderSource, FolderSource]:
 
 def decode(path: str) -> np.ndarray:
     """An image file as uint8 RGB (grayscale, CMYK, palette and alpha converted); a file that
-    does not decode, or is truncated, is a DataError naming it."""
+    does not decode, or is truncated, is a DataError naming it. A file that cannot be read at all
+    (missing, an I/O error of the disk or network filesystem) is an UnreadableFile: not a bad
+    image to step over, but a fault that must stop the run."""
     try:
         with Image.open(path) as image:
             image.load()  # (decodes everything: a truncated JPEG fails here, not later)
             return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except OSError as e:
+        if e.errno is not None:  # (PIL's decode errors carry no errno; the operating system's do)
+            raise UnreadableFile(f"{path}: cannot read ({e.strerror or e})") from None
+        raise DataError(f"{path}: cannot decode ({e})") from None
+    except (ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot decode ({e})") from None
 
 
@@ -151,9 +174,11 @@ def load(data_dir: Optional[str] = None, crop: int = CROP) -> StreamData:
     prepare_test = functools.partial(eval_crop, resize=round(crop * RESIZE / CROP), crop=crop)
     if data_dir:
         train, val = folder_sources(data_dir)
-        fingerprint = "\n".join(f"{os.path.relpath(p, data_dir)}|{label}" for src in (train, val)
-                                for p, label in src.records)
-        labels = tuple(np.array([label for _, label in src.records], np.int64) for src in (train, val))
+        h = hashlib.sha256()  # the file list: relative names and labels (the data may move)
+        for src in (train, val):
+            h.update(src._names + b"|" + src._ends.tobytes() + src.labels.tobytes())
+        fingerprint = h.hexdigest()
+        labels = (train.labels, val.labels)
         return StreamData(data_dir, train, val, train.classes, (crop, crop, 3), prepare_train, prepare_test,
                           fingerprint_text=fingerprint, labels=labels)
     tfds_dir = os.environ.get("TFDS_DATA_DIR")  # (TFDS itself reads it once, at import)

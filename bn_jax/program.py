@@ -223,7 +223,7 @@ class StreamingProgram:
         return batch
 
     def run(self, state, totals, epoch: int, start: int, stop: int):
-        if start == 0:
+        if start == 0 or not self.report["images"]:  # (an epoch, or a resumed session, begins)
             self._reset_report()
         for i in range(start, stop):
             step = epoch * self.steps_per_epoch + i
@@ -234,7 +234,7 @@ class StreamingProgram:
 
     def evaluate(self, state) -> Dict[str, float]:
         ds = streaming.eval_dataset(self.data, self.eval_batch_size, *self.host)
-        it, totals, undecodable = streaming.iterate(ds, self.workers), None, 0
+        it, totals, undecodable = streaming.iterate(ds, min(self.workers, len(ds))), None, 0
         try:
             for batch in it:
                 undecodable += int(np.sum(batch["undecodable"]))
@@ -272,7 +272,13 @@ class StreamingProgram:
             return
         import grain
         iterator = streaming.iterate(self.train_ds, self.workers, start=saved["base"])
-        self.iterator = ckpt.restore_item(step, "data", grain.checkpoint.CheckpointRestore(iterator))
+        try:
+            self.iterator = ckpt.restore_item(step, "data", grain.checkpoint.CheckpointRestore(iterator))
+        except Exception as e:  # noqa: BLE001  (a missing or damaged state file: the step suffices)
+            streaming.close(iterator)
+            log(f"input pipeline: grain's saved state did not restore ({type(e).__name__}: "
+                f"{str(e)[:200]}); restarting the stream at step {step}")
+            return
         self.base = saved["base"]
 
     def _reset_report(self):

@@ -27,6 +27,13 @@ import numpy as np
 
 from bn_jax.input_pipeline import DataError
 
+MAX_REPLACEMENTS = 100  # undecodable images in a row before a training example gives up
+
+
+class UnreadableFile(DataError):
+    """A file that cannot be read (missing, an I/O error): stops the run, unlike a bad image."""
+
+
 GRAIN_MISSING = ("streaming input needs grain (Python >= 3.11): pip install -e '.[imagenet]'")
 
 
@@ -115,6 +122,8 @@ def _decoded(source, index: int, name: str):
     """(example, ok) for ``source[index]``; a DataError (undecodable file) becomes a warning."""
     try:
         return source[index], True
+    except UnreadableFile:
+        raise
     except DataError as e:
         warnings.warn(f"{e}; {name}", stacklevel=2)
         return None, False
@@ -132,9 +141,11 @@ class TrainStream:
         return self.per_epoch * self.epochs
 
     def order(self, epoch: int) -> np.ndarray:
-        if self._order[0] != epoch:
-            self._order = (epoch, epoch_order(self.seed, epoch, self.n))
-        return self._order[1]
+        cached = self._order  # (one read: grain's threads call this concurrently)
+        if cached[0] != epoch:
+            cached = (epoch, epoch_order(self.seed, epoch, self.n))
+            self._order = cached
+        return cached[1]
 
     def source_index(self, j: int) -> int:
         return int(j if self.indices is None else self.indices[j])
@@ -143,15 +154,16 @@ class TrainStream:
         epoch, j = divmod(int(g), self.per_epoch)
         position = int(self.order(epoch)[j])
         start = time.perf_counter()
-        for attempt in range(self.n):  # an undecodable image: the next decodable one in the source's order
+        for attempt in range(min(self.n, MAX_REPLACEMENTS)):  # undecodable: the next one in the source's order
             example, ok = _decoded(self.source, self.source_index((position + attempt) % self.n),
                                    "training on the next image in its place")
             if ok:
                 return {"image": example["image"], "label": np.int32(example["label"]), "index": np.int64(g),
                         "undecodable": np.int32(attempt), "seconds": time.perf_counter() - start}
-        raise DataError("no training image decodes")
+        raise DataError(f"{min(self.n, MAX_REPLACEMENTS)} training images in a row do not decode, from "
+                        f"position {position} of the folder's order: is this an image folder?")
 
-    def __repr__(self) -> str:  # (stable: grain compares it when it restores an iterator)
+    def __repr__(self) -> str:
         return f"TrainStream({self.source!r}, seed={self.seed}, per_epoch={self.per_epoch})"
 
 
@@ -222,17 +234,21 @@ def eval_dataset(data: StreamData, batch_size: int, process_index: int = 0, proc
                       process_index, process_count)
 
 
-PER_WORKER_BUFFER = 2  # finished batches each worker process holds for the trainer
+# Finished batches each worker process holds for the trainer. With the batch it builds and its
+# read-ahead (read_options), a worker holds about 4 batches; at 1,024 ImageNet crops (150 MB each)
+# and 15 workers that is about 9 GB of host memory, much of it in /dev/shm (size a container's
+# /dev/shm accordingly, or lower --workers).
+PER_WORKER_BUFFER = 2
 
 
 def read_options(workers: int):
     """grain's reading threads and read-ahead in each reading process, counted in elements, which
     here are whole host batches (150 MB at 1,024 ImageNet crops). grain's defaults (16 threads,
     500 elements) suit records of a few KiB and would hold hundreds of batches. A worker process
-    builds one batch at a time (the workers are the parallelism); without workers, threads of this
-    process build several."""
+    builds one batch at a time and reads one ahead (the workers are the parallelism); without
+    workers, threads of this process build several."""
     if workers > 0:
-        return grain().ReadOptions(num_threads=1, prefetch_buffer_size=2)
+        return grain().ReadOptions(num_threads=1, prefetch_buffer_size=1)
     threads = max(1, min(8, os.cpu_count() or 1))
     return grain().ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
 

@@ -227,7 +227,7 @@ def load_data(config: ExperimentConfig, runtime: RuntimeConfig, data, guard):
     if data is None:
         if config.dataset in config_lib.STREAMED_DATASETS:
             from bn_jax import imagenet
-            data = imagenet.load(runtime.data_dir, crop=config.image_size or imagenet.CROP)
+            data = imagenet.load(runtime.data_dir, crop=config.image_size or config_lib.DEFAULT_IMAGE_SIZE)
         else:
             data = input_pipeline.load(config.dataset, runtime.data_dir)
     preemption.stop_before_start(guard, runtime.data_dir or config.dataset)

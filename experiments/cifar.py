@@ -119,8 +119,14 @@ def configs_from_args(args, parser):
             parser.error(f"--bn_only conflicts with --train_mode {args.train_mode}")
         values["train_mode"] = "bn"
     values["train_mode"] = values["train_mode"] or EXPERIMENT.train_mode
-    if values["dataset"] in config_lib.STREAMED_DATASETS:
+    streamed = config_lib.STREAMED_DATASETS
+    if parser.get_default("dataset") in streamed and values["dataset"] not in streamed:
+        parser.error(f"this command trains streamed datasets ({', '.join(streamed)}); train "
+                     f"{values['dataset']} with python -m experiments.cifar")
+    if values["dataset"] in streamed:
         values["model"] = config_lib.imagenet_model_name(values["model"])
+        if values.get("image_size") == config_lib.DEFAULT_IMAGE_SIZE:  # (the default, named: the same run)
+            values["image_size"] = None
     if values.get("extend_to_epochs") is not None:
         if args.restart:
             parser.error("--extend_to_epochs continues a run; --restart discards it")

@@ -171,8 +171,8 @@ def test_input_pipeline_report_on_generated_imagenet_sized_jpegs(tmp_path, monke
     assert set(rows) == {0, 1}
     for r in rows.values():
         # each round: 10× the batches grain holds in flight: the read-ahead of each reading process
-        # (2 in a worker; 2 per thread, at most 8 threads, without workers) and 2 finished per worker
-        in_flight = 2 * max(1, r["workers"]) + 2 * r["workers"] if r["workers"] else 2 * min(8, os.cpu_count())
+        # (1 in a worker; 2 per thread, at most 8 threads, without workers) and 2 finished per worker
+        in_flight = 3 * r["workers"] if r["workers"] else 2 * min(8, os.cpu_count())
         assert r["images_per_round"] == 2 * 10 * in_flight
         assert len(r["seconds_rounds"]) == 2 and r["images_per_second"] > 0
         assert sum(r["cpu_seconds_rounds"]) > 0 and r["cores_busy"] > 0
@@ -205,7 +205,7 @@ def test_input_pipeline_report_on_generated_imagenet_sized_jpegs(tmp_path, monke
     (["--input_pipeline", "generate", "--input_model", "resnet21"], "resnet21"),
     (["--input_pipeline", "generate", "--generate_images", "4"], "fewer than one batch"),
     (["--input_pipeline", "generate", "--input_workers", "0,2", "--input_batches", "5"],
-     "fewer than the 8 batches grain holds in flight with 2 workers"),
+     "fewer than the 6 batches grain holds in flight with 2 workers"),
 ])
 def test_bad_input_pipeline_flags_or_folder_exit_2_before_any_timing(tmp_path, capsys, flags, message):
     flags = [str(tmp_path / "missing") if f == "MISSING" else f for f in flags]

@@ -147,3 +147,7 @@ def test_the_imagenet_cli_takes_torchvision_model_names():
     assert runtime.resolved_workers() == 3
     with pytest.raises(SystemExit):
         cifar.configs_from_argv(["--model", "resnet20"], imagenet.build_parser())
+    with pytest.raises(SystemExit):  # (CIFAR's resnet50 would otherwise train with the ImageNet recipe)
+        cifar.configs_from_argv(["--dataset", "cifar10"], imagenet.build_parser())
+    named, _, _ = cifar.configs_from_argv(["--image_size", "224"], imagenet.build_parser())
+    assert named.image_size is None and named.short_hash() == cifar.configs_from_argv([], imagenet.build_parser())[0].short_hash()

@@ -119,6 +119,16 @@ def test_resume_under_another_worker_count_restarts_the_stream_at_the_step(env, 
     assert results(workdir) == results(uninterrupted[0])
 
 
+def test_a_damaged_grain_state_restarts_the_stream_at_the_step(env, uninterrupted):
+    workdir = env["root"] / "killed_then_state_lost"
+    run(env, workdir, "--workers", "2", hooks={"BN_JAX_TEST_KILL_AT_STEP": "5"}, expect=-9)
+    saved = max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+    os.remove(os.path.join(workdir, "checkpoints", str(saved), "data", "process_0-of-1.json"))
+    proc = run(env, workdir, "--workers", "2")
+    assert "did not restore" in proc.stdout and f"restarting the stream at step {saved}" in proc.stdout
+    assert results(workdir) == results(uninterrupted[0])
+
+
 def damage(root, how):
     import shutil
     if how == "missing split":
@@ -155,6 +165,18 @@ def test_undecodable_images_are_replaced_in_training_left_out_of_evaluation_and_
     assert summary["undecodable_images"] == {"train_replaced": 2, "test_left_out": 1}
     assert bad_train in proc.stderr and bad_val in proc.stderr
     assert summary["examples_per_class_loaded"]["test"][CLASSES[3]] == 2  # listed, then left out
+
+
+def test_a_file_that_cannot_be_read_stops_the_run_with_exit_2_naming_it(env, tmp_path):
+    """Not a bad image but a fault (here a dangling link; in life a vanished mount): stepping over
+    it would quietly change the data, so the run stops and names it."""
+    data = write_imagenet_folder(str(tmp_path / "imagenet"))
+    gone = os.path.join(data, "train", CLASSES[1], f"{CLASSES[1]}_9.JPEG")
+    os.symlink(os.path.join(data, "nowhere.JPEG"), gone)
+    proc = run(env, tmp_path / "run", "--workers", "1", data=data, expect=2)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and gone in errors[0] and "cannot read" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_imagenet_help_shows_the_papers_recipe(capsys):
