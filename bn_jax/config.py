@@ -34,7 +34,7 @@ SCHEDULES = ("step", "imagenet", "cosine", "constant")
 # are the ImageNet ResNets, and the CLI's --model resnet50 means imagenet_resnet50 for them.
 STREAMED_DATASETS = ("imagenet2012",)
 IMAGENET_DEPTHS = (18, 34, 50, 101, 152, 200)
-DEFAULT_IMAGE_SIZE = 224  # a streamed run's crop when --image_size is not given (imagenet.CROP)
+DEFAULT_IMAGE_SIZE = 224  # a streamed run's crop when --image_size is not given (the paper's)
 BN_PLACEMENTS = ("before", "after")  # BatchNorm before (paper, He et al. 2016) or after the ReLU
 LOOPS = ("auto", "fused", "step")
 MODEL_NAMES = ("resnet<6n+2> (e.g. resnet20, resnet56, resnet110, resnet866), vgg11, vgg13, vgg16, vgg19; "

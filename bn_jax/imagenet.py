@@ -5,7 +5,7 @@ Two random-access sources of {"image", "label"} examples:
 * ``FolderSource``: ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``, as open_lth and
   torchvision read ImageNet; classes in sorted order. ``folder_sources`` checks the layout
   first (both splits, classes present, the same classes in each) and names what is wrong.
-* ``source``: a prepared TFDS ``imagenet2012`` through ``tfds.data_source``, which (unlike
+* TFDS: a prepared ``imagenet2012`` through ``tfds.data_source``, which (unlike
   ``tfds.load``) needs no TensorFlow. Preparing it (TFDS's manual download, then ``tfds build
   --file_format array_record``, the format random access reads) is done once elsewhere.
 
@@ -27,10 +27,11 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from bn_jax.config import DEFAULT_IMAGE_SIZE
 from bn_jax.input_pipeline import IMAGE_SUFFIXES, DataError
 from bn_jax.streaming import StreamData, UnreadableFile
 
-RESIZE, CROP = 256, 224
+RESIZE, CROP = 256, DEFAULT_IMAGE_SIZE
 NUM_CLASSES = 1000
 SPLITS = ("train", "val")
 SCALE, RATIO = (0.1, 1.0), (0.8, 1.25)  # open_lth's RandomResizedCrop for ImageNet
@@ -160,11 +161,6 @@ def _tfds_source(split: str, data_dir: Optional[str]):
                         "format that random access needs: tfds build imagenet2012 --manual_dir DIR "
                         "--file_format array_record; or pass --data_dir with train/<wnid>, val/<wnid> "
                         "folders") from None
-
-
-def source(split: str, data_dir: Optional[str] = None):
-    """Random-access examples {"image": uint8 HWC, "label": int} of a prepared imagenet2012 split."""
-    return _tfds_source(split, data_dir)
 
 
 def load(data_dir: Optional[str] = None, crop: int = CROP) -> StreamData:

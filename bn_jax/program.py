@@ -74,10 +74,17 @@ def jit_epoch_steps(config: ExperimentConfig, runtime: RuntimeConfig, mesh=None)
 jit_eval_step = jax.jit(steps.eval_step)
 
 
+def eval_batch_size(batch_size: int, n: int, mesh) -> int:
+    """The test batch: at most the test set (a batch beyond it is all padding), rounded up to
+    whole devices."""
+    devices = mesh.devices.size
+    return -(-min(batch_size, n) // devices) * devices
+
+
 def pad_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, mesh) -> List[Tuple]:
     """Test batches of one fixed shape, sharded over the mesh; padding is masked out by ``valid``."""
-    devices, n = mesh.devices.size, len(labels)
-    batch_size = -(-min(batch_size, n) // devices) * devices  # a batch beyond the test set is all padding
+    n = len(labels)
+    batch_size = eval_batch_size(batch_size, n, mesh)
     padded = -(-n // batch_size) * batch_size
     valid = (np.arange(padded) < n).astype(np.float32)
     images = np.concatenate([images, np.zeros((padded - n, *images.shape[1:]), images.dtype)])
@@ -87,6 +94,7 @@ def pad_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, mesh) -
 
 
 def evaluate(state, test_batches, mean, std) -> Dict[str, float]:
+    """Test metrics over ``test_batches``, an iterable of sharded (images, labels, valid)."""
     totals = None
     for images, labels, valid in test_batches:
         m = jit_eval_step(state, images, labels, valid, mean, std)
@@ -172,6 +180,9 @@ class DeviceResidentProgram:
     def input_report(self) -> Dict[str, float]:
         return {}
 
+    def input_summary(self, history) -> Dict[str, Any]:
+        return {}
+
     def close(self) -> None:
         pass
 
@@ -188,8 +199,7 @@ class StreamingProgram:
         self.seed, self.batch_size, self.data = config.seed, config.batch_size, data
         self.steps_per_epoch = data.num_train // config.batch_size
         self.workers = runtime.resolved_workers()
-        self.eval_batch_size = -(-min(runtime.eval_batch_size, data.num_test) // self.mesh.devices.size) \
-            * self.mesh.devices.size
+        self.eval_batch_size = eval_batch_size(runtime.eval_batch_size, data.num_test, self.mesh)
         self.host = (jax.process_index(), jax.process_count())
         self.train_ds = streaming.train_dataset(data, config.seed, config.batch_size, config.epochs,
                                                 config.augment, *self.host)
@@ -234,18 +244,17 @@ class StreamingProgram:
 
     def evaluate(self, state) -> Dict[str, float]:
         ds = streaming.eval_dataset(self.data, self.eval_batch_size, *self.host)
-        it, totals, undecodable = streaming.iterate(ds, min(self.workers, len(ds))), None, 0
+        it = streaming.iterate(ds, min(self.workers, len(ds)))
+        self.undecodable["test"] = 0
         try:
-            for batch in it:
-                undecodable += int(np.sum(batch["undecodable"]))
-                images, labels, valid = (self._global(batch[k], self.eval_batch_size)
-                                         for k in ("image", "label", "valid"))
-                m = jit_eval_step(state, images, labels, valid, self.mean, self.std)
-                totals = m if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, m)
+            return evaluate(state, self._eval_batches(it), self.mean, self.std)
         finally:
             streaming.close(it)
-        self.undecodable["test"] = undecodable
-        return test_metrics(jax.device_get(totals))
+
+    def _eval_batches(self, it):
+        for batch in it:
+            self.undecodable["test"] += int(np.sum(batch["undecodable"]))
+            yield tuple(self._global(batch[k], self.eval_batch_size) for k in ("image", "label", "valid"))
 
     def position(self, epoch: int) -> Dict[str, Any]:
         order = streaming.epoch_order(self.seed, epoch, self.data.num_train)
@@ -293,6 +302,16 @@ class StreamingProgram:
             return {}
         capacity = r["images"] / r["worker_s"] * max(1, self.workers) if r["worker_s"] > 0 else float("inf")
         return {"input_images_per_second": capacity, "input_wait_fraction": min(1.0, r["wait_s"] / elapsed)}
+
+    def input_summary(self, history) -> Dict[str, Any]:
+        """summary.json's input figures: undecodable images met (this session, summed over hosts;
+        every process must call it) and the mean input capacity and wait over the epochs."""
+        counts = parallel.sum_over_processes([self.undecodable["train"], self.undecodable["test"]])
+        rates = [r["input_images_per_second"] for r in history if "input_images_per_second" in r]
+        waits = [r["input_wait_fraction"] for r in history if "input_wait_fraction" in r]
+        return {"undecodable_images": {"train_replaced": int(counts[0]), "test_left_out": int(counts[1])},
+                "input_images_per_second": float(np.mean(rates)) if rates else None,
+                "input_wait_fraction": float(np.mean(waits)) if waits else None, "input_workers": self.workers}
 
     def close(self) -> None:
         streaming.close(self.iterator)

@@ -133,7 +133,7 @@ class TrainStream:
     """Random access to the run's stream of prepared training examples (see the module doc)."""
 
     def __init__(self, data: StreamData, seed: int, per_epoch: int, epochs: int):
-        self.source, self.indices, self.prepare = data.train, data.train_indices, data.prepare_train
+        self.source, self.indices = data.train, data.train_indices
         self.n, self.seed, self.per_epoch, self.epochs = data.num_train, seed, per_epoch, epochs
         self._order = (None, None)
 
@@ -167,10 +167,11 @@ class TrainStream:
         return f"TrainStream({self.source!r}, seed={self.seed}, per_epoch={self.per_epoch})"
 
 
-def _prepare_train(prepare, element, rng):
-    """The training crop; ``seconds``: the worker time of the example, decoding included."""
+def _prepared(prepare, element, *rng):
+    """The fixed-size input (``rng``: the training crop's); ``seconds``: the worker time of the
+    example, decoding included."""
     start = time.perf_counter()
-    element = dict(element, image=prepare(np.asarray(element["image"]), rng))
+    element = dict(element, image=prepare(np.asarray(element["image"]), *rng))
     return dict(element, seconds=np.float32(element["seconds"] + time.perf_counter() - start))
 
 
@@ -214,16 +215,10 @@ def train_dataset(data: StreamData, seed: int, batch_size: int, epochs: int, aug
     per_epoch = data.num_train // batch_size * batch_size
     ds = gr.MapDataset.source(TrainStream(data, seed, per_epoch, max(1, epochs)))
     if augment:
-        ds = ds.random_map(functools.partial(_prepare_train, data.prepare_train), seed=seed)
+        ds = ds.random_map(functools.partial(_prepared, data.prepare_train), seed=seed)
     else:
-        ds = ds.map(functools.partial(_prepare_test_timed, data.prepare_test))
+        ds = ds.map(functools.partial(_prepared, data.prepare_test))
     return host_slice(ds, batch_size // process_count, process_index, process_count)
-
-
-def _prepare_test_timed(prepare, element):
-    start = time.perf_counter()
-    element = dict(element, image=prepare(np.asarray(element["image"])))
-    return dict(element, seconds=np.float32(element["seconds"] + time.perf_counter() - start))
 
 
 def eval_dataset(data: StreamData, batch_size: int, process_index: int = 0, process_count: int = 1):

@@ -205,20 +205,7 @@ def run_summary(config: ExperimentConfig, runtime: RuntimeConfig, data, loaded_c
             "epochs": config.epochs, "steps": int(state.step),
             "images_per_second": float(np.mean(speeds)) if speeds else None,
             "wall_time": record.wall_time(), "checkpoints": ckpt_path, "loop": program.loop, **devices,
-            **streamed_summary(program, history), "provenance": provenance.provenance()}
-
-
-def streamed_summary(program, history) -> Dict[str, Any]:
-    """A streamed run's input figures: undecodable images met (this session, summed over hosts)
-    and the mean input capacity and wait over its epochs."""
-    if not hasattr(program, "undecodable"):
-        return {}
-    counts = parallel.sum_over_processes([program.undecodable["train"], program.undecodable["test"]])
-    rates = [r["input_images_per_second"] for r in history if "input_images_per_second" in r]
-    waits = [r["input_wait_fraction"] for r in history if "input_wait_fraction" in r]
-    return {"undecodable_images": {"train_replaced": int(counts[0]), "test_left_out": int(counts[1])},
-            "input_images_per_second": float(np.mean(rates)) if rates else None,
-            "input_wait_fraction": float(np.mean(waits)) if waits else None, "input_workers": program.workers}
+            **program.input_summary(history), "provenance": provenance.provenance()}
 
 
 def load_data(config: ExperimentConfig, runtime: RuntimeConfig, data, guard):
@@ -227,7 +214,7 @@ def load_data(config: ExperimentConfig, runtime: RuntimeConfig, data, guard):
     if data is None:
         if config.dataset in config_lib.STREAMED_DATASETS:
             from bn_jax import imagenet
-            data = imagenet.load(runtime.data_dir, crop=config.image_size or config_lib.DEFAULT_IMAGE_SIZE)
+            data = imagenet.load(runtime.data_dir, crop=config.image_size or imagenet.CROP)
         else:
             data = input_pipeline.load(config.dataset, runtime.data_dir)
     preemption.stop_before_start(guard, runtime.data_dir or config.dataset)
