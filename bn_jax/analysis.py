@@ -14,9 +14,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from bn_jax import checkpoints, input_pipeline, metrics_log, parallel, train, train_modes
+from bn_jax import checkpoints, metrics_log, parallel, train, train_modes
 from bn_jax import program as program_lib
 from bn_jax import config as config_lib
+from bn_jax import workdir as workdir_lib
 from bn_jax.config import ExperimentConfig, RuntimeConfig
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
@@ -36,7 +37,7 @@ class Run:
 
 
 def is_finished(workdir: str) -> bool:
-    return os.path.exists(os.path.join(workdir, "summary.json"))
+    return workdir_lib.RunDir(workdir).is_finished()
 
 
 SUMMARY_KEYS = ("final_test_accuracy", "trainable_params", "total_params")
@@ -44,8 +45,10 @@ SUMMARY_KEYS = ("final_test_accuracy", "trainable_params", "total_params")
 
 def load_run(workdir: str) -> Run:
     """A finished run's files; ValueError naming the file when one is missing or unreadable."""
+    run = workdir_lib.RunDir(workdir)
+
     def read(name, parse):
-        path = os.path.join(workdir, name)
+        path = run.file(name)
         try:
             with open(path) as f:
                 return parse(f)
@@ -54,17 +57,17 @@ def load_run(workdir: str) -> Run:
         except (OSError, ValueError) as e:
             raise ValueError(f"{name} is unreadable ({e})") from None
 
-    saved = read("config.json", json.load)
+    saved = read(run.CONFIG, json.load)
     try:
         config, runtime = config_lib.parts(saved)
         config.validate()
     except (TypeError, ValueError) as e:  # unknown, missing or bad fields
         raise ValueError(f"config.json does not describe a run ({e})") from None
-    summary = read("summary.json", json.load)
+    summary = read(run.SUMMARY, json.load)
     missing = [k for k in SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
     if missing:
         raise ValueError(f"summary.json lacks {', '.join(missing)}")
-    metrics = read("metrics.jsonl", metrics_log.parse_metrics)
+    metrics = read(run.METRICS, metrics_log.parse_metrics)
     return Run(workdir, config, runtime, summary, metrics)
 
 
@@ -136,10 +139,29 @@ def zero_smallest_gammas(variables, fraction: float):
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
-def ablation_curve(state, data, fractions: Sequence[float], eval_batch_size: int = 1000,
-                   normalize: str = "dataset"):
-    """[(fraction zeroed, test accuracy)] on ``data`` (already the run's subset)."""
-    mean, std = input_pipeline.normalization(normalize, data.train_images)  # as the run normalised
-    batches = program_lib.pad_batches(data.test_images, data.test_labels, eval_batch_size, parallel.make_mesh(1))
-    return [(float(f), program_lib.evaluate(state.replace(params=zero_smallest_gammas(train_modes.variables_of(state), f)),
-                                      batches, mean, std)["accuracy"]) for f in fractions]
+def load_data(run: Run, data=None):
+    """The run's data as it trained on them (its subset, its crops): loaded as the trainer loads
+    them (``train.load_data``), or taken from ``data``, the same source loaded earlier."""
+    return train.load_data(run.config, run.runtime, data, None)[0]
+
+
+def scorer(run: Run, data):
+    """``score(state)`` → test loss, top-1 and top-5 accuracy on ``data`` (``load_data``), through
+    the program the run trained with (device-resident or streamed), normalised as it was; one
+    device, the input decoded in this process."""
+    runtime = dataclasses.replace(run.runtime, num_devices=1, workers=0)
+    program = program_lib.build_program(run.config, runtime, data, parallel.make_mesh(1))
+    return program.evaluate
+
+
+def evaluate(run: Run, state, data=None) -> Dict[str, float]:
+    """Test loss, top-1 and top-5 accuracy of ``state`` on the run's own test set (loaded unless given)."""
+    return scorer(run, load_data(run, data))(state)
+
+
+def ablation_curve(run: Run, state, data, fractions: Sequence[float]):
+    """[(fraction zeroed, test accuracy)] on ``data`` (``load_data``: the run's data as trained)."""
+    score = scorer(run, data)
+    variables = train_modes.variables_of(state)
+    return [(float(f), score(state.replace(params=zero_smallest_gammas(variables, f)))["accuracy"])
+            for f in fractions]

@@ -14,7 +14,6 @@ See docs/checkpoints.md.
 """
 
 import contextlib
-import hashlib
 import os
 import shutil
 import time
@@ -26,6 +25,8 @@ import orbax.checkpoint as ocp
 
 from bn_jax import config as config_lib
 from bn_jax import orbax_failures, parallel, provenance, steps, train_modes
+from bn_jax.hashing import hash_arrays
+from bn_jax import workdir as workdir_lib
 from bn_jax.config import CheckpointOptions  # noqa: F401  (declared with the other run options)
 
 FORMAT_VERSION = 2  # 2: epoch order drawn by jax.random on the device
@@ -43,32 +44,12 @@ class DiskFull(CheckpointError):
 
 # ---- hashes and fingerprints ----------------------------------------------------------------
 
-def _hash_arrays(named_arrays) -> str:
-    h = hashlib.sha256()
-    for name, a in named_arrays:
-        a = np.ascontiguousarray(np.asarray(a))
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def frozen_hash(variables, mode: str) -> str:
     """SHA-256 of the leaves that ``mode`` freezes (names, dtypes, shapes and bytes)."""
     mask = train_modes.trainable_mask(variables, mode)
     leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(variables["params"]))
     flags = jax.tree_util.tree_leaves(mask)
-    return _hash_arrays((train_modes.path_name(p), x) for (p, x), f in zip(leaves, flags) if not f)
-
-
-def data_fingerprint(data) -> str:
-    if hasattr(data, "fingerprint"):  # streamed data: what identifies its files (bn_jax.streaming)
-        return data.fingerprint()
-    return _hash_arrays([("train_images", data.train_images), ("train_labels", data.train_labels),
-                         ("test_images", data.test_images), ("test_labels", data.test_labels)])
-
-
-def order_hash(order: np.ndarray) -> str:
-    return _hash_arrays([("order", order)])
+    return hash_arrays((train_modes.path_name(p), x) for (p, x), f in zip(leaves, flags) if not f)
 
 
 def trainable_leaves(variables, mode: str) -> Dict[str, Any]:
@@ -93,7 +74,7 @@ def _state_tree(state, totals, fmt: str, mode: str):
 
 def state_hash(tree) -> str:
     """SHA-256 of a host state tree: detects corrupt bytes that Orbax would restore silently."""
-    return _hash_arrays((train_modes.path_name(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree))
+    return hash_arrays((train_modes.path_name(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree))
 
 
 def _all_finite(tree) -> bool:
@@ -106,8 +87,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str, options: CheckpointOptions, log=print):
         self.options = options.validate()
-        self.path = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.workdir = workdir
+        self.run = workdir_lib.RunDir(workdir)
+        self.path = self.run.checkpoints
         self.log = log
         self.manager = self._open()
 
@@ -154,8 +135,7 @@ class Checkpointer:
         host_state = jax.device_get(_state_tree(state, totals, self.options.format, meta["config"]["train_mode"]))
         step = int(host_state["step"])
         if not _all_finite(host_state):
-            raise FloatingPointError(f"non-finite values in the train state at step {step}; "
-                                     f"not saving it (last good checkpoint: {self.latest_saved()})")
+            raise FloatingPointError(f"non-finite values in the train state at step {step}; not saving it")
         meta = dict(meta, format_version=FORMAT_VERSION, checkpoint_format=self.options.format, step=step,
                     state_sha256=state_hash(host_state), versions=provenance.versions())
         if step in self.manager.all_steps():  # e.g. re-saving the final step of a finished run
@@ -201,7 +181,7 @@ class Checkpointer:
             return state, totals, meta
         if tried:
             raise CheckpointError(f"no restorable checkpoint left in {self.path} (corrupt steps "
-                                  f"{', '.join(map(str, tried))} moved to {self._quarantine_dir()}); "
+                                  f"{', '.join(map(str, tried))} moved to {self.run.corrupt_checkpoints}); "
                                   "pass --restart to start over")
         return None
 
@@ -231,16 +211,13 @@ class Checkpointer:
             f"{differ or 'the same as when it was written'}. Resume with the versions it was written "
             "with, or pass --restart")
 
-    def _quarantine_dir(self) -> str:
-        return os.path.join(self.workdir, "corrupt_checkpoints")
-
     def _quarantine(self, step: int, error: Exception) -> None:
-        dest = os.path.join(self._quarantine_dir(), f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        dest = os.path.join(self.run.corrupt_checkpoints, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.log(f"warning: checkpoint step {step} in {self.path} is unreadable "
                  f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
                  f"moving it to {dest} and trying the previous one")
         if parallel.is_writer():  # one process moves it; the others wait for the move
-            os.makedirs(self._quarantine_dir(), exist_ok=True)
+            os.makedirs(self.run.corrupt_checkpoints, exist_ok=True)
             shutil.move(os.path.join(self.path, str(step)), dest)
         parallel.barrier(f"quarantine_{step}")
         self.manager.reload()
@@ -301,7 +278,7 @@ def check_compatible(meta: Dict[str, Any], expected: Dict[str, Any], step: int, 
 def restore(workdir: str, state, step=None):
     """Load a checkpoint's full train state into the structure of ``state`` (a fresh state of the
     same config); small checkpoints take their frozen leaves from ``state``."""
-    path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    path = workdir_lib.RunDir(workdir).checkpoints
     if not os.path.isdir(path):  # (a CheckpointManager would create the folder: reading writes nothing)
         raise CheckpointError(f"{workdir} has no checkpoints/ folder")
     read_only = ocp.CheckpointManagerOptions(create=False, read_only=True)

@@ -23,22 +23,13 @@ import math
 import os
 from typing import Any, Dict, List, Optional
 
-# Names the library modules define; a test checks they agree (models.PRECISIONS, models.BN_INITS,
-# train_modes.MODES, input_pipeline.NORMALIZATIONS).
-TRAIN_MODES = ("full", "bn", "bn_output", "output", "gamma_only", "beta_only", "random_k", "no_affine")
-BN_INITS = ("uniform", "ones")
-PRECISIONS = ("float32", "bfloat16")
-NORMALIZATIONS = ("dataset", "imagenet")
-SCHEDULES = ("step", "imagenet", "cosine", "constant")
+from bn_jax.names import (BN_INITS, BN_PLACEMENTS, CHECKPOINT_FORMATS, CHECKPOINT_UNITS, IMAGENET_DEPTHS,  # noqa: F401
+                          LOOPS, MODEL_NAMES, NORMALIZATIONS, PRECISIONS, SCHEDULES, TRAIN_MODES)
+
 # Datasets streamed from the hosts (bn_jax.streaming) rather than held on the device; their models
 # are the ImageNet ResNets, and the CLI's --model resnet50 means imagenet_resnet50 for them.
 STREAMED_DATASETS = ("imagenet2012",)
-IMAGENET_DEPTHS = (18, 34, 50, 101, 152, 200)
 DEFAULT_IMAGE_SIZE = 224  # a streamed run's crop when --image_size is not given (the paper's)
-BN_PLACEMENTS = ("before", "after")  # BatchNorm before (paper, He et al. 2016) or after the ReLU
-LOOPS = ("auto", "fused", "step")
-MODEL_NAMES = ("resnet<6n+2> (e.g. resnet20, resnet56, resnet110, resnet866), vgg11, vgg13, vgg16, vgg19; "
-               "ImageNet (--dataset imagenet2012): resnet18, 34, 50, 101, 152, 200")
 MAX_DEFAULT_WORKERS = 32  # each worker holds a few 150 MB ImageNet batches: more by default risks memory
 MAX_SEED = 2**31 - 1  # jax.random.key and NumPy take any such int; larger ones overflow somewhere
 # Experiment keys added after runs were saved, with the behaviour those runs had.
@@ -72,11 +63,14 @@ def one_of(choices):
     return rule
 
 
-def param(default, help: str, *rules, choices=None, group: str = "optimisation", flag: Optional[str] = None):
-    """A field with its flag's help text, its validation rules and its choices beside it."""
+def param(default, help: str, *rules, choices=None, group: str = "optimisation", flag: Optional[str] = None,
+          switch: Any = None, metavar: Optional[str] = None):
+    """A field with its flag's help text, its validation rules and its choices beside it.
+    ``switch``: the flag takes no value and sets the field to this one (``--small_checkpoints``)."""
     rules = rules + ((one_of(choices),) if choices else ())
     return dataclasses.field(default=default, metadata={"help": help, "rules": rules, "choices": choices,
-                                                         "group": group, "flag": flag})
+                                                         "group": group, "flag": flag, "switch": switch,
+                                                         "metavar": metavar})
 
 
 def check_fields(config) -> None:
@@ -216,6 +210,21 @@ class RuntimeConfig(_Part):
         return self
 
 
+def run_name(config: ExperimentConfig) -> str:
+    """A run's folder name: a readable prefix (the hyperparameters that tell a sweep's runs apart,
+    defaults left out) plus a short hash of the whole experiment, so two different experiments
+    never share a name (open_lth names runs by such a hash)."""
+    default = ExperimentConfig()
+    parts = [config.model, f"w{config.width}", config.train_mode]
+    if config.train_mode == "random_k":
+        parts.append(f"k{config.k}")
+    if config.bn_placement != default.bn_placement:
+        parts.append(f"bn{config.bn_placement}")
+    if config.bn_init != default.bn_init:
+        parts.append(f"init{config.bn_init}")
+    return "_".join(parts + [f"s{config.seed}"]) + "-" + config.short_hash()
+
+
 def imagenet_model_name(name: str) -> str:
     """``resnet50`` → ``imagenet_resnet50`` (the registry's name); other names unchanged."""
     if name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in IMAGENET_DEPTHS:
@@ -238,13 +247,6 @@ def same_experiment(saved: Dict[str, Any], current: ExperimentConfig) -> bool:
     return not different_keys(saved, current)
 
 
-def save(path: str, experiment: ExperimentConfig, runtime: RuntimeConfig, provenance: Dict[str, Any]) -> None:
-    """config.json: {"experiment": ..., "runtime": ..., "provenance": ...}."""
-    from bn_jax import workdir
-    workdir.write_atomic(path, json.dumps({"experiment": experiment.to_dict(), "runtime": runtime.to_dict(),
-                                           "provenance": provenance}, indent=2, sort_keys=True, allow_nan=False))
-
-
 def parts(saved: Any):
     """(ExperimentConfig, RuntimeConfig) of a config.json's content, this layout or the older flat one."""
     if not isinstance(saved, dict):
@@ -259,42 +261,70 @@ def load(path: str):
         return parts(json.load(f))
 
 
-# ---- checkpoint options (how a run saves; its flags are in experiments.cifar) ------------------
-
-CHECKPOINT_UNITS = ("epochs", "steps")
-CHECKPOINT_FORMATS = ("full", "small")
-
+# ---- how a run saves, and how it joins a cluster (the other option groups of the CLI) -------------
 
 @dataclasses.dataclass
-class CheckpointOptions:
-    every: int = 1              # save every `every` epochs or steps (and always at the end)
-    unit: str = "epochs"        # "epochs" or "steps"
-    keep: int = 3               # keep the latest `keep` checkpoints
-    format: str = "full"        # "small": trainable leaves + batch_stats + opt_state + frozen hash
-    restart: bool = False       # discard an existing run in the workdir instead of resuming
-    extend: bool = False        # resume a run saved with fewer epochs, training on to config.epochs
-    async_save: bool = True     # write in a background thread while training continues
+class CheckpointOptions(_Part):
+    checkpoint_every: int = param(1, "save a checkpoint every this many --checkpoint_unit (and always at the end)",
+                                  at_least(1), group="checkpoints and resume")
+    checkpoint_unit: str = param("epochs", "unit of --checkpoint_every", choices=CHECKPOINT_UNITS,
+                                 group="checkpoints and resume")
+    keep: int = param(3, "keep the newest N checkpoints (>= 2 lets a corrupt newest one fall back)", at_least(1),
+                      group="checkpoints and resume")
+    format: str = param("full", "store only the trainable leaves, batch_stats and optimizer state; frozen leaves "
+                        "are re-created from the seed and checked against a saved hash on restore",
+                        choices=CHECKPOINT_FORMATS, group="checkpoints and resume", flag="--small_checkpoints",
+                        switch="small")
+    async_save: bool = param(True, "write checkpoints synchronously instead of in a background thread",
+                             group="checkpoints and resume", flag="--no_async_checkpoints")
+    extend_to_epochs: Optional[int] = param(None, "train the run in --workdir on to N epochs (more than it was "
+                                            "started with), resuming from its newest checkpoint; the step schedule's "
+                                            "lr drops move to 50%% and 75%% of N", at_least(1),
+                                            group="checkpoints and resume", metavar="N")
+    restart: bool = param(False, "delete an existing run in --workdir (checkpoints, metrics) and start over; "
+                          "without it, an existing run is resumed", group="checkpoints and resume")
+
+    @property
+    def extend(self) -> bool:
+        """Resume a run saved with fewer epochs, training on to the config's epochs."""
+        return self.extend_to_epochs is not None
 
     def validate(self) -> "CheckpointOptions":
-        if self.every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {self.every}")
-        if self.unit not in CHECKPOINT_UNITS:
-            raise ValueError(f"checkpoint unit must be one of {', '.join(CHECKPOINT_UNITS)}, got {self.unit!r}")
-        if self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
-        if self.format not in CHECKPOINT_FORMATS:
-            raise ValueError(f"checkpoint format must be one of {', '.join(CHECKPOINT_FORMATS)}, got {self.format!r}")
+        check_fields(self)
         return self
 
     def due(self, step: int, epoch_done: Optional[int] = None) -> bool:
         """Whether to save after ``step`` (``epoch_done`` set when an epoch just ended)."""
-        if self.unit == "steps":
-            return step % self.every == 0
-        return epoch_done is not None and epoch_done % self.every == 0
+        if self.checkpoint_unit == "steps":
+            return step % self.checkpoint_every == 0
+        return epoch_done is not None and epoch_done % self.checkpoint_every == 0
 
     def next_due_step(self, step: int) -> Optional[int]:
         """The first step after ``step`` that ``due`` names by step count (None for epoch units)."""
-        return (step // self.every + 1) * self.every if self.unit == "steps" else None
+        every = self.checkpoint_every
+        return (step // every + 1) * every if self.checkpoint_unit == "steps" else None
+
+
+@dataclasses.dataclass
+class ClusterOptions(_Part):
+    """How this process joins a multi-host job (``bn_jax.parallel.maybe_initialize_distributed``)."""
+
+    coordinator_address: Optional[str] = param(None, "multi-host: host:port of process 0 (not needed under SLURM "
+                                               "or on a TPU pod, where jax.distributed finds it)",
+                                               group="devices and clusters")
+    num_processes: Optional[int] = param(None, "multi-host: number of processes", at_least(1),
+                                         group="devices and clusters")
+    process_id: Optional[int] = param(None, "multi-host: this process's index", at_least(0),
+                                      group="devices and clusters")
+    coordinator_timeout_s: float = param(300.0, "multi-host: give up (exit 2) when the coordinator does not answer "
+                                         "within this many seconds", at_least(0.0), group="devices and clusters")
+
+    def validate(self) -> "ClusterOptions":
+        check_fields(self)
+        given = [v is not None for v in (self.coordinator_address, self.num_processes, self.process_id)]
+        if any(given) and not all(given):
+            raise ValueError("--coordinator_address, --num_processes and --process_id go together")
+        return self
 
 
 # ---- command-line flags, generated from the fields ---------------------------------------------
@@ -303,7 +333,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default unless it is None or a switch's off state."""
 
     def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool) or action.default is argparse.SUPPRESS:
+        if (action.default is None or isinstance(action.default, bool) or action.nargs == 0
+                or action.default is argparse.SUPPRESS):  # (nargs 0: a switch, --small_checkpoints)
             return action.help
         return super()._get_help_string(action)
 
@@ -327,10 +358,12 @@ def add_flags(parser: argparse.ArgumentParser, cls, groups: Optional[Dict[str, A
     for field in dataclasses.fields(cls):
         meta = field.metadata
         group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        if field.type is bool:
-            group.add_argument(flag_name(field), dest=field.name, default=field.default, help=meta["help"],
-                               action="store_false" if field.default else "store_true")
+        name, common = flag_name(field), dict(dest=field.name, default=field.default, help=meta["help"])
+        if meta.get("switch") is not None:
+            group.add_argument(name, action="store_const", const=meta["switch"], **common)
+        elif field.type is bool:
+            group.add_argument(name, action="store_false" if field.default else "store_true", **common)
         else:
-            group.add_argument(flag_name(field), dest=field.name, default=field.default, type=_parser_of(field.type),
-                               choices=meta["choices"], help=meta["help"])
+            group.add_argument(name, type=_parser_of(field.type), choices=meta["choices"],
+                               metavar=meta.get("metavar"), **common)
     return groups

@@ -1,14 +1,15 @@
 """The training loop's periodic work, as hooks it calls between compiled calls.
 
-In the spirit of Flax's ``periodic_actions``: the loop (``bn_jax.train.train_loop``) only runs
-steps and evaluations; the progress bar, the finite-loss check, checkpoints, preemption and the
-metrics log are hooks, and a test installs its fault injection the same way. After each call
-the loop calls ``after_steps`` with a ``Tick``; after each epoch's evaluation, ``after_epoch``.
-A hook may also ask for a call to end at a given step (``next_stop``): a due checkpoint does.
+In the spirit of Flax's ``periodic_actions``: the loop (``bn_jax.train.train_loop``) runs steps,
+checks the loss at every synced tick (``Tick.finite_totals``), evaluates and appends each epoch's
+line to the run's history; the progress bar, checkpoints, preemption and the metrics log are
+hooks, and a test installs its fault injection the same way. After each call the loop calls
+``after_steps`` with a ``Tick``; after each epoch's evaluation, ``after_epoch``. A hook may also
+ask for a call to end at a given step (``next_stop``): a due checkpoint does. Hooks read only
+the tick, so their order does not matter.
 """
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -33,12 +34,23 @@ class Tick:
     epoch_end: bool            # the call ended the epoch
     state: Any
     totals: Any                # the epoch's metric sums so far, on the device
-    host_totals: Optional[Dict[str, Any]] = None  # the same, read back, at synced ticks only
-    record: Optional[Dict[str, Any]] = None       # after_epoch: the epoch's metrics line
+    synced: bool = False       # the loop read the sums back here (its one host-sync rhythm)
+    record: Optional[Dict[str, Any]] = None       # after_epoch: the epoch's metrics line (already in the history)
+    # the sums read back: at synced ticks, or once a save asked (after_epoch: the finished epoch's,
+    # while ``totals`` are the next epoch's zeros)
+    host_totals: Optional[Dict[str, Any]] = None
 
-    @property
-    def synced(self) -> bool:
-        return self.host_totals is not None
+    def finite_totals(self) -> Dict[str, Any]:
+        """The epoch's sums read back (a sync, unless this tick has them), after the one check that
+        the loss stayed finite: FloatingPointError naming the first step with a NaN/Inf loss. The
+        loop calls it at every synced tick, and a save at any other tick calls it first."""
+        if self.host_totals is None:
+            self.host_totals = jax.device_get(self.totals)
+        t = self.host_totals
+        if t["nonfinite_step"] >= 0 or not np.isfinite(t["loss"]):
+            raise FloatingPointError(f"non-finite training loss at step {int(t['nonfinite_step'])} "
+                                     f"(epoch {self.epoch + 1}); stopped without saving this state")
+        return t
 
 
 class Hook:
@@ -54,14 +66,6 @@ class Hook:
 
     def after_epoch(self, tick: Tick) -> None:
         """After the epoch's evaluation (``tick.record`` holds its metrics; ``tick.totals`` are zero)."""
-
-
-def check_finite(host_totals, epoch: int, last_good=None) -> None:
-    """Raise FloatingPointError naming the first step with a NaN/Inf loss."""
-    if host_totals["nonfinite_step"] >= 0 or not np.isfinite(host_totals["loss"]):
-        raise FloatingPointError(f"non-finite training loss at step {int(host_totals['nonfinite_step'])} "
-                                 f"(epoch {epoch + 1}); stopped without saving this state "
-                                 f"(last good checkpoint: step {last_good})")
 
 
 @dataclasses.dataclass
@@ -83,16 +87,16 @@ class Saver:
         self.ckpt, self.program, self.expected, self.record = ckpt, program, expected, record
         self.last_step = None
 
-    def save(self, state, totals) -> None:
-        step, spe = int(state.step), self.program.steps_per_epoch
+    def save(self, tick: Tick) -> None:
+        step, spe = tick.step, self.program.steps_per_epoch
         if step == self.last_step:
             return
-        check_finite(jax.device_get(totals), step // spe, self.ckpt.latest_saved())
-        input_meta, items = self.program.input_checkpoint()
-        self.ckpt.save(state, totals, {**self.expected, "epoch": step // spe, "position": step % spe,
-                                       "steps_per_epoch": spe, "history": list(self.record.history),
-                                       "wall_time": self.record.wall_time(),
-                                       "rng": self.program.position(step // spe), **input_meta}, items)
+        tick.finite_totals()
+        input_meta, items = self.program.input.checkpoint()
+        self.ckpt.save(tick.state, tick.totals, {**self.expected, "epoch": step // spe, "position": step % spe,
+                                                 "steps_per_epoch": spe, "history": list(self.record.history),
+                                                 "wall_time": self.record.wall_time(),
+                                                 "rng": self.program.position(step // spe), **input_meta}, items)
         self.last_step = step
 
 
@@ -110,7 +114,7 @@ class ProgressBar(Hook):
         if tick.synced:
             t, done = tick.host_totals, tick.step - tick.epoch * self.program.steps_per_epoch - self.first
             speeds = {"img_s": f"{done * self.program.batch_size / (time.time() - self.start):.0f}"}
-            report = self.program.input_report()
+            report = self.program.input.report()
             if report:  # streamed input: what it can deliver, and how long training waited for it
                 speeds.update(load_img_s=f"{report['input_images_per_second']:.0f}",
                               wait=f"{report['input_wait_fraction']:.0%}")
@@ -118,17 +122,6 @@ class ProgressBar(Hook):
                                  **speeds)
         if tick.epoch_end:
             self.bar.close()
-
-
-class FiniteCheck(Hook):
-    """Stop at the first synced tick whose loss sums hold a NaN/Inf (before any checkpoint of it)."""
-
-    def __init__(self, ckpt: checkpoints.Checkpointer):
-        self.ckpt = ckpt
-
-    def after_steps(self, tick):
-        if tick.synced:
-            check_finite(tick.host_totals, tick.epoch, self.ckpt.latest_saved())
 
 
 class Checkpoint(Hook):
@@ -142,11 +135,11 @@ class Checkpoint(Hook):
 
     def after_steps(self, tick):
         if not tick.epoch_end and self.options.due(tick.step):  # (an epoch's end: after its evaluation)
-            self.saver.save(tick.state, tick.totals)
+            self.saver.save(tick)
 
     def after_epoch(self, tick):
         if tick.step == self.last_step or self.options.due(tick.step, tick.epoch + 1):
-            self.saver.save(tick.state, tick.totals)
+            self.saver.save(tick)
 
 
 class Preemption(Hook):
@@ -175,20 +168,19 @@ class Preemption(Hook):
             return
         reason = self.guard.reason if self.guard.requested else "another process was signalled"
         self.log(f"{reason}: saving a checkpoint at step {tick.step} and exiting")
-        self.saver.save(tick.state, tick.totals)
+        self.saver.save(tick)
         self.saver.ckpt.wait()
         raise preemption.Preempted(reason, tick.step, self.saver.ckpt.path)
 
 
 class MetricsLog(Hook):
-    """One line per epoch: into the run's history, metrics.jsonl (process 0) and the log."""
+    """Each epoch's line (already in the run's history): into metrics.jsonl (process 0) and the log."""
 
-    def __init__(self, record: RunRecord, path: str, writer: bool, log: Callable):
-        self.record, self.path, self.writer, self.log = record, path, writer, log
+    def __init__(self, path: str, writer: bool, log: Callable):
+        self.path, self.writer, self.log = path, writer, log
 
     def after_epoch(self, tick):
         r = tick.record
-        self.record.history.append(r)
         if self.writer:
             metrics_log.append_metrics(self.path, r)
         loading = "" if "input_images_per_second" not in r else (
@@ -199,10 +191,9 @@ class MetricsLog(Hook):
                  f"{r['images_per_second']:.0f} img/s trained{loading}")
 
 
-def standard_hooks(program, saver: Saver, options, guard, epochs: int, workdir: str, log: Callable):
-    """The trainer's hooks, in the order they run (the metrics line before the epoch's checkpoint,
-    which stores the history)."""
+def standard_hooks(program, saver: Saver, options, guard, epochs: int, run_dir, log: Callable):
+    """The trainer's hooks. Each reads only the tick and its own state, never what another hook
+    wrote, so their order does not matter."""
     writer = parallel.is_writer()
-    return [ProgressBar(program, epochs, writer), FiniteCheck(saver.ckpt),
-            MetricsLog(saver.record, os.path.join(workdir, "metrics.jsonl"), writer, log),
+    return [ProgressBar(program, epochs, writer), MetricsLog(run_dir.metrics, writer, log),
             Checkpoint(saver, options, epochs * program.steps_per_epoch), Preemption(guard, saver, log)]

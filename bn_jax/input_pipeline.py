@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from bn_jax import hashing, names
+
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -54,6 +56,11 @@ class Dataset:
         """Images per class in each split (logged and saved in summary.json: nothing lost unseen)."""
         return {split: dict(zip(self.class_names, np.bincount(labels, minlength=self.num_classes).tolist()))
                 for split, labels in (("train", self.train_labels), ("test", self.test_labels))}
+
+    def fingerprint(self) -> str:
+        """What ties a checkpoint to these data: a hash of every array (the files may move)."""
+        return hashing.hash_arrays([("train_images", self.train_images), ("train_labels", self.train_labels),
+                                    ("test_images", self.test_images), ("test_labels", self.test_labels)])
 
     def describe(self) -> str:
         def one(split, counts):
@@ -250,7 +257,7 @@ def _decode_all(items: List[Tuple[str, callable]]) -> np.ndarray:
 
 # ---- on the device --------------------------------------------------------------------------
 
-NORMALIZATIONS = ("dataset", "imagenet")
+NORMALIZATIONS = names.NORMALIZATIONS
 # The paper's code (open_lth datasets/cifar10.py) normalises CIFAR-10 with ImageNet's statistics.
 IMAGENET_MEAN_STD = (np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32))
 

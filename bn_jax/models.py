@@ -24,7 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bn_jax import names
+
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+names.check_keys(PRECISIONS, names.PRECISIONS, "models.PRECISIONS")
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
@@ -32,6 +35,7 @@ BN_INITS = {
     "uniform": nn.initializers.uniform(scale=1.0),
     "ones": nn.initializers.ones,
 }
+names.check_keys(BN_INITS, names.BN_INITS, "models.BN_INITS")
 
 
 def torch_linear_bias_init(fan_in: int) -> Callable:
@@ -186,6 +190,8 @@ class ImageNetResNet(Network):
         return head(jnp.mean(x, axis=(1, 2)), self.num_classes, self.dtype)
 
 
+FAMILIES = {"resnet": CifarResNet, "vgg": CifarVGG, "imagenet_resnet": ImageNetResNet}
+names.check_keys(FAMILIES, names.MODEL_FAMILIES, "models.FAMILIES")
 _NAME = re.compile(r"(imagenet_resnet|resnet|vgg)(\d+)$")
 
 
@@ -224,7 +230,7 @@ def create_model(name: str, *, width: int = 1, num_classes: int = 10, bn_init: s
         raise ValueError(f"unknown bn_init {bn_init!r}; known: {', '.join(BN_INITS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
-    cls = {"resnet": CifarResNet, "vgg": CifarVGG, "imagenet_resnet": ImageNetResNet}[family]
+    cls = FAMILIES[family]
     return cls(depth=depth, width=width, num_classes=num_classes, bn_init=bn_init,
                bn_before_relu=bn_before_relu, affine=affine, dtype=PRECISIONS[precision])
 

@@ -22,18 +22,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 AXIS = "data"
 
 
-def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
-                                 num_processes: Optional[int] = None,
-                                 process_id: Optional[int] = None, timeout_s: float = 300) -> None:
-    """Join a multi-host job when flags or a cluster launcher (SLURM, TPU pod) say there is one."""
-    flags = (coordinator_address, num_processes, process_id)
-    if any(f is not None for f in flags):
-        if any(f is None for f in flags):
-            raise ValueError("--coordinator_address, --num_processes and --process_id go together")
-        if process_id != 0:  # JAX aborts the process when the coordinator never answers: ask first
-            wait_for_coordinator(coordinator_address, timeout_s)
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, initialization_timeout=max(1, int(timeout_s)))
+def maybe_initialize_distributed(options) -> None:
+    """Join a multi-host job when ``options`` (a validated ``config.ClusterOptions``: the three
+    flags go together) or a cluster launcher (SLURM, TPU pod) say there is one."""
+    if options.coordinator_address is not None:
+        if options.process_id != 0:  # JAX aborts the process when the coordinator never answers: ask first
+            wait_for_coordinator(options.coordinator_address, options.coordinator_timeout_s)
+        jax.distributed.initialize(coordinator_address=options.coordinator_address,
+                                   num_processes=options.num_processes, process_id=options.process_id,
+                                   initialization_timeout=max(1, int(options.coordinator_timeout_s)))
     elif _under_launcher():
         jax.distributed.initialize()
 

@@ -1,30 +1,29 @@
 """What a run executes: the compiled steps, the data they read, and the keys they use.
 
-``build_program(config, data, mesh)`` is the one place that puts a run's data on its devices
-and compiles its steps; the trainer, the benchmark and the tests all go through it, so they
-measure and check the very code that trains.
+``build_program(config, runtime, data, mesh)`` is the one place that puts a run's data on its
+devices and compiles its steps; the trainer, the benchmark and the tests all go through it, so
+they measure and check the very code that trains.
 
-A program offers the training loop one small interface, whatever feeds it:
+A program offers the training loop the ``Program`` protocol, whatever feeds it:
 ``run(state, totals, epoch, start, stop)`` trains steps ``start``…``stop - 1`` of an epoch,
-``evaluate(state)`` scores the test set, and ``position(epoch)`` describes what an exact resume
-must find unchanged; ``input_checkpoint``/``restore_input`` save and restore the input's own
-state beside the train state, and ``input_report`` says how fast the input is.
+``evaluate(state)`` scores the test set, ``position(epoch)`` describes what an exact resume must
+find unchanged, and ``input`` (a ``ProgramInput``) saves and restores the input's own state
+beside the train state and says how fast the input is.
 ``DeviceResidentProgram`` keeps the whole training set on the device as uint8 and draws each
-epoch's order there (CIFAR); ``StreamingProgram`` trains on batches that grain workers decode
-and augment on the hosts (ImageNet, ``bn_jax.streaming``).
+epoch's order there (CIFAR; its input has no state of its own); ``StreamingProgram`` trains on
+batches that grain workers decode and augment on the hosts (ImageNet, ``streaming.StreamInput``).
 
 Everything random is a function of ``config.seed`` and the step number (init key, epoch order,
 augmentation key), so a run is reproducible and can be replayed from any step.
 """
 
 import functools
-import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Protocol, Tuple
 
 import jax
 import numpy as np
 
-from bn_jax import checkpoints, input_pipeline, parallel, steps, streaming
+from bn_jax import hashing, input_pipeline, parallel, steps, streaming
 from bn_jax.config import ExperimentConfig, RuntimeConfig
 
 # fused: ``steps_per_call`` steps as one compiled fori_loop, so the host only wakes between
@@ -108,6 +107,56 @@ def test_metrics(totals) -> Dict[str, float]:
             "top5_accuracy": float(totals["correct_top5"] / totals["count"])}
 
 
+class ProgramInput(Protocol):
+    """A program's input beside its steps: the state it saves with a checkpoint, and its speed."""
+
+    def checkpoint(self) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        """(meta, Orbax items) to save beside the train state."""
+
+    def restore(self, ckpt, step: int, meta: Dict[str, Any], log) -> None:
+        """Put the input where checkpoint ``step`` left it."""
+
+    def report(self) -> Dict[str, float]:
+        """This epoch's input figures for the progress bar and the metrics line (README: docs/cli.md)."""
+
+    def summary(self, history) -> Dict[str, Any]:
+        """summary.json's input figures (every process must call it)."""
+
+
+class Program(Protocol):
+    """What the training loop (``bn_jax.train``) needs of a program."""
+
+    loop: str                 # "fused", "step" or "stream"
+    batch_size: int
+    steps_per_epoch: int
+    max_steps_per_call: int
+    input: ProgramInput
+
+    def put(self, tree): ...
+    def zero_totals(self): ...
+    def run(self, state, totals, epoch: int, start: int, stop: int): ...
+    def evaluate(self, state) -> Dict[str, float]: ...
+    def position(self, epoch: int) -> Dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+class ResidentInput:
+    """The input of device-resident data: no state of its own (the step is its position), nothing
+    beside the steps to measure."""
+
+    def checkpoint(self):
+        return {}, {}
+
+    def restore(self, ckpt, step, meta, log):
+        return None
+
+    def report(self):
+        return {}
+
+    def summary(self, history):
+        return {}
+
+
 class DeviceResidentProgram:
     """The training set on the device as uint8; each epoch's order drawn there, each batch
     gathered, augmented and trained on without the host touching the data."""
@@ -125,6 +174,7 @@ class DeviceResidentProgram:
         self.order_fn = epoch_order_fn(len(data.train_labels), mesh)
         self.steps_fn = jit_epoch_steps(config, runtime, mesh)
         self._order = (None, None)
+        self.input = ResidentInput()
 
     def put(self, tree):
         """``tree`` on the program's devices, replicated (a train state, the epoch sums)."""
@@ -168,28 +218,15 @@ class DeviceResidentProgram:
         order = np.asarray(jax.device_get(self.order(epoch)))
         return {"seed": self.seed, "epoch": epoch,
                 "augment_key_data": np.asarray(jax.random.key_data(self.augment_key)).tolist(),
-                "epoch_order_sha256": checkpoints.order_hash(order)}
-
-    def input_checkpoint(self) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-        """(meta, Orbax items) of the input's state: none, the position is the step."""
-        return {}, {}
-
-    def restore_input(self, ckpt, step: int, meta: Dict[str, Any], log) -> None:
-        pass
-
-    def input_report(self) -> Dict[str, float]:
-        return {}
-
-    def input_summary(self, history) -> Dict[str, Any]:
-        return {}
+                "epoch_order_sha256": hashing.order_hash(order)}
 
     def close(self) -> None:
-        pass
+        """(Nothing to stop: no input runs beside the steps.)"""
 
 
 class StreamingProgram:
     """Batches streamed from the hosts: grain workers decode and augment each host's slice of every
-    global batch (``bn_jax.streaming``), and one jitted step trains on it."""
+    global batch (``streaming.StreamInput``), and one jitted step trains on it."""
 
     loop = "stream"
     max_steps_per_call = 1
@@ -198,16 +235,11 @@ class StreamingProgram:
         self.mesh = mesh if mesh is not None else parallel.make_mesh(1)
         self.seed, self.batch_size, self.data = config.seed, config.batch_size, data
         self.steps_per_epoch = data.num_train // config.batch_size
-        self.workers = runtime.resolved_workers()
         self.eval_batch_size = eval_batch_size(runtime.eval_batch_size, data.num_test, self.mesh)
-        self.host = (jax.process_index(), jax.process_count())
-        self.train_ds = streaming.train_dataset(data, config.seed, config.batch_size, config.epochs,
-                                                config.augment, *self.host)
+        self.input = streaming.StreamInput(data, config, runtime.resolved_workers(),
+                                           (jax.process_index(), jax.process_count()))
         self.mean, self.std = self.put(input_pipeline.normalization(config.normalize, None))
         self.step_fn = jax.jit(steps.train_step_on, donate_argnums=0, out_shardings=parallel.replicated(self.mesh))
-        self.iterator, self.base = None, 0
-        self.undecodable = {"train": 0, "test": 0}
-        self._reset_report()
 
     def put(self, tree):
         return parallel.replicate(tree, self.mesh)
@@ -220,105 +252,36 @@ class StreamingProgram:
         return jax.make_array_from_process_local_data(parallel.sharded(self.mesh), local,
                                                       (global_batch, *local.shape[1:]))
 
-    def _next(self, step: int) -> Dict[str, np.ndarray]:
-        if self.iterator is None:
-            self.iterator, self.base = streaming.iterate(self.train_ds, self.workers, start=step), step
-        start = time.perf_counter()
-        batch = next(self.iterator)
-        self.report["wait_s"] += time.perf_counter() - start
-        streaming.check_indices(batch["index"], step, self.batch_size, *self.host)
-        self.report["images"] += len(batch["index"])
-        self.report["worker_s"] += float(np.sum(batch["seconds"]))
-        self.undecodable["train"] += int(np.sum(batch["undecodable"]))
-        return batch
-
     def run(self, state, totals, epoch: int, start: int, stop: int):
-        if start == 0 or not self.report["images"]:  # (an epoch, or a resumed session, begins)
-            self._reset_report()
+        if start == 0 or not self.input.meter.images:  # (an epoch, or a resumed session, begins)
+            self.input.meter.reset()
         for i in range(start, stop):
             step = epoch * self.steps_per_epoch + i
-            batch = self._next(step)
+            batch = self.input.next(step)
             images, labels = (self._global(batch[k], self.batch_size) for k in ("image", "label"))
             state, totals = self.step_fn(state, totals, images, labels, step, self.mean, self.std)
         return state, totals
 
-    def evaluate(self, state) -> Dict[str, float]:
-        ds = streaming.eval_dataset(self.data, self.eval_batch_size, *self.host)
-        it = streaming.iterate(ds, min(self.workers, len(ds)))
-        self.undecodable["test"] = 0
-        try:
-            return evaluate(state, self._eval_batches(it), self.mean, self.std)
-        finally:
-            streaming.close(it)
+    def compile_step(self, state, totals, images, labels):
+        """The step on one host-prepared batch, compiled ahead of time (the benchmark times it apart
+        from the input): (executable, ``step(state, totals, images, labels, i)``)."""
+        compiled = self.step_fn.lower(state, totals, images, labels, 0, self.mean, self.std).compile()
+        return compiled, lambda s, t, x, y, i: compiled(s, t, x, y, i, self.mean, self.std)
 
-    def _eval_batches(self, it):
-        for batch in it:
-            self.undecodable["test"] += int(np.sum(batch["undecodable"]))
-            yield tuple(self._global(batch[k], self.eval_batch_size) for k in ("image", "label", "valid"))
+    def evaluate(self, state) -> Dict[str, float]:
+        with self.input.eval_batches(self.eval_batch_size) as batches:
+            return evaluate(state, (tuple(self._global(b[k], self.eval_batch_size) for k in ("image", "label", "valid"))
+                                    for b in batches), self.mean, self.std)
 
     def position(self, epoch: int) -> Dict[str, Any]:
         order = streaming.epoch_order(self.seed, epoch, self.data.num_train)
-        return {"seed": self.seed, "epoch": epoch, "epoch_order_sha256": checkpoints.order_hash(order)}
-
-    def input_checkpoint(self) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-        """(meta, Orbax items): grain's iterator state (one file per host) and how to rebuild it."""
-        if self.iterator is None:
-            return {}, {}
-        import grain
-        meta = {"input": {"base": self.base, "workers": self.workers, "processes": self.host[1]}}
-        return meta, {"data": grain.checkpoint.CheckpointSave(self.iterator)}
-
-    def restore_input(self, ckpt, step: int, meta: Dict[str, Any], log) -> None:
-        """Put grain's iterator where checkpoint ``step`` left it. Saved under another worker or
-        host count (grain's state does not carry over), start the stream afresh at ``step``:
-        the same batches, because a batch is a function of its step."""
-        saved = meta.get("input")
-        if not saved:
-            return
-        if (saved["workers"], saved["processes"]) != (self.workers, self.host[1]):
-            log(f"input pipeline: checkpoint saved with {saved['workers']} workers on {saved['processes']} "
-                f"host(s), now {self.workers} on {self.host[1]}; restarting the stream at step {step}")
-            return
-        import grain
-        iterator = streaming.iterate(self.train_ds, self.workers, start=saved["base"])
-        try:
-            self.iterator = ckpt.restore_item(step, "data", grain.checkpoint.CheckpointRestore(iterator))
-        except Exception as e:  # noqa: BLE001  (a missing or damaged state file: the step suffices)
-            streaming.close(iterator)
-            log(f"input pipeline: grain's saved state did not restore ({type(e).__name__}: "
-                f"{str(e)[:200]}); restarting the stream at step {step}")
-            return
-        self.base = saved["base"]
-
-    def _reset_report(self):
-        self.report = {"start": time.perf_counter(), "images": 0, "wait_s": 0.0, "worker_s": 0.0}
-
-    def input_report(self) -> Dict[str, float]:
-        """Since the epoch (or session) began: what the input could deliver (images per second of
-        worker time × workers) and the share of time the training waited for it."""
-        r = self.report
-        elapsed = time.perf_counter() - r["start"]
-        if not r["images"] or elapsed <= 0:
-            return {}
-        capacity = r["images"] / r["worker_s"] * max(1, self.workers) if r["worker_s"] > 0 else float("inf")
-        return {"input_images_per_second": capacity, "input_wait_fraction": min(1.0, r["wait_s"] / elapsed)}
-
-    def input_summary(self, history) -> Dict[str, Any]:
-        """summary.json's input figures: undecodable images met (this session, summed over hosts;
-        every process must call it) and the mean input capacity and wait over the epochs."""
-        counts = parallel.sum_over_processes([self.undecodable["train"], self.undecodable["test"]])
-        rates = [r["input_images_per_second"] for r in history if "input_images_per_second" in r]
-        waits = [r["input_wait_fraction"] for r in history if "input_wait_fraction" in r]
-        return {"undecodable_images": {"train_replaced": int(counts[0]), "test_left_out": int(counts[1])},
-                "input_images_per_second": float(np.mean(rates)) if rates else None,
-                "input_wait_fraction": float(np.mean(waits)) if waits else None, "input_workers": self.workers}
+        return {"seed": self.seed, "epoch": epoch, "epoch_order_sha256": hashing.order_hash(order)}
 
     def close(self) -> None:
-        streaming.close(self.iterator)
-        self.iterator = None
+        self.input.close()
 
 
-def build_program(config: ExperimentConfig, runtime: RuntimeConfig, data, mesh):
+def build_program(config: ExperimentConfig, runtime: RuntimeConfig, data, mesh) -> Program:
     """The program that trains ``config`` on ``data`` over ``mesh``, executed as ``runtime`` says:
     streamed from the hosts for a ``StreamData``, device-resident for an in-memory ``Dataset``."""
     if isinstance(data, streaming.StreamData):

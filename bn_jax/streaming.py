@@ -15,6 +15,7 @@ source's order, an evaluation image is left out of the accuracy; either way the 
 in a warning and counted (``undecodable_images`` in the summary).
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -297,3 +298,116 @@ def check_indices(indices: Sequence[int], step: int, batch_size: int, process_in
     if len(indices) != local or int(indices[0]) != first or int(indices[-1]) != first + local - 1:
         raise RuntimeError(f"input pipeline out of step: step {step} needs stream examples {first}…"
                            f"{first + local - 1}, got {int(indices[0])}…{int(indices[-1])}")
+
+
+# ---- the trainer's side: one host's stream, its checkpoint and its speed ------------------------
+
+class InputMeter:
+    """Since the epoch (or session) began: images delivered, time the training waited for them,
+    and the worker time they took (decoding included)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.images, self.wait_s, self.worker_s = time.perf_counter(), 0, 0.0, 0.0
+
+    def add(self, batch, waited_s: float) -> None:
+        self.images += len(batch["index"])
+        self.wait_s += waited_s
+        self.worker_s += float(np.sum(batch["seconds"]))
+
+    def report(self, workers: int) -> Dict[str, float]:
+        """What the input could deliver (images per second of worker time × workers) and the share
+        of the time the training waited for it; {} before any image."""
+        elapsed = time.perf_counter() - self.start
+        if not self.images or elapsed <= 0:
+            return {}
+        capacity = self.images / self.worker_s * max(1, workers) if self.worker_s > 0 else float("inf")
+        return {"input_images_per_second": capacity, "input_wait_fraction": min(1.0, self.wait_s / elapsed)}
+
+
+class StreamInput:
+    """One host's training stream for the trainer (``program.StreamingProgram``): the next batch of a
+    step, checked against it; grain's iterator state saved with each checkpoint and restored from
+    it; the input's speed and the undecodable images met."""
+
+    def __init__(self, data: StreamData, config, workers: int, host):
+        self.data, self.workers, self.host, self.batch_size = data, workers, host, config.batch_size
+        self.train_ds = train_dataset(data, config.seed, config.batch_size, config.epochs, config.augment, *host)
+        self.iterator, self.base = None, 0
+        self.undecodable = {"train": 0, "test": 0}
+        self.meter = InputMeter()
+
+    def next(self, step: int) -> Dict[str, np.ndarray]:
+        """This host's slice of global step ``step``'s batch (RuntimeError if the stream is out of step)."""
+        if self.iterator is None:
+            self.iterator, self.base = iterate(self.train_ds, self.workers, start=step), step
+        start = time.perf_counter()
+        batch = next(self.iterator)
+        check_indices(batch["index"], step, self.batch_size, *self.host)
+        self.meter.add(batch, time.perf_counter() - start)
+        self.undecodable["train"] += int(np.sum(batch["undecodable"]))
+        return batch
+
+    @contextlib.contextmanager
+    def eval_batches(self, batch_size: int):
+        """This host's evaluation batches (grain workers; undecodable images counted), then stopped."""
+        ds = eval_dataset(self.data, batch_size, *self.host)
+        it = iterate(ds, min(self.workers, len(ds)))
+        self.undecodable["test"] = 0
+
+        def batches():
+            for batch in it:
+                self.undecodable["test"] += int(np.sum(batch["undecodable"]))
+                yield batch
+        try:
+            yield batches()
+        finally:
+            close(it)
+
+    def checkpoint(self):
+        """(meta, Orbax items): grain's iterator state (one file per host) and how to rebuild it."""
+        if self.iterator is None:
+            return {}, {}
+        meta = {"input": {"base": self.base, "workers": self.workers, "processes": self.host[1]}}
+        return meta, {"data": grain().checkpoint.CheckpointSave(self.iterator)}
+
+    def restore(self, ckpt, step: int, meta: Dict[str, Any], log) -> None:
+        """Put grain's iterator where checkpoint ``step`` left it. Saved under another worker or
+        host count (grain's state does not carry over), start the stream afresh at ``step``:
+        the same batches, because a batch is a function of its step."""
+        saved = meta.get("input")
+        if not saved:
+            return
+        if (saved["workers"], saved["processes"]) != (self.workers, self.host[1]):
+            log(f"input pipeline: checkpoint saved with {saved['workers']} workers on {saved['processes']} "
+                f"host(s), now {self.workers} on {self.host[1]}; restarting the stream at step {step}")
+            return
+        iterator = iterate(self.train_ds, self.workers, start=saved["base"])
+        try:
+            self.iterator = ckpt.restore_item(step, "data", grain().checkpoint.CheckpointRestore(iterator))
+        except Exception as e:  # noqa: BLE001  (a missing or damaged state file: the step suffices)
+            close(iterator)
+            log(f"input pipeline: grain's saved state did not restore ({type(e).__name__}: "
+                f"{str(e)[:200]}); restarting the stream at step {step}")
+            return
+        self.base = saved["base"]
+
+    def report(self) -> Dict[str, float]:
+        return self.meter.report(self.workers)
+
+    def summary(self, history) -> Dict[str, Any]:
+        """summary.json's input figures: undecodable images met (this session, summed over hosts;
+        every process must call it) and the mean input capacity and wait over the epochs."""
+        from bn_jax import parallel
+        counts = parallel.sum_over_processes([self.undecodable["train"], self.undecodable["test"]])
+        rates = [r["input_images_per_second"] for r in history if "input_images_per_second" in r]
+        waits = [r["input_wait_fraction"] for r in history if "input_wait_fraction" in r]
+        return {"undecodable_images": {"train_replaced": int(counts[0]), "test_left_out": int(counts[1])},
+                "input_images_per_second": float(np.mean(rates)) if rates else None,
+                "input_wait_fraction": float(np.mean(waits)) if waits else None, "input_workers": self.workers}
+
+    def close(self) -> None:
+        close(self.iterator)
+        self.iterator = None

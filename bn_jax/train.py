@@ -9,9 +9,8 @@ to the hooks (``bn_jax.hooks``: progress bar, finite check, metrics, checkpoints
 import contextlib
 import json
 import os
-import shutil
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import jax
 import numpy as np
@@ -74,53 +73,6 @@ def device_summary(mesh, batch_size: int) -> Dict[str, Any]:
             "per_device_batch_size": batch_size // len(devices)}
 
 
-def step_entries(workdir: str) -> List[str]:
-    """Names in ``<workdir>/checkpoints`` that look like saved steps (folders, or stray files)."""
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    return [n for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
-
-
-def prepare_workdir(workdir: str, config: ExperimentConfig, restart: bool, log=print) -> None:
-    """--restart: remove an earlier run's outputs. Otherwise refuse outputs we cannot resume from."""
-    outputs = ["checkpoints", "corrupt_checkpoints", "metrics.jsonl", "summary.json", "config.json"]
-    if restart:
-        for name in outputs:
-            path = os.path.join(workdir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-        log(f"--restart: removed earlier outputs in {workdir}")
-        return
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    names = step_entries(workdir)
-    stray = sorted(n for n in names if not os.path.isdir(os.path.join(ckpt_dir, n)))
-    if stray:  # Orbax would skip them silently
-        message = (f"{os.path.join(ckpt_dir, stray[0])} is a file, not a checkpoint folder"
-                   + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""))
-        if len(stray) == len(names):
-            raise checkpoints.CheckpointError(f"{message}, and no checkpoint folder is left; move it away and "
-                                              "re-run to start over, or pass --restart")
-        log(f"warning: {message}; ignoring it")
-    if len(names) > len(stray):
-        return  # resume; the checkpoint itself is checked against the config
-    quarantine = os.path.join(workdir, "corrupt_checkpoints")
-    if os.path.isdir(quarantine) and os.listdir(quarantine):
-        raise checkpoints.CheckpointError(f"every checkpoint in {ckpt_dir} was found corrupt and moved to "
-                                          f"{quarantine}; pass --restart to start over")
-    config_path = os.path.join(workdir, "config.json")
-    if os.path.exists(os.path.join(workdir, "summary.json")):
-        raise checkpoints.CheckpointError(f"{workdir} holds a finished run without checkpoints; pass "
-                                          "--restart to overwrite it or choose another --workdir")
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            diff = config_lib.different_keys(json.load(f), config)
-        if diff:
-            raise checkpoints.CheckpointError(
-                f"{workdir} holds outputs of a run with different {', '.join(diff)} and no checkpoint; "
-                "pass --restart to overwrite them or choose another --workdir")
-
-
 def resume(ckpt: checkpoints.Checkpointer, program, fresh_state, expected: Dict[str, Any], log):
     """(state, partial-epoch totals, RunRecord) from the newest good checkpoint, or a fresh start."""
     restored = ckpt.restore_latest(fresh_state, steps.zero_totals(), expected)
@@ -132,7 +84,7 @@ def resume(ckpt: checkpoints.Checkpointer, program, fresh_state, expected: Dict[
         raise checkpoints.CheckpointError(
             f"checkpoint step {step}: this JAX/NumPy version derives a different data order or "
             "augmentation key from the seed; an exact resume is impossible (pass --restart)")
-    program.restore_input(ckpt, step, meta, log)
+    program.input.restore(ckpt, step, meta, log)
     log(f"resumed from checkpoint step {step} (epoch {step // spe + 1}, step {step % spe} of {spe}) in {ckpt.path}")
     return state, program.put(totals), hooks.RunRecord(meta["history"], meta["wall_time"])
 
@@ -146,31 +98,39 @@ def call_end(program, hook_list, epoch: int, i: int) -> int:
     return min(e for e in ends if e > i)
 
 
-def train_loop(state, totals, program, hook_list: Sequence[hooks.Hook], epochs: int, record: hooks.RunRecord):
-    """Train from ``state`` (and a partial epoch's ``totals``) to the end of ``epochs``."""
+def train_epoch(state, totals, program, hook_list: Sequence[hooks.Hook], epoch: int):
+    """Train the rest of ``epoch`` from where ``state`` stands; (state, last tick, images/s)."""
     spe = program.steps_per_epoch
-    for epoch in range(int(state.step) // spe, epochs):
-        first = i = int(state.step) - epoch * spe
-        totals = totals if first else program.zero_totals()
+    first = i = int(state.step) - epoch * spe
+    totals = totals if first else program.zero_totals()
+    for hook in hook_list:
+        hook.start_epoch(epoch, first)
+    start = time.time()
+    while i < spe:
+        end = call_end(program, hook_list, epoch, i)
+        state, totals = program.run(state, totals, epoch, i, end)
+        synced = program.loop == "fused" or end % hooks.SYNC_STEPS == 0 or end == spe
+        tick = hooks.Tick(epoch, epoch * spe + i, epoch * spe + end, end == spe, state, totals, synced)
+        if synced:
+            tick.finite_totals()  # (read back and checked for NaN/Inf before any hook sees the tick)
         for hook in hook_list:
-            hook.start_epoch(epoch, first)
-        epoch_start = time.time()
-        while i < spe:
-            end = call_end(program, hook_list, epoch, i)
-            state, totals = program.run(state, totals, epoch, i, end)
-            synced = program.loop == "fused" or end % hooks.SYNC_STEPS == 0 or end == spe
-            tick = hooks.Tick(epoch, epoch * spe + i, epoch * spe + end, end == spe, state, totals,
-                              jax.device_get(totals) if synced else None)
-            for hook in hook_list:
-                hook.after_steps(tick)
-            i = end
-        speed = (spe - first) * program.batch_size / (time.time() - epoch_start)
-        input_report = program.input_report()  # (before the evaluation, which reads input too)
-        tick = hooks.Tick(epoch, tick.step, tick.step, True, state, program.zero_totals(), tick.host_totals,
-                          epoch_record(epoch, state, tick.host_totals, program.evaluate(state), speed, record,
-                                       input_report))
+            hook.after_steps(tick)
+        i = end
+    return state, tick, (spe - first) * program.batch_size / (time.time() - start)
+
+
+def train_loop(state, totals, program, hook_list: Sequence[hooks.Hook], epochs: int, record: hooks.RunRecord):
+    """Train from ``state`` (and a partial epoch's ``totals``) to the end of ``epochs``; after each
+    epoch, evaluate, append the epoch's line to ``record`` and hand it to the hooks."""
+    for epoch in range(int(state.step) // program.steps_per_epoch, epochs):
+        state, tick, speed = train_epoch(state, totals, program, hook_list, epoch)
+        input_report = program.input.report()  # (before the evaluation, which reads input too)
+        test = program.evaluate(state)
+        line = epoch_record(epoch, state, tick.finite_totals(), test, speed, record, input_report)
+        record.history.append(line)
+        done = hooks.Tick(epoch, tick.step, tick.step, True, state, program.zero_totals(), True, line, tick.host_totals)
         for hook in hook_list:
-            hook.after_epoch(tick)
+            hook.after_epoch(done)
     return state
 
 
@@ -205,18 +165,23 @@ def run_summary(config: ExperimentConfig, runtime: RuntimeConfig, data, loaded_c
             "epochs": config.epochs, "steps": int(state.step),
             "images_per_second": float(np.mean(speeds)) if speeds else None,
             "wall_time": record.wall_time(), "checkpoints": ckpt_path, "loop": program.loop, **devices,
-            **program.input_summary(history), "provenance": provenance.provenance()}
+            **program.input.summary(history), "provenance": provenance.provenance()}
+
+
+def open_data(config: ExperimentConfig, runtime: RuntimeConfig):
+    """The whole dataset a run names: loaded into memory (CIFAR, image folders), or opened for
+    streaming (ImageNet: its images are read as training goes)."""
+    if config.dataset in config_lib.STREAMED_DATASETS:
+        from bn_jax import imagenet
+        return imagenet.load(runtime.data_dir, crop=config.image_size or imagenet.CROP)
+    return input_pipeline.load(config.dataset, runtime.data_dir)
 
 
 def load_data(config: ExperimentConfig, runtime: RuntimeConfig, data, guard):
-    """(the run's data, per-class counts as loaded); DataError for data it cannot train on.
-    Streamed datasets (ImageNet) are opened, not loaded: their images are read as training goes."""
+    """(the run's data: its subset of ``data`` or of ``open_data``, per-class counts before the
+    subset); DataError for data it cannot train on."""
     if data is None:
-        if config.dataset in config_lib.STREAMED_DATASETS:
-            from bn_jax import imagenet
-            data = imagenet.load(runtime.data_dir, crop=config.image_size or imagenet.CROP)
-        else:
-            data = input_pipeline.load(config.dataset, runtime.data_dir)
+        data = open_data(config, runtime)
     preemption.stop_before_start(guard, runtime.data_dir or config.dataset)
     loaded = data.class_counts()
     data = data.subset(config.max_train_examples, config.max_test_examples)
@@ -227,6 +192,43 @@ def load_data(config: ExperimentConfig, runtime: RuntimeConfig, data, guard):
         raise input_pipeline.DataError(
             f"{config.epochs} epochs of {steps_per_epoch} steps exceed the step counter's {MAX_STEPS:,} steps")
     return data, loaded
+
+
+def set_up(config: ExperimentConfig, runtime: RuntimeConfig, data, mesh, devices, log):
+    """(program, fresh train state on the mesh, what a checkpoint must match), with the run's
+    data, model and devices logged."""
+    program = program_lib.build_program(config, runtime, data, mesh)
+    state = create_train_state(config, data.num_classes, data.image_shape, program.steps_per_epoch)
+    state = parallel.replicate(state, mesh)
+    variables = train_modes.variables_of(state)
+    log(f"data: {data.describe()}")
+    log(f"{config.model} ×{config.width}, mode {config.train_mode}: "
+        f"{train_modes.describe(variables, config.train_mode, config.k)}; {devices['device_count']} "
+        f"{devices['platform']} device(s), {devices['per_device_batch_size']} images per device")
+    expected = {"config": config.to_dict(), "data_fingerprint": data.fingerprint(),
+                "frozen_hash": checkpoints.frozen_hash(variables, config.train_mode)}
+    return program, state, expected
+
+
+def run_session(config, runtime, run: workdir_lib.RunDir, program, state, expected, ckpt, guard, options,
+                extra_hooks, log):
+    """Resume (or start), write config.json and the metrics so far, and train to the end:
+    (final state, RunRecord). A NaN/Inf loss stops it, naming the last good checkpoint."""
+    state, totals, record = resume(ckpt, program, state, expected, log)
+    state = program.put(state)  # restored leaves are on the default device only
+    if parallel.is_writer():
+        metrics_log.write_metrics(run.metrics, record.history)
+        run.write_config(config, runtime, provenance.provenance())
+    preemption.stop_before_start(guard, ckpt.path)  # a signal while loading or restoring
+    saver = hooks.Saver(ckpt, program, expected, record)
+    hook_list = [*extra_hooks, *hooks.standard_hooks(program, saver, options, guard, config.epochs, run, log)]
+    try:
+        state = train_loop(state, totals, program, hook_list, config.epochs, record)
+        if config.epochs == 0:
+            saver.save(hooks.Tick(0, 0, 0, True, state, program.zero_totals(), True))
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{e} (last good checkpoint: step {ckpt.latest_saved()})") from None
+    return state, record
 
 
 def train_and_evaluate(config: ExperimentConfig, workdir: str, data: Optional[input_pipeline.Dataset] = None,
@@ -253,38 +255,20 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: Optional[in
     parallel.check_batch_size(config.batch_size, mesh)
     devices, writer = device_summary(mesh, config.batch_size), parallel.is_writer()
     log = log if writer else (lambda *args: None)
-    if options.extend and not any(os.path.isdir(os.path.join(workdir, "checkpoints", n))
-                                  for n in step_entries(workdir)):
+    run = workdir_lib.RunDir(workdir)
+    if options.extend and not run.has_checkpoint():
         raise checkpoints.CheckpointError(f"--extend_to_epochs: {workdir} holds no checkpoint to continue from")
     os.makedirs(workdir, exist_ok=True)  # only now: bad data leaves nothing behind
-    with workdir_lib.exclusive(workdir):  # one run per workdir, until its summary is written
+    with run.exclusive():  # one run per workdir, until its summary is written
         if writer or not options.restart:  # every process refuses alike; one deletes for --restart
-            prepare_workdir(workdir, config, options.restart, log)
+            run.prepare(config, options.restart, log)
         parallel.barrier("prepare_workdir")
-        program = program_lib.build_program(config, runtime, data, mesh)
-        state = create_train_state(config, data.num_classes, data.image_shape, program.steps_per_epoch)
-        state = parallel.replicate(state, mesh)
-        variables = train_modes.variables_of(state)
-        log(f"data: {data.describe()}")
-        log(f"{config.model} ×{config.width}, mode {config.train_mode}: "
-            f"{train_modes.describe(variables, config.train_mode, config.k)}; {devices['device_count']} "
-            f"{devices['platform']} device(s), {devices['per_device_batch_size']} images per device")
-        expected = {"config": config.to_dict(), "data_fingerprint": checkpoints.data_fingerprint(data),
-                    "frozen_hash": checkpoints.frozen_hash(variables, config.train_mode)}
+        program, state, expected = set_up(config, runtime, data, mesh, devices, log)
         with checkpoints.Checkpointer(workdir, options, log) as ckpt, contextlib.closing(program), \
                 (contextlib.nullcontext(guard) if guard else preemption.PreemptionGuard()) as guard:
-            state, totals, record = resume(ckpt, program, state, expected, log)
-            state = program.put(state)  # restored leaves are on the default device only
-            if writer:
-                metrics_log.write_metrics(os.path.join(workdir, "metrics.jsonl"), record.history)
-                config_lib.save(os.path.join(workdir, "config.json"), config, runtime, provenance.provenance())
-            preemption.stop_before_start(guard, ckpt.path)  # a signal while loading or restoring
-            saver = hooks.Saver(ckpt, program, expected, record)
-            hook_list = [*extra_hooks, *hooks.standard_hooks(program, saver, options, guard, config.epochs, workdir, log)]
-            state = train_loop(state, totals, program, hook_list, config.epochs, record)
-            if config.epochs == 0:
-                saver.save(state, program.zero_totals())
+            state, record = run_session(config, runtime, run, program, state, expected, ckpt, guard, options,
+                                        extra_hooks, log)
         summary = run_summary(config, runtime, data, loaded, state, program, record, ckpt.path, devices)
         if writer:
-            workdir_lib.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+            workdir_lib.write_atomic(run.summary, json.dumps(summary, indent=2))
     return summary

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bn_jax import names
+
 TRAIN, FREEZE = "train", "freeze"
 
 
@@ -118,6 +120,7 @@ MODES: Dict[str, Callable[[str], bool]] = {
     "random_k": lambda role: role == "conv" or role in _HEAD,
     "no_affine": lambda role: True,
 }
+names.check_keys(MODES, names.TRAIN_MODES, "train_modes.MODES")
 
 # Roles of which a mode trains only k entries per output channel, not the whole leaf.
 PARTIAL = {"random_k": {"conv"}}

@@ -1,6 +1,8 @@
-"""A run's workdir: whether it can be written, and one run at a time in it.
+"""A run's folder: the files it holds (``RunDir``, each named once), whether it can be
+written, and one run at a time in it.
 
-``unwritable`` says why a path cannot hold a run before anything is created there. A run then
+``RunDir`` names every file of a run and answers what the trainer, the sweep and the analysis
+ask of a folder: is the run finished, may this run start or resume here (``prepare``). ``unwritable`` says why a path cannot hold a run before anything is created there. A run then
 holds an exclusive lock on the workdir for its whole length.
 
 Two runs in one workdir interleave their metrics and overwrite each other's checkpoints. So a run
@@ -19,12 +21,12 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import tempfile
-from typing import Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-
-LOCK_FILE = ".lock"
+from bn_jax import config as config_lib
 
 
 class WorkdirUnusable(ValueError):
@@ -33,6 +35,105 @@ class WorkdirUnusable(ValueError):
 
 class WorkdirInUse(WorkdirUnusable):
     """Another live process holds the workdir."""
+
+
+class RunDir:
+    """The files of one run, each named here once (README: docs/cli.md, "Output files")."""
+
+    CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
+    CHECKPOINTS, CORRUPT, LOCK, REPORT = "checkpoints", "corrupt_checkpoints", ".lock", "report"
+    REWRITTEN = (CONFIG, METRICS, SUMMARY)  # the files a run rewrites or appends to
+    OUTPUTS = (CHECKPOINTS, CORRUPT, METRICS, SUMMARY, CONFIG)  # what --restart removes
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    config = property(lambda self: self.file(self.CONFIG))
+    metrics = property(lambda self: self.file(self.METRICS))
+    summary = property(lambda self: self.file(self.SUMMARY))
+    checkpoints = property(lambda self: os.path.abspath(self.file(self.CHECKPOINTS)))
+    corrupt_checkpoints = property(lambda self: self.file(self.CORRUPT))
+    lock = property(lambda self: self.file(self.LOCK))
+    report = property(lambda self: self.file(self.REPORT))
+
+    def is_finished(self) -> bool:
+        """A finished run has its summary (written last, atomically)."""
+        return os.path.exists(self.summary)
+
+    def saved_config(self) -> Optional[Dict[str, Any]]:
+        """config.json's content, or None where there is none or it is no readable JSON object."""
+        try:
+            with open(self.config) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return saved if isinstance(saved, dict) else None
+
+    def holds(self, experiment) -> bool:
+        """Whether the run here is of ``experiment`` (runtime keys never count: ``same_experiment``)."""
+        saved = self.saved_config()
+        return saved is not None and config_lib.same_experiment(saved, experiment)
+
+    def write_config(self, experiment, runtime, provenance: Dict[str, Any]) -> None:
+        """config.json: {"experiment": ..., "runtime": ..., "provenance": ...} (``config.load`` reads it)."""
+        write_atomic(self.config, json.dumps({"experiment": experiment.to_dict(), "runtime": runtime.to_dict(),
+                                              "provenance": provenance}, indent=2, sort_keys=True, allow_nan=False))
+
+    def step_entries(self) -> List[str]:
+        """Names in checkpoints/ that look like saved steps (folders, or stray files)."""
+        folder = self.checkpoints
+        return [n for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+
+    def has_checkpoint(self) -> bool:
+        return any(os.path.isdir(os.path.join(self.checkpoints, n)) for n in self.step_entries())
+
+    def prepare(self, experiment, restart: bool, log=print) -> None:
+        """--restart: remove an earlier run's outputs. Otherwise refuse outputs we cannot resume from
+        (WorkdirUnusable naming them); the checkpoint itself is checked against the experiment later."""
+        if restart:
+            for name in self.OUTPUTS:
+                path = self.file(name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+            log(f"--restart: removed earlier outputs in {self.path}")
+            return
+        names = self.step_entries()
+        stray = sorted(n for n in names if not os.path.isdir(os.path.join(self.checkpoints, n)))
+        if stray:  # Orbax would skip them silently
+            message = (f"{os.path.join(self.checkpoints, stray[0])} is a file, not a checkpoint folder"
+                       + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""))
+            if len(stray) == len(names):
+                raise WorkdirUnusable(f"{message}, and no checkpoint folder is left; move it away and "
+                                      "re-run to start over, or pass --restart")
+            log(f"warning: {message}; ignoring it")
+        if len(names) > len(stray):
+            return  # resume
+        self._refuse_outputs_without_checkpoints(experiment)
+
+    def _refuse_outputs_without_checkpoints(self, experiment) -> None:
+        quarantine = self.corrupt_checkpoints
+        if os.path.isdir(quarantine) and os.listdir(quarantine):
+            raise WorkdirUnusable(f"every checkpoint in {self.checkpoints} was found corrupt and moved to "
+                                  f"{quarantine}; pass --restart to start over")
+        if self.is_finished():
+            raise WorkdirUnusable(f"{self.path} holds a finished run without checkpoints; pass "
+                                  "--restart to overwrite it or choose another --workdir")
+        if os.path.exists(self.config):
+            with open(self.config) as f:
+                diff = config_lib.different_keys(json.load(f), experiment)
+            if diff:
+                raise WorkdirUnusable(
+                    f"{self.path} holds outputs of a run with different {', '.join(diff)} and no checkpoint; "
+                    "pass --restart to overwrite them or choose another --workdir")
+
+    def exclusive(self):
+        """Hold this folder for the duration (``exclusive``)."""
+        return exclusive(self.path)
 
 
 WORKDIR_DEPTH = 200  # bytes that the deepest file in a workdir adds to its path (Orbax's names)
@@ -75,9 +176,6 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")  # what a run rewrites or appends to
-
-
 def _unwritable_file(path: str) -> Optional[str]:
     if os.path.isdir(path):
         return f"{path} is a folder; a run writes a file there"
@@ -88,21 +186,22 @@ def _unwritable_file(path: str) -> Optional[str]:
 
 def _acquire(workdir: str) -> Tuple[Optional[int], Optional[str]]:
     """(locked file descriptor, None), or (None, why not)."""
-    for folder in (workdir, os.path.join(workdir, "checkpoints")):
+    run = RunDir(workdir)
+    for folder in (workdir, run.checkpoints):
         problem = os.path.isdir(folder) and unwritable(folder)
         if problem:  # fail now, not after the first epoch's checkpoint times out
             return None, problem
-    for name in RUN_FILES:  # fail now, not when the first epoch's metrics line is written
-        problem = _unwritable_file(os.path.join(workdir, name))
+    for name in RunDir.REWRITTEN:  # fail now, not when the first epoch's metrics line is written
+        problem = _unwritable_file(run.file(name))
         if problem:
             return None, problem
-    fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EAGAIN):  # e.g. ENOLCK: NFS mounted without a lock daemon
             os.close(fd)
-            return None, (f"cannot lock {os.path.join(workdir, LOCK_FILE)} ({e.strerror}); this file system "
+            return None, (f"cannot lock {run.lock} ({e.strerror}); this file system "
                           "does not support locks, so two runs could write this workdir at once")
         try:
             owner = json.loads(os.pread(fd, 4096, 0) or b"{}")

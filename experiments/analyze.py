@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bn_jax import analysis, checkpoints, models, reference, train_modes  # noqa: E402
+from bn_jax import analysis, checkpoints, models, reference, train, train_modes  # noqa: E402
 from bn_jax import workdir as workdir_lib  # noqa: E402
 
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -190,8 +190,7 @@ def write_report(runs, out: str, threshold: float = reference.DISABLED_THRESHOLD
         if overall is not None:
             disabled.append(f"| {run.name} | {run.config.train_mode} | {100 * overall:.1f}% |")
             if load_data is not None:
-                curves[run.name] = analysis.ablation_curve(state, load_data(run), fractions,
-                                                           normalize=run.config.normalize)
+                curves[run.name] = analysis.ablation_curve(run, state, load_data(run), fractions)
     lines += ["| run | mode | disabled |", "|---|---|---:|", *disabled, ""]
     lines += ablation_lines(curves, out)
     path = os.path.join(out, "report.md")
@@ -214,15 +213,15 @@ def ablation_lines(curves, out: str) -> List[str]:
 
 
 def data_loader():
-    """load_data for write_report: the run's data subset, decoded once per distinct source."""
-    from bn_jax import input_pipeline
+    """load_data for write_report: the run's data as it trained on them, each distinct source
+    loaded once (an ImageNet folder is opened, not decoded: its images stream)."""
     cache = {}
 
     def load(run):
-        key = (run.config.dataset, run.runtime.data_dir)
+        key = (run.config.dataset, run.runtime.data_dir, run.config.image_size)
         if key not in cache:
-            cache[key] = input_pipeline.load(*key)
-        return cache[key].subset(run.config.max_train_examples, run.config.max_test_examples)
+            cache[key] = train.open_data(run.config, run.runtime)
+        return analysis.load_data(run, cache[key])
     return load
 
 

@@ -1,6 +1,6 @@
 """Run a grid of ``experiments.cifar`` runs into one folder: ``python -m experiments.sweep --preset modes``.
 
-Each run lives in ROOT/<run name> (``experiments.cifar.run_name``: the hyperparameters that tell
+Each run lives in ROOT/<run name> (``bn_jax.config.run_name``: the hyperparameters that tell
 the grid's runs apart, and a short hash of the whole experiment, so a sweep with other flags
 gets other folders). A run with summary.json and the same experiment in config.json is finished
 and skipped, so a sweep can be restarted; a folder of that name holding another experiment is a
@@ -17,15 +17,15 @@ Presets follow the paper's experiments (Frankle et al., ICLR 2021):
 """
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
 import sys
 from typing import Dict, List, Sequence
 
+from bn_jax import cli
 from bn_jax import config as config_lib
-from bn_jax import train_modes
+from bn_jax import names
 from bn_jax import workdir as workdir_lib
 from experiments import cifar
 
@@ -41,7 +41,7 @@ PRESETS = {
     "depth": _grid([{"model": f"resnet{d}", "train_mode": m} for d in PAPER_DEPTHS for m in ("full", "bn")]),
     "width": _grid([{"model": "resnet14", "width": w, "train_mode": m}
                     for w in PAPER_WIDTHS for m in ("full", "bn")]),
-    "modes": _grid([{"model": "resnet20", "train_mode": m} for m in train_modes.MODES]),
+    "modes": _grid([{"model": "resnet20", "train_mode": m} for m in names.TRAIN_MODES]),
     "vgg": _grid([{"model": f"vgg{d}", "train_mode": m} for d in (11, 13, 16, 19) for m in ("full", "bn")]),
 }
 
@@ -61,15 +61,11 @@ def check_extra(preset: str, extra: Sequence[str]) -> None:
 
 def status(workdir: str, config) -> str:
     """done (finished with this config), conflict (finished with another), or todo."""
-    if not os.path.exists(os.path.join(workdir, "summary.json")):
+    run = workdir_lib.RunDir(workdir)
+    if not run.is_finished():
         return "todo"
-    try:
-        with open(os.path.join(workdir, "config.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return "conflict"
     # keys that only change how a run executes (eval batch, devices, loop) do not make it another run
-    return "done" if isinstance(saved, dict) and config_lib.same_experiment(saved, config) else "conflict"
+    return "done" if run.holds(config) else "conflict"
 
 
 def plan(preset: str, root: str, extra: Sequence[str]):
@@ -78,8 +74,8 @@ def plan(preset: str, root: str, extra: Sequence[str]):
     runs = []
     for point in PRESETS[preset]:
         argv = run_argv(point, extra)
-        config, _, _ = cifar.configs_from_argv(argv)
-        name = cifar.run_name(config)
+        config, _, _ = cli.configs_from_argv(cifar.RECIPE, argv)
+        name = config_lib.run_name(config)
         workdir = os.path.join(root, name)
         command = ["python", "-m", "experiments.cifar", *argv, "--workdir", workdir]
         runs.append((name, status(workdir, config), command))
@@ -114,7 +110,7 @@ def execute(runs, runner=run_child, log=print) -> int:
             continue
         log(f"[run] {name}")
         code = runner([sys.executable, *command[1:]])
-        if code == cifar.EXIT_PREEMPTED:
+        if code == cli.EXIT_PREEMPTED:
             log(f"[preempted] {name}: checkpoint saved; re-run the sweep to resume")
             return failed + 1
         if code:

@@ -1,5 +1,5 @@
-"""``python tests/fault_runner.py [imagenet] <flags>``: the CLI (experiments.cifar, or
-experiments.imagenet when the first argument says so), with a fault the test asks for.
+"""``python tests/fault_runner.py [imagenet] <flags>``: the trainer CLI with the CIFAR recipe (or
+the ImageNet recipe when the first argument says so), with a fault the test asks for.
 
 Faults are hooks the tests install, not code in the trainer. Each acts at an exact step, given by
 an environment variable (so a test picks the moment, and a multi-host test one process):
@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bn_jax import checkpoints, hooks  # noqa: E402
+from bn_jax import checkpoints, cli, hooks  # noqa: E402
 from experiments import cifar, imagenet  # noqa: E402
 
 
@@ -62,5 +62,5 @@ def faults():
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["imagenet"]:
-        sys.exit(cifar.run_main(sys.argv[2:], extra_hooks=faults(), parser=imagenet.build_parser()))
-    sys.exit(cifar.run_main(sys.argv[1:], extra_hooks=faults()))
+        sys.exit(cli.run_main(imagenet.RECIPE, sys.argv[2:], extra_hooks=faults()))
+    sys.exit(cli.run_main(cifar.RECIPE, sys.argv[1:], extra_hooks=faults()))

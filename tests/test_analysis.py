@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bn_jax import analysis, train
-from bn_jax.config import ExperimentConfig
+from bn_jax.config import ExperimentConfig, RuntimeConfig
 from experiments import analyze
 
 from conftest import random_dataset
@@ -54,7 +54,7 @@ def test_restored_run_reproduces_its_final_accuracy(finished_run):
     assert run.summary == summary and len(run.metrics) == 1
     state = analysis.restore_state(run)
     assert int(state.step) == summary["steps"] == 2
-    (f0, acc0), (f1, acc1) = analysis.ablation_curve(state, DATA, [0.0, 1.0])
+    (f0, acc0), (f1, acc1) = analysis.ablation_curve(run, state, DATA, [0.0, 1.0])
     assert acc0 == summary["final_test_accuracy"]
     # Every γ zeroed: each BN outputs its β whatever the input, so the network predicts one class
     # for every image and its accuracy is that class's share of the test labels.
@@ -99,10 +99,11 @@ def test_random_k_run_restores_with_its_mask(tmp_path):
     config = ExperimentConfig(model="resnet8", train_mode="random_k", k=3, epochs=1, batch_size=32, schedule="constant")
     summary = train.train_and_evaluate(config, str(tmp_path / "rk"), data=DATA, log=lambda *_: None)
     assert summary["trainable_params"] == 3 * (16 + 16 * 2 + 32 * 3 + 64 * 3) + 64 * 10 + 10
-    state = analysis.restore_state(analysis.load_run(str(tmp_path / "rk")))
+    run = analysis.load_run(str(tmp_path / "rk"))
+    state = analysis.restore_state(run)
     masks = [m for m in jax.tree_util.tree_leaves(state.opt_state) if getattr(m, "dtype", None) == bool]
     assert masks and all(int(np.asarray(m).reshape(-1, m.shape[-1]).sum(0).max()) == 3 for m in masks if m.ndim == 4)
-    assert analysis.ablation_curve(state, DATA, [0.0])[0][1] == summary["final_test_accuracy"]
+    assert analysis.ablation_curve(run, state, DATA, [0.0])[0][1] == summary["final_test_accuracy"]
 
 
 def test_runs_with_one_name_in_two_folders_are_refused(finished_run, tmp_path):
@@ -162,4 +163,27 @@ def test_ablation_normalises_as_the_run_did(tmp_path):
     run = analysis.load_run(str(tmp_path / "in"))
     assert run.config.normalize == "imagenet"
     state = analysis.restore_state(run)
-    assert analysis.ablation_curve(state, DATA, [0.0], normalize="imagenet")[0][1] == summary["final_test_accuracy"]
+    assert analysis.ablation_curve(run, state, DATA, [0.0])[0][1] == summary["final_test_accuracy"]
+
+
+def api_example() -> str:
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "api.md")).read()
+    block = text.split("<!-- api example: tests/test_analysis.py runs this block on a run it trains -->", 1)[1]
+    return block.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_the_api_example_reads_a_run_back(tmp_path, capsys):
+    from conftest import write_image_folder
+    data = write_image_folder(str(tmp_path / "data"), per_class=(12, 4))
+    workdir = str(tmp_path / "run")
+    config = ExperimentConfig(model="resnet8", train_mode="bn", epochs=1, batch_size=8, schedule="constant")
+    summary = train.train_and_evaluate(config, workdir, runtime=RuntimeConfig(data_dir=data), log=lambda *_: None)
+    capsys.readouterr()
+    exec(compile(api_example(), "docs/api.md", "exec"), {"RUN": workdir})  # noqa: S102 (our own docs)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"resnet8 bn {summary['final_test_accuracy']}"
+    assert lines[2].startswith("9 BatchNorm layers; ")  # ResNet-8: stem, 2 in each of 3 blocks, 2 shortcuts
+    # evaluated again on the run's own test set, it scores what the run recorded
+    assert lines[-1] == (f"test accuracy {summary['final_test_accuracy']:.4f}, "
+                         f"top-5 {summary['final_test_top5_accuracy']:.4f}")

@@ -5,8 +5,7 @@ import math
 
 import pytest
 
-from bn_jax import input_pipeline, metrics_log, train
-from bn_jax import config as config_lib
+from bn_jax import input_pipeline, metrics_log, train, workdir
 from bn_jax.config import ExperimentConfig, RuntimeConfig
 
 from conftest import random_dataset
@@ -49,5 +48,5 @@ def test_a_nonfinite_metric_is_written_as_null_and_flagged(tmp_path):
 
 def test_config_json_refuses_to_hold_a_nan(tmp_path):
     with pytest.raises(ValueError):
-        config_lib.save(str(tmp_path / "config.json"), ExperimentConfig(lr=math.nan), RuntimeConfig(), {})
+        workdir.RunDir(str(tmp_path)).write_config(ExperimentConfig(lr=math.nan), RuntimeConfig(), {})
     assert not (tmp_path / "config.json").exists()

@@ -1,4 +1,4 @@
-"""experiments.benchmark (the performance report) and the roofline estimate beside it."""
+"""benchmarks.benchmark (the performance report) and the roofline estimate beside it."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 
 from bn_jax import roofline
-from experiments import benchmark, input_benchmark
+from benchmarks import benchmark, input_benchmark
 
 from conftest import TORCH_REQUIRED
 
@@ -71,7 +71,7 @@ def test_report_times_every_configuration_and_writes_json_markdown_and_png(tmp_p
     if torch_variants != "none":
         assert {r["mode"] for r in report["rows"] if r["framework"] == "torch"} == {"bn", "full"}
         assert any(w.startswith("bn_jax bn float32") and "over torch eager bn" in w for w in ratios)
-    assert report["command"].startswith("python -m experiments.benchmark --models resnet8")
+    assert report["command"].startswith("python -m benchmarks.benchmark --models resnet8")
     assert (out / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "benchmark.md").read_text()
     assert table.count("| bn_jax | resnet8 | 8 |") == 4
@@ -93,7 +93,7 @@ def test_per_image_costs_do_not_depend_on_the_device_count(tmp_path):
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-m", "experiments.benchmark", "--simulate_cpu_devices", "2",
+    subprocess.run([sys.executable, "-m", "benchmarks.benchmark", "--simulate_cpu_devices", "2",
                     "--num_devices", "1,2", "--models", "resnet8", "--batch_sizes", "8", "--modes", "bn",
                     "--precisions", "float32", "--loops", "step", "--torch", "none", "--steps", "1",
                     "--rounds", "1", "--warmup", "0", "--out", str(tmp_path)],

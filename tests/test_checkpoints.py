@@ -25,6 +25,7 @@ import pytest
 from bn_jax import checkpoints, preemption, steps, train, train_modes
 from bn_jax import config as config_lib
 from bn_jax.config import ExperimentConfig, RuntimeConfig
+from bn_jax import cli as cli_lib
 from experiments import cifar
 
 from conftest import write_image_folder
@@ -204,7 +205,7 @@ def test_a_second_sigint_stops_at_once_with_one_line(env, tmp_path):
     proc.send_signal(signal.SIGINT)
     release()
     _, err = proc.communicate(timeout=240)
-    assert proc.returncode == cifar.EXIT_INTERRUPTED, err
+    assert proc.returncode == cli_lib.EXIT_INTERRUPTED, err
     assert "Traceback" not in err and "interrupted: stopped at once on a second SIGINT" in err
 
 
@@ -411,7 +412,7 @@ def test_a_checkpoint_that_no_longer_fits_the_train_state_is_refused_not_quarant
     train.train_and_evaluate(config, workdir, data=data, log=lambda *a: None, runtime=RuntimeConfig(loop="step"))
     state = train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=2)
     state = state.replace(tx=optax.adam(1e-3), opt_state=optax.adam(1e-3).init(state.params))
-    expected = {"config": config.to_dict(), "data_fingerprint": checkpoints.data_fingerprint(data),
+    expected = {"config": config.to_dict(), "data_fingerprint": data.fingerprint(),
                 "frozen_hash": checkpoints.frozen_hash(train_modes.variables_of(state), "bn")}
     with checkpoints.Checkpointer(workdir, checkpoints.CheckpointOptions(), log=lambda *a: None) as ckpt:
         with pytest.raises(checkpoints.CheckpointError, match="readable but does not fit this code's train state"):
@@ -466,7 +467,7 @@ def test_small_checkpoints_resume_exactly_and_refuse_other_frozen_weights(env, t
     cli(env, small, *bn, "--small_checkpoints", hooks={"BN_JAX_TEST_KILL_AT_STEP": "5"}, expect=-signal.SIGKILL)
     cli(env, small, *bn, "--small_checkpoints")
     # Restored into a fresh state, the small checkpoint is the full one, bit for bit.
-    config = cifar.parse_args(flags(env, small, *bn)).experiment
+    config = cli_lib.parse_args(cifar.RECIPE, flags(env, small, *bn)).experiment
     fresh = train.create_train_state(config, 3, (8, 8, 3), steps_per_epoch=3)
     a = checkpoints.restore(str(small), fresh)
     b = checkpoints.restore(str(full), fresh)
@@ -484,7 +485,7 @@ def test_small_checkpoints_resume_exactly_and_refuse_other_frozen_weights(env, t
         return {**v, "params": jax.tree_util.tree_map(lambda x: x + 1e-3, v["params"])}
 
     monkeypatch.setattr(train.models, "init_variables", perturbed)
-    config, runtime, workdir, options, _ = cifar.parse_args(flags(env, small, *bn, "--small_checkpoints"))
+    config, runtime, workdir, options, _ = cli_lib.parse_args(cifar.RECIPE, flags(env, small, *bn, "--small_checkpoints"))
     with pytest.raises(checkpoints.CheckpointError, match="frozen"):
         train.train_and_evaluate(config, workdir, runtime=runtime, checkpointing=options, log=lambda *_: None)
 

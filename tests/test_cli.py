@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from bn_jax import checkpoints, train, train_modes
+from bn_jax import checkpoints, cli, train, train_modes
 from bn_jax.config import ExperimentConfig
 from experiments import cifar
 
@@ -172,6 +172,6 @@ def test_bad_data_exits_2_naming_the_file_and_writes_nothing(tmp_path):
 def test_help_explains_every_flag():
     result = run_cli("--help")
     assert result.returncode == 0
-    for action in cifar.build_parser()._actions:
+    for action in cli.build_parser(cifar.RECIPE)._actions:
         assert action.help, f"{action.option_strings} has no help"
         assert action.option_strings[0] in result.stdout

@@ -1,4 +1,4 @@
-"""The two configuration parts: flags generated from their fields, the README table that lists
+"""The configuration parts: flags generated from their fields, the table in docs/cli.md that lists
 them, --help without JAX, one same-experiment rule, and run names that tell experiments apart."""
 
 import dataclasses
@@ -9,16 +9,18 @@ import sys
 
 import pytest
 
+from bn_jax import cli, names
 from bn_jax import config as config_lib
 from experiments import cifar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = (config_lib.ExperimentConfig, config_lib.RuntimeConfig)
+PARTS = (config_lib.ExperimentConfig, config_lib.RuntimeConfig, config_lib.CheckpointOptions,
+         config_lib.ClusterOptions)
 
 
 def readme_flag_rows():
-    """{flag: default cell} of the README's flag table (a row may list several flags)."""
-    with open(os.path.join(ROOT, "README.md")) as f:
+    """{flag: default cell} of docs/cli.md's flag table (a row may list several flags)."""
+    with open(os.path.join(ROOT, "docs", "cli.md")) as f:
         text = f.read()
     table = text.split("## `python -m experiments.cifar` flags", 1)[1].split("\n## ", 1)[0]
     rows = {}
@@ -31,7 +33,7 @@ def readme_flag_rows():
 
 
 def parser_flags():
-    return {s for a in cifar.build_parser()._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+    return {s for a in cli.build_parser(cifar.RECIPE)._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
 
 
 def test_every_flag_is_in_the_readme_table_and_every_row_is_a_flag():
@@ -43,7 +45,7 @@ def test_the_readme_default_is_the_fields_default(field):
     cell = readme_flag_rows()[config_lib.flag_name(field)]
     if field.default is None:
         assert cell in ("none", "all")
-    elif isinstance(field.default, bool):
+    elif isinstance(field.default, bool) or field.metadata["switch"] is not None:
         assert cell == "off"  # a switch that is off unless given (--no_augment for a True field)
     elif isinstance(field.default, (int, float)):
         assert float(cell.replace("−", "-")) == field.default
@@ -53,19 +55,22 @@ def test_the_readme_default_is_the_fields_default(field):
 
 @pytest.mark.parametrize("part", PARTS)
 def test_every_field_has_help_and_a_flag(part):
-    parser = cifar.build_parser()
+    parser = cli.build_parser(cifar.RECIPE)
     dests = {a.dest: a for a in parser._actions}
     for field in dataclasses.fields(part):
         assert field.metadata["help"], field.name
         assert config_lib.flag_name(field) in dests[field.name].option_strings
 
 
-def test_the_names_config_declares_are_the_libraries():
+def test_the_libraries_key_their_tables_by_the_shared_names():
     from bn_jax import input_pipeline, models, train_modes
-    assert config_lib.TRAIN_MODES == tuple(train_modes.MODES)
-    assert config_lib.BN_INITS == tuple(models.BN_INITS)
-    assert config_lib.PRECISIONS == tuple(models.PRECISIONS)
-    assert config_lib.NORMALIZATIONS == tuple(input_pipeline.NORMALIZATIONS)
+    assert names.TRAIN_MODES == tuple(train_modes.MODES)
+    assert names.BN_INITS == tuple(models.BN_INITS)
+    assert names.PRECISIONS == tuple(models.PRECISIONS)
+    assert names.NORMALIZATIONS == tuple(input_pipeline.NORMALIZATIONS)
+    assert names.MODEL_FAMILIES == tuple(models.FAMILIES)
+    with pytest.raises(AssertionError, match="differ from bn_jax.names"):
+        names.check_keys({"full": 1, "bn": 2}, names.TRAIN_MODES, "a table missing modes")
 
 
 def test_help_imports_no_jax():
@@ -98,16 +103,17 @@ def test_run_names_differ_whenever_experiments_do():
     base = config_lib.ExperimentConfig(model="resnet20", train_mode="bn")
     variants = [base, dataclasses.replace(base, lr=0.05), dataclasses.replace(base, epochs=3),
                 dataclasses.replace(base, max_train_examples=100), dataclasses.replace(base, precision="bfloat16")]
-    names = [cifar.run_name(c) for c in variants]
+    names = [config_lib.run_name(c) for c in variants]
     assert len(set(names)) == len(names)
     assert all(n.startswith("resnet20_w1_bn_s0-") for n in names)
-    assert cifar.run_name(base) == cifar.run_name(config_lib.ExperimentConfig(model="resnet20", train_mode="bn"))
+    assert config_lib.run_name(base) == config_lib.run_name(config_lib.ExperimentConfig(model="resnet20", train_mode="bn"))
 
 
 def test_config_json_holds_both_parts_and_provenance(tmp_path):
     from bn_jax import provenance
     experiment, runtime = config_lib.ExperimentConfig(model="resnet8"), config_lib.RuntimeConfig(eval_batch_size=5)
-    config_lib.save(str(tmp_path / "config.json"), experiment, runtime, provenance.provenance())
+    from bn_jax import workdir
+    workdir.RunDir(str(tmp_path)).write_config(experiment, runtime, provenance.provenance())
     import json
     with open(tmp_path / "config.json") as f:
         saved = json.load(f)
@@ -142,12 +148,12 @@ def test_models_data_and_crops_must_belong_together(changes, message):
 
 def test_the_imagenet_cli_takes_torchvision_model_names():
     from experiments import imagenet
-    experiment, runtime, _ = cifar.configs_from_argv(["--model", "resnet152", "--workers", "3"], imagenet.build_parser())
+    experiment, runtime, _ = cli.configs_from_argv(imagenet.RECIPE, ["--model", "resnet152", "--workers", "3"])
     assert (experiment.model, experiment.dataset, experiment.batch_size) == ("imagenet_resnet152", "imagenet2012", 1024)
     assert runtime.resolved_workers() == 3
     with pytest.raises(SystemExit):
-        cifar.configs_from_argv(["--model", "resnet20"], imagenet.build_parser())
+        cli.configs_from_argv(imagenet.RECIPE, ["--model", "resnet20"])
     with pytest.raises(SystemExit):  # (CIFAR's resnet50 would otherwise train with the ImageNet recipe)
-        cifar.configs_from_argv(["--dataset", "cifar10"], imagenet.build_parser())
-    named, _, _ = cifar.configs_from_argv(["--image_size", "224"], imagenet.build_parser())
-    assert named.image_size is None and named.short_hash() == cifar.configs_from_argv([], imagenet.build_parser())[0].short_hash()
+        cli.configs_from_argv(imagenet.RECIPE, ["--dataset", "cifar10"])
+    named, _, _ = cli.configs_from_argv(imagenet.RECIPE, ["--image_size", "224"])
+    assert named.image_size is None and named.short_hash() == cli.configs_from_argv(imagenet.RECIPE, [])[0].short_hash()

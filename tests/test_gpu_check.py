@@ -1,4 +1,4 @@
-"""experiments.gpu_check, the one-command accelerator check, at --smoke sizes on the CPU: the same
+"""benchmarks.gpu_check, the one-command accelerator check, at --smoke sizes on the CPU: the same
 code paths a GPU run takes, so the command is known to work before a GPU ever sees it. Its
 subprocesses run with TensorFlow and TFDS made unimportable, as on the GPU image."""
 
@@ -11,7 +11,7 @@ import tarfile
 import pytest
 
 from conftest import TORCH_REQUIRED
-from experiments import gpu_check, torch_reference
+from benchmarks import gpu_check, torch_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = {"gpu_check.json", "gpu_check.md", "gpu_check.log", "throughput.png", "run.tar.gz"}
@@ -40,7 +40,7 @@ def report(out):
 def test_smoke_check_runs_every_stage_and_writes_its_report(tmp_path):
     out = tmp_path / "out"
     torch = "eager" if torch_reference.available() or TORCH_REQUIRED else "none"
-    proc = run_module(tmp_path, "experiments.gpu_check", "--smoke", "--torch", torch, "--out", str(out))
+    proc = run_module(tmp_path, "benchmarks.gpu_check", "--smoke", "--torch", torch, "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == FILES  # at most 8 files may come back from a GPU job
     data = report(out)
@@ -69,7 +69,7 @@ def test_smoke_check_runs_every_stage_and_writes_its_report(tmp_path):
 def test_run_stops_at_its_deadline_and_resumes_from_the_archive_exactly(tmp_path):
     stopped, resumed, straight = tmp_path / "stopped", tmp_path / "resumed", tmp_path / "straight"
     base = ["--smoke", "--stages", "run", "--torch", "none"]
-    proc = run_module(tmp_path, "experiments.gpu_check", *base, "--run_s", "0", "--out", str(stopped))
+    proc = run_module(tmp_path, "benchmarks.gpu_check", *base, "--run_s", "0", "--out", str(stopped))
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = report(stopped)["stages"]["run"]
     assert first["status"].startswith("stopped: time limit reached: saved a checkpoint at step 4")
@@ -77,11 +77,11 @@ def test_run_stops_at_its_deadline_and_resumes_from_the_archive_exactly(tmp_path
     with tarfile.open(stopped / "run.tar.gz") as tar:
         assert any("/checkpoints/" in m.name for m in tar.getmembers())
 
-    proc = run_module(tmp_path, "experiments.gpu_check", *base, "--resume_run", str(stopped / "run.tar.gz"),
+    proc = run_module(tmp_path, "benchmarks.gpu_check", *base, "--resume_run", str(stopped / "run.tar.gz"),
                       "--out", str(resumed))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from checkpoint" in proc.stdout
-    proc = run_module(tmp_path, "experiments.gpu_check", *base, "--out", str(straight))
+    proc = run_module(tmp_path, "benchmarks.gpu_check", *base, "--out", str(straight))
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = report(resumed)["stages"]["run"], report(straight)["stages"]["run"]
     assert a["status"] == b["status"] == "finished" and a["epochs_done"] == b["epochs_done"] == 3
@@ -154,6 +154,16 @@ def test_run_projection_leaves_out_the_sessions_first_epoch():
     # resumed at epoch 3: this session's first epoch (3) includes its compilation
     s = gpu_check.summarize_run(history([12.0, 15.0, 40.0, 43.0], [500.0, 900.0, 300.0, 1000.0]), 160, 3)
     assert s["steady_epochs"] == [4] and s["epoch_s"] == 3.0 and s["images_per_second"] == 1000.0
+
+
+def test_the_targets_are_read_from_the_performance_doc(tmp_path):
+    goals = gpu_check.read_targets()  # docs/performance.md, "Targets": the one place they are written
+    assert set(goals) == set(gpu_check.TARGET_KEYS)
+    assert goals["bn_over_full_time"][0] == "≤" and 0 < goals["bn_over_full_time"][1] < 1
+    doc = tmp_path / "performance.md"
+    doc.write_text("## Targets\n\n| a | b | `bn_over_torch_eager` ≥ 3.0 |\n\n## Next\n| a | b | `bn_over_full_time` ≤ 1 |\n")
+    with pytest.raises(ValueError, match="lacks bn_over_torch_compile, bn_over_full_time, run_160_epochs_s"):
+        gpu_check.read_targets(str(doc))
 
 
 def test_targets_compare_the_measured_ratios():

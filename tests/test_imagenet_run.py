@@ -16,6 +16,7 @@ from PIL import Image
 need("grain")
 
 from bn_jax import imagenet, streaming  # noqa: E402
+from bn_jax import cli  # noqa: E402
 from experiments import imagenet as imagenet_cli  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +79,21 @@ def uninterrupted(env):
     workdir = env["root"] / "uninterrupted"
     proc = run(env, workdir)
     return workdir, proc
+
+
+def test_the_analysis_reads_an_imagenet_run_gamma_ablation_included(uninterrupted, tmp_path):
+    from bn_jax import analysis
+    from experiments import analyze
+    workdir, _ = uninterrupted
+    out = tmp_path / "report"
+    assert analyze.main([str(workdir), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "No γ/β analysis" not in report and "Skipped (no data given)" not in report
+    # the streamed evaluation of the restored state, nothing zeroed, scores what the run recorded
+    run = analysis.load_run(str(workdir))
+    curve = analysis.ablation_curve(run, analysis.restore_state(run), analysis.load_data(run), [0.0, 1.0])
+    assert curve[0] == (0.0, read(workdir, "summary.json")["final_test_accuracy"])
+    assert f"| {run.name} | {100 * curve[0][1]:.1f} | " in report
 
 
 def test_a_run_trains_bn_only_and_reports_top1_top5_and_input_speed(uninterrupted):
@@ -181,7 +197,7 @@ def test_a_file_that_cannot_be_read_stops_the_run_with_exit_2_naming_it(env, tmp
 
 def test_imagenet_help_shows_the_papers_recipe(capsys):
     with pytest.raises(SystemExit) as e:
-        imagenet_cli.build_parser().parse_args(["--help"])
+        cli.build_parser(imagenet_cli.RECIPE).parse_args(["--help"])
     assert e.value.code == 0
     entries, name = {}, None  # each flag's help entry: its first line starts "  --flag"
     for line in capsys.readouterr().out.splitlines():

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from bn_jax import config as config_lib
+from bn_jax import cli, workdir
 from bn_jax.config import ExperimentConfig, RuntimeConfig
-from experiments import cifar, sweep
+from experiments import sweep
 
 
 def prefix(name):
@@ -36,7 +36,7 @@ def test_names_carry_non_default_hyperparameters(tmp_path):
 
 def finish(root, name, config, runtime=RuntimeConfig()):
     os.makedirs(os.path.join(root, name))
-    config_lib.save(os.path.join(root, name, "config.json"), config, runtime, {})
+    workdir.RunDir(os.path.join(root, name)).write_config(config, runtime, {})
     with open(os.path.join(root, name, "summary.json"), "w") as f:
         json.dump({}, f)
 
@@ -88,5 +88,5 @@ def test_flags_the_grid_varies_cannot_be_passed_through(tmp_path):
 def test_a_preempted_run_stops_the_sweep(tmp_path):
     runs = sweep.plan("modes", str(tmp_path), ["--epochs", "1"])
     ran = []
-    failed = sweep.execute(runs, runner=lambda cmd: ran.append(cmd) or cifar.EXIT_PREEMPTED, log=lambda *a: None)
+    failed = sweep.execute(runs, runner=lambda cmd: ran.append(cmd) or cli.EXIT_PREEMPTED, log=lambda *a: None)
     assert failed == 1 and len(ran) == 1  # the later runs wait for the re-run that resumes this one

@@ -1,4 +1,4 @@
-"""The PyTorch baseline of experiments.benchmark: same shapes as bn_jax, and the blog's loop."""
+"""The PyTorch baseline of benchmarks.benchmark: same shapes as bn_jax, and the blog's loop."""
 
 import math
 
@@ -14,7 +14,7 @@ else:
     torch = pytest.importorskip("torch")
 
 from bn_jax import models
-from experiments import torch_reference
+from benchmarks import torch_reference
 
 
 def jax_shapes(model, width):

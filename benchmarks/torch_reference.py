@@ -1,4 +1,4 @@
-"""A PyTorch comparison baseline for ``experiments.benchmark``: the BN-only training loop of the
+"""A PyTorch comparison baseline for ``benchmarks.benchmark``: the BN-only training loop of the
 blog post "Taking BatchNorm for granted", on a CIFAR ResNet shaped exactly like
 ``bn_jax.models.CifarResNet``.
 
@@ -11,7 +11,7 @@ skips them, and autograd no longer computes their weight gradients, which is whe
 time. Not part of the library: only the benchmark imports this module, and torch is imported
 lazily so that ``available()`` works without it.
 
-``python -m experiments.torch_reference --model resnet20 --mode bn --steps 5`` prints images/s.
+``python -m benchmarks.torch_reference --model resnet20 --mode bn --steps 5`` prints images/s.
 """
 
 import argparse
@@ -183,7 +183,7 @@ def make_runner(model: str, width: int, batch_size: int, mode: str, compile: boo
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m experiments.torch_reference", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.torch_reference", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="resnet20", help="CIFAR ResNet, resnet<6n+2>")
     p.add_argument("--width", type=int, default=1, help="width multiplier")

@@ -1,9 +1,9 @@
-"""The input-pipeline report of ``python -m experiments.benchmark --input_pipeline DIR|generate``.
+"""The input-pipeline report of ``python -m benchmarks.benchmark --input_pipeline DIR|generate``.
 
 Streamed ImageNet input (``bn_jax.streaming``: decode, RandomResizedCrop, flip) timed in this
 process and in grain worker processes, per CPU core; whether it keeps up with the BN-only
 ImageNet ResNet step timed on this device; and an estimate (never a measurement) of the CPU
-cores an H100 would need. The flags are ``experiments.benchmark``'s (its "input pipeline" group).
+cores an H100 would need. The flags are ``benchmarks.benchmark``'s (its "input pipeline" group).
 """
 
 import os
@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 from tqdm import tqdm
 
-from experiments.benchmark import report_header, split, time_rounds, unwritable, write_report
+from benchmarks.report import report_header, split, time_rounds, unwritable, write_report
 
 # H100 SXM dense peaks without sparsity (NVIDIA's datasheet), FLOP/s: what the core estimate uses.
 # float32 convolutions run as TF32 on the tensor cores by default in XLA:GPU.
@@ -194,14 +194,13 @@ def step_runner(config, data):
     batch = streaming.train_dataset(data, config.seed, config.batch_size, 1, augment=True)[0]
     images, labels = (jax.device_put(batch[k], parallel.sharded(program.mesh)) for k in ("image", "label"))
     holder = {"state": state, "totals": program.zero_totals()}
-    compiled = program.step_fn.lower(holder["state"], holder["totals"], images, labels, 0,
-                                     program.mean, program.std).compile()
+    compiled, step = program.compile_step(holder["state"], holder["totals"], images, labels)
     program.close()
 
     def run(n: int):
         s, t = holder["state"], holder["totals"]
         for i in range(n):
-            s, t = compiled(s, t, images, labels, i, program.mean, program.std)
+            s, t = step(s, t, images, labels, i)
         jax.block_until_ready(s)
         holder["state"], holder["totals"] = s, t
 

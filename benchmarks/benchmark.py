@@ -1,10 +1,10 @@
 """The performance report: training images/s of every configuration, measured side by side in one
-process: ``python -m experiments.benchmark``.
+process: ``python -m benchmarks.benchmark``.
 
 For each model × batch size it times bn_jax's step for each train mode, precision, loop (``step``:
 one jitted call per step; ``fused``: all timed steps in one compiled ``fori_loop``) and device
 count, and, when PyTorch is installed, the blog post's PyTorch loop (``freezeOthers`` after each
-step; experiments/torch_reference.py) eager and under ``torch.compile``, on the same device, model
+step; benchmarks/torch_reference.py) eager and under ``torch.compile``, on the same device, model
 shape and batch. Every configuration is compiled and warmed up, then timed in interleaved rounds
 so that machine noise hits all alike; the median round is reported. Beside each measurement is a
 roofline limit for this device (bn_jax/roofline.py) and the fraction of it reached.
@@ -25,21 +25,20 @@ ImageNet folder (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) measures the real thing
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
-import platform
-import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Optional
 
 from tqdm import tqdm
 
+from benchmarks.report import (Case, comparisons, format_table, make_row, positive_ints, report_header, split,
+                               time_rounds, unwritable, write_report)
+
 
 def build_parser():
     from bn_jax.config import HelpFormatter  # (no JAX: --help answers at once)
-    p = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.benchmark", description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("--models", default="resnet20", help="comma-separated architectures, as for experiments.cifar")
     p.add_argument("--width", type=int, default=1, help="width multiplier")
@@ -90,33 +89,6 @@ def build_parser():
     return p
 
 
-@dataclasses.dataclass
-class Case:
-    framework: str  # "bn_jax" or "torch"
-    model: str
-    batch_size: int
-    mode: str
-    precision: str
-    loop: str  # bn_jax: step | fused; torch: eager | compile
-    devices: Optional[int]  # bn_jax: mesh size, None = unsharded; torch: 1
-
-    @property
-    def name(self) -> str:
-        dev = "" if self.framework == "torch" else f" ×{self.devices or 'unsharded'}"
-        return f"{self.framework} {self.model} b{self.batch_size} {self.mode} {self.precision} {self.loop}{dev}"
-
-
-def split(value: str) -> List[str]:
-    return [v for v in value.split(",") if v]
-
-
-def positive_ints(value: str, flag: str) -> List[int]:
-    items = split(value)
-    if not items or not all(v.isdigit() and int(v) > 0 for v in items):
-        raise ValueError(f"{flag} takes comma-separated positive integers, got {value!r}")
-    return [int(v) for v in items]
-
-
 def validate_cases(args) -> Optional[str]:
     """The first problem with the requested models, modes, precisions or loops, or None."""
     from bn_jax.config import ExperimentConfig
@@ -131,12 +103,6 @@ def validate_cases(args) -> Optional[str]:
                 except (ValueError, KeyError) as e:
                     return f"{model} {mode} {precision}: {e}"
     return None
-
-
-def unwritable(out: str) -> Optional[str]:
-    from bn_jax import workdir
-    problem = workdir.unwritable(out)
-    return f"cannot write to --out {out}: {problem}" if problem else None
 
 
 def jax_cases(args, device_counts) -> List[Case]:
@@ -159,7 +125,7 @@ def torch_variants(value: str) -> List[str]:
 
 
 def torch_cases(args) -> List[Case]:
-    from experiments import torch_reference
+    from benchmarks import torch_reference
     variants = torch_variants(args.torch)
     if not variants:
         return []
@@ -232,7 +198,7 @@ def cost_key(case: Case):
 
 
 def torch_runner(case: Case, width: int):
-    from experiments import torch_reference
+    from benchmarks import torch_reference
     run = torch_reference.make_runner(case.model, width, case.batch_size, case.mode, case.loop == "compile",
                                       device="cuda" if _jax_platform() == "gpu" else "cpu")
     return lambda n: run(n)
@@ -243,149 +209,22 @@ def _jax_platform() -> str:
     return jax.devices()[0].platform
 
 
-def time_rounds(runners: Dict[str, Callable[[int], None]], steps: int, rounds: int) -> Dict[str, List[float]]:
-    """Seconds per step of each runner, one entry per round; rounds interleave the runners."""
-    times = {name: [] for name in runners}
-    with tqdm(total=rounds * len(runners), desc="timing", leave=False) as bar:
-        for _ in range(rounds):
-            for name, run in runners.items():
-                t = time.perf_counter()
-                run(steps)
-                times[name].append((time.perf_counter() - t) / steps)
-                bar.update()
-    return times
-
-
-def make_row(case: Case, seconds_per_step: List[float], cost: Optional[Dict[str, float]] = None,
-             peak=None) -> Dict:
-    """A report row: the median of the timed rounds and, given XLA's cost of one step and the
-    device's peaks (bn_jax.roofline), the roofline limits beside it."""
-    t = statistics.median(seconds_per_step)
-    row = {**dataclasses.asdict(case), "ms_per_step": 1000 * t, "images_per_second": case.batch_size / t,
-           "ms_per_step_rounds": [1000 * x for x in seconds_per_step]}
-    if cost:  # XLA costs one device's share of the sharded step: its per-device batch
-        per_device = case.batch_size / (case.devices or 1)
-        row["flops_per_image"] = None if cost["flops"] is None else cost["flops"] / per_device
-        row["bytes_per_image"] = cost["bytes"] / per_device
-    if cost and peak:
-        devices = case.devices or 1
-        if row["flops_per_image"] is not None:  # unknown where convolutions are cuDNN calls
-            row["compute_limit_images_per_second"] = devices * peak.compute_limit(row["flops_per_image"])
-        row["memory_limit_images_per_second"] = devices * peak.memory_limit(row["bytes_per_image"])
-        row["limit_images_per_second"] = devices * peak.limit(row["flops_per_image"], row["bytes_per_image"])
-        row["fraction_of_limit"] = row["images_per_second"] / row["limit_images_per_second"]
-    return row
-
-
-def comparisons(rows: List[Dict]) -> List[Dict]:
-    """The ratios the issue asks about: bn/full step time, and bn_jax bn against PyTorch bn."""
-    by = {(r["framework"], r["model"], r["batch_size"], r["mode"], r["precision"], r["loop"], r["devices"]): r
-          for r in rows}
-    out = []
-    for r in rows:
-        key = (r["framework"], r["model"], r["batch_size"], "full", r["precision"], r["loop"], r["devices"])
-        if r["mode"] == "bn" and key in by:
-            out.append({"what": f"bn/full step time, {r['framework']} {r['model']} b{r['batch_size']} "
-                                f"{r['precision']} {r['loop']}",
-                        "ratio": r["ms_per_step"] / by[key]["ms_per_step"]})
-    jax_bn = [r for r in rows if r["framework"] == "bn_jax" and r["mode"] == "bn" and r["precision"] == "float32"]
-    for t in (r for r in rows if r["framework"] == "torch" and r["mode"] == "bn"):
-        mine = [r for r in jax_bn if (r["model"], r["batch_size"]) == (t["model"], t["batch_size"])]
-        if mine:
-            best = max(mine, key=lambda r: r["images_per_second"])
-            out.append({"what": f"bn_jax bn float32 {best['loop']} ×{best['devices'] or 'unsharded'} over torch "
-                                f"{t['loop']} bn, {t['model']} b{t['batch_size']} (images/s)",
-                        "ratio": best["images_per_second"] / t["images_per_second"]})
-    return out
-
-
-def format_table(rows: List[Dict], comps: List[Dict]) -> str:
-    head = ("| framework | model | batch | mode | precision | loop | devices | ms/step | images/s | "
-            "compute-bound images/s | memory-bound images/s | % of roofline |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        compute, memory = (f"{r[k]:.0f}" if r.get(k) else "–" for k in ("compute_limit_images_per_second",
-                                                                         "memory_limit_images_per_second"))
-        frac = f"{100 * r['fraction_of_limit']:.1f}" if r.get("fraction_of_limit") else "–"
-        lines.append(f"| {r['framework']} | {r['model']} | {r['batch_size']} | {r['mode']} | {r['precision']} | "
-                     f"{r['loop']} | {r['devices'] or 'unsharded'} | {r['ms_per_step']:.2f} | "
-                     f"{r['images_per_second']:.0f} | {compute} | {memory} | {frac} |")
-    lines += ["", "| comparison | ratio |", "|---|---|"] + [f"| {c['what']} | {c['ratio']:.2f} |" for c in comps]
-    return "\n".join(lines)
-
-
-def plot(rows: List[Dict], path: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [Case(**{k: r[k] for k in ("framework", "model", "batch_size", "mode", "precision", "loop",
-                                         "devices")}).name for r in rows]
-    colors = ["tab:blue" if r["framework"] == "bn_jax" else "tab:orange" for r in rows]
-    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
-    y = range(len(rows))
-    ax.barh(y, [r["images_per_second"] for r in rows], color=colors)
-    limits = [(i, r["limit_images_per_second"]) for i, r in enumerate(rows) if r.get("limit_images_per_second")]
-    if limits:
-        ax.scatter([v for _, v in limits], [i for i, _ in limits], marker="|", s=200, color="black",
-                   label="roofline limit")
-        ax.legend(loc="upper right", bbox_to_anchor=(1.0, -0.08), fontsize=8, frameon=False)
-    ax.set_yticks(list(y), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("training images/s (higher is better)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_report(out: str, report: Dict, markdown: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "benchmark.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(out, "benchmark.md"), "w") as f:
-        f.write(markdown)
-    print(f"\n{markdown}\nwrote {os.path.join(out, 'benchmark.json')}, {os.path.join(out, 'benchmark.md')}")
-
-
-def report_header(argv) -> Dict:
-    """What every report starts with: when, the exact command, the device, versions and commit."""
-    import jax
-    from bn_jax import provenance
-    device = jax.devices()[0]
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python -m experiments.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "device": {"platform": device.platform, "kind": device.device_kind, "count": len(jax.devices()),
-                       "host": platform.node(), "cpu_count": os.cpu_count()},
-            "versions": provenance.versions(), "git": provenance.git_commit()}
-
-
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check_flags(parser, args) -> Optional[List[int]]:
+    """Every flag's problem exits 2 before anything is compiled; the device counts asked for."""
     try:
-        wants_torch = bool(torch_variants(args.torch))
+        torch_variants(args.torch)
         counts = None if args.num_devices == "all" else positive_ints(args.num_devices, "--num_devices")
         positive_ints(args.batch_sizes, "--batch_sizes")
     except ValueError as e:
         parser.error(str(e))
     if args.warmup < 0 or args.steps < 1 or args.rounds < 1:
         parser.error("--steps and --rounds must be >= 1 and --warmup >= 0")
-    if args.input_pipeline is not None:
-        from experiments import input_benchmark
-        return input_benchmark.input_main(parser, args, argv)
-    problem = validate_cases(args) or unwritable(args.out)
-    if problem:  # before anything is compiled or timed
-        parser.error(problem)
-    if wants_torch:  # JAX would otherwise take 75% of GPU memory before PyTorch's rows run
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    if args.simulate_cpu_devices:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.simulate_cpu_devices}")
-    import jax
-    from bn_jax import models, roofline
+    return counts
 
-    cases = jax_cases(args, counts or [len(jax.devices())]) + torch_cases(args)
+
+def prepare(cases: List[Case], args):
+    """(runners by case name, XLA costs by cost_key, skipped case names): each case compiled and
+    warmed up; a case that fails (out of memory, a failed torch.compile) is reported and skipped."""
     runners, costs, skipped = {}, {}, []
     for case in tqdm(cases, desc="compiling", leave=False):
         t = time.perf_counter()
@@ -399,41 +238,48 @@ def main(argv=None):
                 runners[case.name] = torch_runner(case, args.width)
             runners[case.name](1)
             runners[case.name](args.warmup)
-        except Exception as e:  # out of memory, a failed torch.compile: report it, time the rest
+        except Exception as e:  # noqa: BLE001  (report it, time the rest)
             tqdm.write(f"{case.name}: skipped, {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
             runners.pop(case.name, None)
             skipped.append(case.name)
             continue
         tqdm.write(f"{case.name}: ready in {time.perf_counter() - t:.1f}s")
-    peaks = {}
-    if args.limits:
-        for precision in sorted({c.precision for c in cases}):
-            peaks[precision] = roofline.measure_peaks(models.PRECISIONS[precision])
-    times = time_rounds(runners, args.steps, args.rounds)
+    return runners, costs, skipped
 
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    counts = check_flags(parser, args)
+    if args.input_pipeline is not None:
+        from benchmarks import input_benchmark
+        return input_benchmark.input_main(parser, args, argv)
+    problem = validate_cases(args) or unwritable(args.out)
+    if problem:  # before anything is compiled or timed
+        parser.error(problem)
+    if torch_variants(args.torch):  # JAX would otherwise take 75% of GPU memory before PyTorch's rows run
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if args.simulate_cpu_devices:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.simulate_cpu_devices}")
+    import jax
+    from bn_jax import models, roofline
+
+    cases = jax_cases(args, counts or [len(jax.devices())]) + torch_cases(args)
+    runners, costs, skipped = prepare(cases, args)
+    peaks = {p: roofline.measure_peaks(models.PRECISIONS[p]) for p in sorted({c.precision for c in cases})
+             if args.limits}
+    times = time_rounds(runners, args.steps, args.rounds)
     rows = [make_row(case, times[case.name], costs.get(cost_key(case)), peaks.get(case.precision))
             for case in cases if case.name in runners]
     comps = comparisons(rows)
-
     device = jax.devices()[0]
     report = {**report_header(argv), "steps": args.steps, "rounds": args.rounds, "width": args.width,
               "peaks": {p: dataclasses.asdict(v) for p, v in peaks.items()},
               "rows": rows, "comparisons": comps, "skipped": skipped}
-    os.makedirs(args.out, exist_ok=True)
-    table = format_table(rows, comps)
     title = (f"{device.platform} ({device.device_kind}), median of {args.rounds} rounds × {args.steps} steps, "
              f"{report['date']}")
-    with open(os.path.join(args.out, "benchmark.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(args.out, "benchmark.md"), "w") as f:
-        f.write(f"{title}\n\n`{report['command']}`\n\n{table}\n")
-    written = ["benchmark.json", "benchmark.md"]
-    try:
-        plot(rows, os.path.join(args.out, "benchmark.png"), title)
-        written.append("benchmark.png")
-    except ImportError as e:  # a bare accelerator image may lack matplotlib; keep the measurements
-        print(f"no bar chart ({e}); pip install matplotlib to get benchmark.png", file=sys.stderr)
-    print(f"\n{title}\n{table}\n\nwrote {', '.join(os.path.join(args.out, w) for w in written)}")
+    write_report(args.out, report, f"{title}\n\n`{report['command']}`\n\n{format_table(rows, comps)}\n", rows, title)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The whole accelerator check as one command: ``python -m experiments.gpu_check --out DIR``.
+"""The whole accelerator check as one command: ``python -m benchmarks.gpu_check --out DIR``.
 
 GPU time is rare and short, so everything only an accelerator can show is one prepared command
 that spends its minutes measuring. In order of priority, within ``--budget_s``:
@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -40,15 +41,35 @@ import tarfile
 import tempfile
 import time
 import traceback
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from experiments import benchmark
+from benchmarks import benchmark
+from benchmarks import report as report_lib
 
 STAGES = ("environment", "correctness", "throughput", "run")
 FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.log", "throughput.png", "run.tar.gz")
 DEFAULT_DATA = os.path.join("data", "cifar10-jpg.tar.gz")  # git-ignored; see docs/gpu_check.md
-TARGETS = {"bn_over_torch_eager": 3.0, "bn_over_torch_compile": 1.0, "bn_over_full_time": 0.75,
-           "run_160_epochs_s": 300.0}  # the GPU targets (one H100, ResNet-110 BN-only, batch 128)
+TARGETS_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "performance.md")
+_TARGET = re.compile(r"`(\w+)` (≥|>|≤) ([\d.]+)")
+TARGET_KEYS = ("bn_over_torch_eager", "bn_over_torch_compile", "bn_over_full_time", "run_160_epochs_s")
+
+
+def read_targets(path: str = TARGETS_DOC) -> Dict[str, Tuple[str, float]]:
+    """{key: (op, value)} of the GPU targets, from the one place they are written: the "checked
+    as" column of docs/performance.md's "Targets" table. ValueError naming a key it lacks."""
+    with open(path) as f:
+        text = f.read()
+    section = text.split("\n## Targets", 1)[-1].split("\n## ", 1)[0]
+    found = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        match = _TARGET.fullmatch(cells[-1]) if len(cells) >= 3 else None
+        if match:
+            found[match.group(1)] = (match.group(2), float(match.group(3)))
+    missing = [k for k in TARGET_KEYS if k not in found]
+    if missing:
+        raise ValueError(f"{path}: the Targets table lacks {', '.join(missing)}")
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +95,7 @@ SMOKE = Sizes(check_batch=8, check_steps=3, model="resnet8", batch_size=16, step
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.gpu_check", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for the results (at most five files)")
     p.add_argument("--budget_s", type=float, default=480.0,
@@ -150,7 +171,7 @@ class Report:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(out, name))
         self.data: Dict[str, Any] = {
-            "command": "python -m experiments.gpu_check " + " ".join(argv),
+            "command": "python -m benchmarks.gpu_check " + " ".join(argv),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "budget_s": budget_s, "smoke": smoke, "stages": {}}
         self._log = open(os.path.join(out, "gpu_check.log"), "w")
@@ -318,17 +339,17 @@ def fused_cost_ratio(sizes: Sizes) -> Optional[float]:
     the roofline from the fused program's cost, which is right only if this is ~1."""
     costs = {}
     for loop in ("fused", "step"):
-        case = benchmark.Case("bn_jax", sizes.check_model, sizes.check_batch, "bn", "float32", loop, 1)
+        case = report_lib.Case("bn_jax", sizes.check_model, sizes.check_batch, "bn", "float32", loop, 1)
         costs[loop] = benchmark.jax_runner(case, 1, sizes.steps).cost()["flops"]
     return costs["fused"] / costs["step"] if costs["step"] else None
 
 
 # ---- stage 3: throughput --------------------------------------------------------------------
 
-def throughput_cases(sizes: Sizes, torch_variants: List[str]) -> List[benchmark.Case]:
+def throughput_cases(sizes: Sizes, torch_variants: List[str]) -> List[report_lib.Case]:
     """The cases in order of priority (torch.compile last: its compiles cost the most time)."""
     def case(framework, mode, precision, loop):
-        return benchmark.Case(framework, sizes.model, sizes.batch_size, mode, precision, loop, 1)
+        return report_lib.Case(framework, sizes.model, sizes.batch_size, mode, precision, loop, 1)
     cases = [case("bn_jax", "bn", "float32", "fused")]
     if "eager" in torch_variants:
         cases += [case("torch", "bn", "float32", "eager"), case("torch", "full", "float32", "eager")]
@@ -338,7 +359,7 @@ def throughput_cases(sizes: Sizes, torch_variants: List[str]) -> List[benchmark.
     return cases
 
 
-def measure_case(case: benchmark.Case, sizes: Sizes, peaks) -> Dict[str, Any]:
+def measure_case(case: report_lib.Case, sizes: Sizes, peaks) -> Dict[str, Any]:
     """Compile, warm up and time one case; compile time is reported apart from the step time,
     and set-up (model initialisation, data, cost analysis) apart from both."""
     start = time.perf_counter()
@@ -351,8 +372,8 @@ def measure_case(case: benchmark.Case, sizes: Sizes, peaks) -> Dict[str, Any]:
     setup_s = t - start - (compile_s or 0.0)
     run(sizes.warmup)
     warmup_s = time.perf_counter() - t
-    times = benchmark.time_rounds({case.name: run}, sizes.steps, sizes.rounds)[case.name]
-    row = benchmark.make_row(case, times, cost, peaks.get(case.precision) if cost else None)
+    times = report_lib.time_rounds({case.name: run}, sizes.steps, sizes.rounds)[case.name]
+    row = report_lib.make_row(case, times, cost, peaks.get(case.precision) if cost else None)
     if compile_s is None:  # torch: compiles (or initialises cuDNN) inside its warm-up steps
         compile_s = max(0.0, warmup_s - sizes.warmup * row["ms_per_step"] / 1000)
     row.update(compile_s=compile_s, warmup_s=warmup_s, setup_s=setup_s)
@@ -361,7 +382,7 @@ def measure_case(case: benchmark.Case, sizes: Sizes, peaks) -> Dict[str, Any]:
 
 def throughput(sizes: Sizes, torch_variants: List[str], clock: Clock, report: Report, guard) -> None:
     from bn_jax import models, roofline
-    from experiments import torch_reference
+    from benchmarks import torch_reference
 
     if torch_variants and not torch_reference.available():
         report.log("PyTorch is not installed: no PyTorch rows")
@@ -390,10 +411,10 @@ def throughput(sizes: Sizes, torch_variants: List[str], clock: Clock, report: Re
             report.log(f"throughput: {case.name}: {r['images_per_second']:.0f} img/s, {r['ms_per_step']:.2f} ms/step, "
                        f"compile {r['compile_s']:.1f}s")
         took[(case.framework, case.name)] = time.time() - start
-        report.update("throughput", rows=rows, skipped=skipped, failed=failed, comparisons=benchmark.comparisons(rows))
+        report.update("throughput", rows=rows, skipped=skipped, failed=failed, comparisons=report_lib.comparisons(rows))
         with contextlib.suppress(ImportError):
             if rows:
-                benchmark.plot(rows, os.path.join(report.out, "throughput.png"),
+                report_lib.plot(rows, os.path.join(report.out, "throughput.png"),
                                f"{rows[0]['model']} b{sizes.batch_size}, {report.data['date']}")
 
 
@@ -462,18 +483,18 @@ def pack_run(workdir: str, out: str) -> str:
 
 def run_stage(args, sizes: Sizes, clock: Clock, report: Report, data_dir: str, scratch: str, guard) -> None:
     from bn_jax import checkpoints, preemption, train
-    from experiments import cifar
+    from bn_jax import config as config_lib
 
     config, runtime = run_config(sizes, data_dir)
     # a smoke run's data are generated afresh each time, so its run lives and dies with them
-    workdir = args.workdir or os.path.join(scratch if args.smoke else "runs", "gpu_check", cifar.run_name(config))
+    workdir = args.workdir or os.path.join(scratch if args.smoke else "runs", "gpu_check", config_lib.run_name(config))
     if args.resume_run:
         unpack_run(args.resume_run, workdir)
     first_epoch = len(_read_history(workdir)) + 1
     until = clock.deadline - sizes.pack_s
     if args.run_s is not None:
         until = min(until, time.time() + args.run_s)
-    resume = (f"python -m experiments.gpu_check --out DIR --stages environment,run --resume_run run.tar.gz "
+    resume = (f"python -m benchmarks.gpu_check --out DIR --stages environment,run --resume_run run.tar.gz "
               f"--workdir {workdir} --data_dir {data_dir}{' --smoke' if args.smoke else ''}")
     report.update("run", workdir=workdir, config=config.to_dict(), status="running",
                   stop_at_elapsed_s=until - report.start, resume_command=resume,
@@ -527,8 +548,9 @@ def smoke_data(root: str) -> str:
     return path
 
 
-def targets(data: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The GPU targets against what was measured (None where it was not)."""
+def targets(data: Dict[str, Any], goals: Optional[Dict[str, Tuple[str, float]]] = None) -> List[Dict[str, Any]]:
+    """The GPU targets (``read_targets`` by default) against what was measured (None where it was not)."""
+    goals = goals or read_targets()
     rows = data["stages"].get("throughput", {}).get("rows", [])
 
     def speed(framework, mode, loop, precision="float32"):
@@ -541,14 +563,15 @@ def targets(data: Dict[str, Any]) -> List[Dict[str, Any]]:
     run = data["stages"].get("run", {})
     projected = next((v for k, v in run.items() if k.startswith("projected_")), None)
     measured = [("bn_jax BN-only images/s over the PyTorch loop (eager)", bn and eager and bn / eager,
-                 TARGETS["bn_over_torch_eager"], ">="),
+                 "bn_over_torch_eager"),
                 ("bn_jax BN-only images/s over the PyTorch loop (torch.compile)", bn and compiled and bn / compiled,
-                 TARGETS["bn_over_torch_compile"], ">"),
-                ("BN-only step time over full step time", bn and full and full / bn, TARGETS["bn_over_full_time"], "<="),
-                ("the 160-epoch run, projected seconds", projected, TARGETS["run_160_epochs_s"], "<=")]
+                 "bn_over_torch_compile"),
+                ("BN-only step time over full step time", bn and full and full / bn, "bn_over_full_time"),
+                ("the 160-epoch run, projected seconds", projected, "run_160_epochs_s")]
     out = []
-    for what, value, target, op in measured:
-        met = None if value is None else {">=": value >= target, ">": value > target, "<=": value <= target}[op]
+    for what, value, key in measured:
+        op, target = goals[key]
+        met = None if value is None else {"≥": value >= target, ">": value > target, "≤": value <= target}[op]
         out.append({"target": f"{what} {op} {target:g}", "measured": value, "met": met})
     return out
 
@@ -591,9 +614,9 @@ def render_markdown(data: Dict[str, Any]) -> str:
         lines.append("")
     tp = stages.get("throughput", {})
     if tp.get("rows"):
-        lines += ["## Throughput", "", benchmark.format_table(tp["rows"], tp.get("comparisons", [])), "",
+        lines += ["## Throughput", "", report_lib.format_table(tp["rows"], tp.get("comparisons", [])), "",
                   "| case | set-up s | compile s | warm-up s |", "|---|---|---|---|"]
-        lines += [f"| {benchmark.Case(**{k: r[k] for k in ('framework', 'model', 'batch_size', 'mode', 'precision', 'loop', 'devices')}).name} "
+        lines += [f"| {report_lib.Case(**{k: r[k] for k in ('framework', 'model', 'batch_size', 'mode', 'precision', 'loop', 'devices')}).name} "
                   f"| {_fmt(r.get('setup_s'))} | {r['compile_s']:.1f} | {r['warmup_s']:.2f} |" for r in tp["rows"]]
         lines.append("")
     for s in tp.get("failed", []):

@@ -1,0 +1,179 @@
+"""What every bn_jax benchmark report shares: its cases, timed rounds, rows, tables, plots, header
+and writing. ``benchmark`` (the step table), ``input_benchmark`` (the input pipeline) and
+``gpu_check`` build on it; none of them imports another's internals.
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+from tqdm import tqdm
+
+
+@dataclasses.dataclass
+class Case:
+    framework: str  # "bn_jax" or "torch"
+    model: str
+    batch_size: int
+    mode: str
+    precision: str
+    loop: str  # bn_jax: step | fused; torch: eager | compile
+    devices: Optional[int]  # bn_jax: mesh size, None = unsharded; torch: 1
+
+    @property
+    def name(self) -> str:
+        dev = "" if self.framework == "torch" else f" ×{self.devices or 'unsharded'}"
+        return f"{self.framework} {self.model} b{self.batch_size} {self.mode} {self.precision} {self.loop}{dev}"
+
+
+def split(value: str) -> List[str]:
+    return [v for v in value.split(",") if v]
+
+
+def positive_ints(value: str, flag: str) -> List[int]:
+    items = split(value)
+    if not items or not all(v.isdigit() and int(v) > 0 for v in items):
+        raise ValueError(f"{flag} takes comma-separated positive integers, got {value!r}")
+    return [int(v) for v in items]
+
+
+def unwritable(out: str) -> Optional[str]:
+    from bn_jax import workdir
+    problem = workdir.unwritable(out)
+    return f"cannot write to --out {out}: {problem}" if problem else None
+
+
+def time_rounds(runners: Dict[str, Callable[[int], None]], steps: int, rounds: int) -> Dict[str, List[float]]:
+    """Seconds per step of each runner, one entry per round; rounds interleave the runners."""
+    times = {name: [] for name in runners}
+    with tqdm(total=rounds * len(runners), desc="timing", leave=False) as bar:
+        for _ in range(rounds):
+            for name, run in runners.items():
+                t = time.perf_counter()
+                run(steps)
+                times[name].append((time.perf_counter() - t) / steps)
+                bar.update()
+    return times
+
+
+def make_row(case: Case, seconds_per_step: List[float], cost: Optional[Dict[str, float]] = None,
+             peak=None) -> Dict:
+    """A report row: the median of the timed rounds and, given XLA's cost of one step and the
+    device's peaks (bn_jax.roofline), the roofline limits beside it."""
+    t = statistics.median(seconds_per_step)
+    row = {**dataclasses.asdict(case), "ms_per_step": 1000 * t, "images_per_second": case.batch_size / t,
+           "ms_per_step_rounds": [1000 * x for x in seconds_per_step]}
+    if cost:  # XLA costs one device's share of the sharded step: its per-device batch
+        per_device = case.batch_size / (case.devices or 1)
+        row["flops_per_image"] = None if cost["flops"] is None else cost["flops"] / per_device
+        row["bytes_per_image"] = cost["bytes"] / per_device
+    if cost and peak:
+        devices = case.devices or 1
+        if row["flops_per_image"] is not None:  # unknown where convolutions are cuDNN calls
+            row["compute_limit_images_per_second"] = devices * peak.compute_limit(row["flops_per_image"])
+        row["memory_limit_images_per_second"] = devices * peak.memory_limit(row["bytes_per_image"])
+        row["limit_images_per_second"] = devices * peak.limit(row["flops_per_image"], row["bytes_per_image"])
+        row["fraction_of_limit"] = row["images_per_second"] / row["limit_images_per_second"]
+    return row
+
+
+def comparisons(rows: List[Dict]) -> List[Dict]:
+    """The ratios the issue asks about: bn/full step time, and bn_jax bn against PyTorch bn."""
+    by = {(r["framework"], r["model"], r["batch_size"], r["mode"], r["precision"], r["loop"], r["devices"]): r
+          for r in rows}
+    out = []
+    for r in rows:
+        key = (r["framework"], r["model"], r["batch_size"], "full", r["precision"], r["loop"], r["devices"])
+        if r["mode"] == "bn" and key in by:
+            out.append({"what": f"bn/full step time, {r['framework']} {r['model']} b{r['batch_size']} "
+                                f"{r['precision']} {r['loop']}",
+                        "ratio": r["ms_per_step"] / by[key]["ms_per_step"]})
+    jax_bn = [r for r in rows if r["framework"] == "bn_jax" and r["mode"] == "bn" and r["precision"] == "float32"]
+    for t in (r for r in rows if r["framework"] == "torch" and r["mode"] == "bn"):
+        mine = [r for r in jax_bn if (r["model"], r["batch_size"]) == (t["model"], t["batch_size"])]
+        if mine:
+            best = max(mine, key=lambda r: r["images_per_second"])
+            out.append({"what": f"bn_jax bn float32 {best['loop']} ×{best['devices'] or 'unsharded'} over torch "
+                                f"{t['loop']} bn, {t['model']} b{t['batch_size']} (images/s)",
+                        "ratio": best["images_per_second"] / t["images_per_second"]})
+    return out
+
+
+def format_table(rows: List[Dict], comps: List[Dict]) -> str:
+    head = ("| framework | model | batch | mode | precision | loop | devices | ms/step | images/s | "
+            "compute-bound images/s | memory-bound images/s | % of roofline |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        compute, memory = (f"{r[k]:.0f}" if r.get(k) else "–" for k in ("compute_limit_images_per_second",
+                                                                         "memory_limit_images_per_second"))
+        frac = f"{100 * r['fraction_of_limit']:.1f}" if r.get("fraction_of_limit") else "–"
+        lines.append(f"| {r['framework']} | {r['model']} | {r['batch_size']} | {r['mode']} | {r['precision']} | "
+                     f"{r['loop']} | {r['devices'] or 'unsharded'} | {r['ms_per_step']:.2f} | "
+                     f"{r['images_per_second']:.0f} | {compute} | {memory} | {frac} |")
+    lines += ["", "| comparison | ratio |", "|---|---|"] + [f"| {c['what']} | {c['ratio']:.2f} |" for c in comps]
+    return "\n".join(lines)
+
+
+def plot(rows: List[Dict], path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [Case(**{k: r[k] for k in ("framework", "model", "batch_size", "mode", "precision", "loop",
+                                         "devices")}).name for r in rows]
+    colors = ["tab:blue" if r["framework"] == "bn_jax" else "tab:orange" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
+    y = range(len(rows))
+    ax.barh(y, [r["images_per_second"] for r in rows], color=colors)
+    limits = [(i, r["limit_images_per_second"]) for i, r in enumerate(rows) if r.get("limit_images_per_second")]
+    if limits:
+        ax.scatter([v for _, v in limits], [i for i, _ in limits], marker="|", s=200, color="black",
+                   label="roofline limit")
+        ax.legend(loc="upper right", bbox_to_anchor=(1.0, -0.08), fontsize=8, frameon=False)
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("training images/s (higher is better)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: str, report: Dict, markdown: str, plot_rows: Optional[List[Dict]] = None,
+                 title: str = "") -> List[str]:
+    """``out``/benchmark.json (the report) and benchmark.md (``markdown``), and with ``plot_rows``
+    the bar chart benchmark.png; the paths written."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "benchmark.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out, "benchmark.md"), "w") as f:
+        f.write(markdown)
+    written = [os.path.join(out, n) for n in ("benchmark.json", "benchmark.md")]
+    if plot_rows is not None:
+        try:
+            plot(plot_rows, os.path.join(out, "benchmark.png"), title)
+            written.append(os.path.join(out, "benchmark.png"))
+        except ImportError as e:  # a bare accelerator image may lack matplotlib; keep the measurements
+            print(f"no bar chart ({e}); pip install matplotlib to get benchmark.png", file=sys.stderr)
+    print(f"\n{markdown}\nwrote {', '.join(written)}")
+    return written
+
+
+def report_header(argv, prog: str = "python -m benchmarks.benchmark") -> Dict:
+    """What every report starts with: when, the exact command, the device, versions and commit."""
+    import jax
+    from bn_jax import provenance
+    device = jax.devices()[0]
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": f"{prog} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "device": {"platform": device.platform, "kind": device.device_kind, "count": len(jax.devices()),
+                       "host": platform.node(), "cpu_count": os.cpu_count()},
+            "versions": provenance.versions(), "git": provenance.git_commit()}
+
+
