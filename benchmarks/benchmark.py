@@ -158,7 +158,7 @@ def jax_runner(case: Case, width: int, steps: int) -> JaxRunner:
     on its first call and ``cost`` compiles one single step for the analysis.
     """
     import jax
-    from bn_jax import input_pipeline, parallel, roofline, train
+    from bn_jax import datasets, parallel, roofline, train
     from bn_jax import program as program_lib
     from bn_jax.config import ExperimentConfig, RuntimeConfig
 
@@ -168,7 +168,7 @@ def jax_runner(case: Case, width: int, steps: int) -> JaxRunner:
     if mesh is not None:
         parallel.check_batch_size(case.batch_size, mesh)
     program = program_lib.build_program(config, RuntimeConfig(loop=case.loop),
-                                        input_pipeline.random_dataset(case.batch_size * steps, 1), mesh)
+                                        datasets.random_dataset(case.batch_size * steps, 1), mesh)
     holder = {"state": program.put(train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=steps)),
               "totals": program.zero_totals()}
     fused = program.loop == "fused"

@@ -108,11 +108,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     scratch = tempfile.mkdtemp(prefix="bn_jax_compare_")
     before = export_before(args.before, scratch)
-    from bn_jax import input_pipeline
+    from bn_jax import datasets
     from benchmarks import benchmark
     benchmark_before = importlib.import_module(
         ("benchmarks_before" if "benchmarks_before" in before else "experiments_before") + ".benchmark")
-    data = input_pipeline.random_dataset(args.steps * args.batch_size, 256)
+    data = datasets.random_dataset(args.steps * args.batch_size, 256)
     runners = {"bench before": bench_runner(benchmark_before, args.steps, args.batch_size),
                "bench after": bench_runner(benchmark, args.steps, args.batch_size),
                "epoch before": epoch_runner("bn_jax_before", data, args.steps, args.batch_size,

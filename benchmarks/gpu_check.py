@@ -265,10 +265,10 @@ def _relative_differences(a, b) -> Dict[str, float]:
 
 def train_small(sizes: Sizes, workroot: str, loop: str, mode: str = "bn"):
     """(initial state, final state) of one epoch of the small ResNet, trained by the real trainer."""
-    from bn_jax import checkpoints, input_pipeline, train
+    from bn_jax import checkpoints, datasets, train
     from bn_jax.config import ExperimentConfig, RuntimeConfig
 
-    data = input_pipeline.random_dataset(sizes.check_batch * sizes.check_steps, sizes.check_batch)
+    data = datasets.random_dataset(sizes.check_batch * sizes.check_steps, sizes.check_batch)
     config = ExperimentConfig(model=sizes.check_model, train_mode=mode, epochs=1, batch_size=sizes.check_batch,
                               lr=0.02, schedule="cosine", seed=3)
     runtime = RuntimeConfig(eval_batch_size=sizes.check_batch, loop=loop,
@@ -323,13 +323,13 @@ def correctness(sizes: Sizes, workroot: str, report: Report) -> None:
 def convolution_counts(sizes: Sizes, mode: str) -> Dict[str, int]:
     """Convolutions in the compiled single train step of the small ResNet (the trainer's own
     program, step loop), on this backend."""
-    from bn_jax import input_pipeline, roofline, train
+    from bn_jax import datasets, roofline, train
     from bn_jax import program as program_lib
     from bn_jax.config import ExperimentConfig, RuntimeConfig
 
     config = ExperimentConfig(model=sizes.check_model, train_mode=mode, batch_size=sizes.check_batch)
     program = program_lib.build_program(config, RuntimeConfig(loop="step"),
-                                        input_pipeline.random_dataset(sizes.check_batch, 1), mesh=None)
+                                        datasets.random_dataset(sizes.check_batch, 1), mesh=None)
     state = program.put(train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=1))
     return roofline.convolution_counts(program.compile(state, program.zero_totals()).as_text())
 

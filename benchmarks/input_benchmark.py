@@ -297,7 +297,7 @@ def input_source(args, tmp: str):
     """(StreamData, what it is) for --input_pipeline: the folder given, or JPEGs generated in ``tmp``.
     A DataError names what is wrong with a folder."""
     from bn_jax import imagenet
-    from bn_jax.input_pipeline import DataError
+    from bn_jax.datasets import DataError
     generated = args.input_pipeline == "generate"
     root = (generate_imagenet_folder(os.path.join(tmp, "imagenet"), args.generate_images) if generated
             else args.input_pipeline)
@@ -351,7 +351,7 @@ def input_main(parser, args, argv) -> None:
     write benchmark.json and benchmark.md. A generated folder is removed whatever happens."""
     import shutil
     import tempfile
-    from bn_jax.input_pipeline import DataError
+    from bn_jax.datasets import DataError
     problem = input_problem(args)
     if problem:
         parser.error(problem)

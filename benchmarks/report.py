@@ -84,7 +84,7 @@ def make_row(case: Case, seconds_per_step: List[float], cost: Optional[Dict[str,
 
 
 def comparisons(rows: List[Dict]) -> List[Dict]:
-    """The ratios the issue asks about: bn/full step time, and bn_jax bn against PyTorch bn."""
+    """The ratios the report is for: bn/full step time, and bn_jax bn against PyTorch bn."""
     by = {(r["framework"], r["model"], r["batch_size"], r["mode"], r["precision"], r["loop"], r["devices"]): r
           for r in rows}
     out = []

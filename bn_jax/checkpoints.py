@@ -14,10 +14,11 @@ See docs/checkpoints.md.
 """
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import numpy as np
@@ -44,30 +45,10 @@ class DiskFull(CheckpointError):
 
 # ---- hashes and fingerprints ----------------------------------------------------------------
 
-def frozen_hash(variables, mode: str) -> str:
-    """SHA-256 of the leaves that ``mode`` freezes (names, dtypes, shapes and bytes)."""
-    mask = train_modes.trainable_mask(variables, mode)
-    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(variables["params"]))
-    flags = jax.tree_util.tree_leaves(mask)
-    return hash_arrays((train_modes.path_name(p), x) for (p, x), f in zip(leaves, flags) if not f)
-
-
-def trainable_leaves(variables, mode: str) -> Dict[str, Any]:
-    """The trainable leaves as a flat {"Block_0.Conv_0.kernel": array} dict."""
-    flags = jax.tree_util.tree_leaves(train_modes.trainable_mask(variables, mode))
-    leaves = jax.tree_util.tree_leaves_with_path(variables["params"])
-    return {train_modes.path_name(p): x for (p, x), f in zip(leaves, flags) if f}
-
-
-def merge_trainable(params, flat: Dict[str, Any]):
-    """``params`` with the leaves named in ``flat`` replaced."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: flat.get(train_modes.path_name(p), x), params)
-
-
 # ---- the manager ----------------------------------------------------------------------------
 
-def _state_tree(state, totals, fmt: str, mode: str):
-    params = trainable_leaves(train_modes.variables_of(state), mode) if fmt == "small" else state.params
+def _state_tree(state, totals, fmt: str):
+    params = state.plan.trainable_leaves(state.params) if fmt == "small" else state.params
     return {"params": params, "batch_stats": state.batch_stats, "opt_state": state.opt_state,
             "step": jax.numpy.asarray(state.step, jax.numpy.int32), "epoch_totals": totals}
 
@@ -82,6 +63,15 @@ def _all_finite(tree) -> bool:
                if np.issubdtype(np.asarray(x).dtype, np.inexact))
 
 
+def open_manager(path: str, options: CheckpointOptions):
+    """Orbax's manager of the run's checkpoints, keeping the newest ``options.keep``."""
+    policy = getattr(getattr(ocp, "checkpoint_managers", None), "LatestN", None)
+    keep = {"preservation_policy": policy(n=options.keep)} if policy else {"max_to_keep": options.keep}
+    manager_options = ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True,
+                                                   enable_async_checkpointing=options.async_save, **keep)
+    return ocp.CheckpointManager(path, item_names=ITEMS, options=manager_options)
+
+
 class Checkpointer:
     """Saves and restores run checkpoints under ``<workdir>/checkpoints``; use as a context."""
 
@@ -90,14 +80,7 @@ class Checkpointer:
         self.run = workdir_lib.RunDir(workdir)
         self.path = self.run.checkpoints
         self.log = log
-        self.manager = self._open()
-
-    def _open(self):
-        policy = getattr(getattr(ocp, "checkpoint_managers", None), "LatestN", None)
-        keep = {"preservation_policy": policy(n=self.options.keep)} if policy else {"max_to_keep": self.options.keep}
-        options = ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True,
-                                               enable_async_checkpointing=self.options.async_save, **keep)
-        return ocp.CheckpointManager(self.path, item_names=ITEMS, options=options)
+        self.manager = open_manager(self.path, self.options)
 
     def __enter__(self):
         return self
@@ -132,7 +115,7 @@ class Checkpointer:
     def save(self, state, totals, meta: Dict[str, Any], items: Optional[Dict[str, Any]] = None) -> None:
         """Write a checkpoint at ``state.step``; refuses (FloatingPointError) a non-finite state.
         ``items``: further Orbax items saved with it (a streamed input's iterator)."""
-        host_state = jax.device_get(_state_tree(state, totals, self.options.format, meta["config"]["train_mode"]))
+        host_state = jax.device_get(_state_tree(state, totals, self.options.format))
         step = int(host_state["step"])
         if not _all_finite(host_state):
             raise FloatingPointError(f"non-finite values in the train state at step {step}; not saving it")
@@ -157,20 +140,20 @@ class Checkpointer:
         with self._disk_full_as_error():
             self.manager.wait_until_finished()
 
-    def restore_latest(self, fresh_state, fresh_totals, expected: Dict[str, Any]):
+    def restore_latest(self, fresh_state, fresh_totals, expected: "RunMeta"):
         """(state, totals, meta) from the newest restorable checkpoint, or None if there is none.
 
         ``fresh_state`` is the state a new run of the current config starts from (its frozen
-        leaves fill in small checkpoints); ``expected`` holds the current ``config``,
-        ``data_fingerprint`` and ``frozen_hash``. Corrupt checkpoints are moved aside with a
-        warning; an incompatible one raises CheckpointError.
+        leaves fill in small checkpoints); ``expected`` is this run's ``RunMeta``, which each
+        checkpoint is checked against. Corrupt checkpoints are moved aside with a warning; an
+        incompatible one raises CheckpointError.
         """
         steps = self.steps()
         tried = []
         for step in reversed(steps):
             try:
                 meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                check_compatible(meta, expected, step, extend=self.options.extend)
+                expected.check(meta, step, extend=self.options.extend)
                 state, totals = self._restore_state(step, meta, fresh_state, fresh_totals)
             except CheckpointError:
                 raise  # readable but not for this run: refuse, never fall back past it
@@ -191,25 +174,8 @@ class Checkpointer:
         except StateHashMismatch:
             raise
         except Exception as e:  # noqa: BLE001
-            self._refuse_if_readable(step, meta, e)
+            refuse_if_readable(self.manager, self.path, step, meta, e)
             raise
-
-    def _refuse_if_readable(self, step: int, meta: Dict[str, Any], error: Exception) -> None:
-        """The arrays did not restore into today's train state. If they read fine without that
-        structure, the checkpoint is sound and the code differs (an optax that shapes its state
-        otherwise, say): refuse naming the versions, rather than quarantine a good checkpoint."""
-        try:
-            self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-        except Exception:  # noqa: BLE001  (unreadable as well: corrupt, the caller quarantines it)
-            return
-        saved = meta.get("versions") or {}
-        now = provenance.versions()
-        differ = ", ".join(f"{k} {saved.get(k, '?')} → {now[k]}" for k in VERSION_KEYS if saved.get(k) != now[k])
-        raise CheckpointError(
-            f"checkpoint step {step} in {self.path} is readable but does not fit this code's train state "
-            f"({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}); versions: "
-            f"{differ or 'the same as when it was written'}. Resume with the versions it was written "
-            "with, or pass --restart")
 
     def _quarantine(self, step: int, error: Exception) -> None:
         dest = os.path.join(self.run.corrupt_checkpoints, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -223,6 +189,24 @@ class Checkpointer:
         self.manager.reload()
 
 
+def refuse_if_readable(manager, path: str, step: int, meta: Dict[str, Any], error: Exception) -> None:
+    """The arrays did not restore into today's train state. If they read fine without that
+    structure, the checkpoint is sound and the code differs (an optax that shapes its state
+    otherwise, say): refuse naming the versions, rather than quarantine a good checkpoint."""
+    try:
+        manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    except Exception:  # noqa: BLE001  (unreadable as well: corrupt, the caller quarantines it)
+        return
+    saved = meta.get("versions") or {}
+    now = provenance.versions()
+    differ = ", ".join(f"{k} {saved.get(k, '?')} → {now[k]}" for k in VERSION_KEYS if saved.get(k) != now[k])
+    raise CheckpointError(
+        f"checkpoint step {step} in {path} is readable but does not fit this code's train state "
+        f"({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}); versions: "
+        f"{differ or 'the same as when it was written'}. Resume with the versions it was written "
+        "with, or pass --restart")
+
+
 class StateHashMismatch(ValueError):
     """A checkpoint's arrays read, but their bytes differ from the hash saved with them."""
 
@@ -230,13 +214,13 @@ class StateHashMismatch(ValueError):
 def _read_state(manager, step: int, meta: Dict[str, Any], fresh_state, fresh_totals):
     """(state, partial-epoch totals) of checkpoint ``step``, read into the structure of
     ``fresh_state`` (a new state of the same config, whose frozen leaves fill in a small one)."""
-    fmt, mode = meta["checkpoint_format"], meta["config"]["train_mode"]
-    target = jax.device_get(_state_tree(fresh_state, fresh_totals, fmt, mode))
+    fmt = meta["checkpoint_format"]
+    target = jax.device_get(_state_tree(fresh_state, fresh_totals, fmt))
     tree = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     if state_hash(tree) != meta["state_sha256"]:
         raise StateHashMismatch("array bytes do not match the hash saved with them")
     tree = jax.device_put(tree)
-    params = merge_trainable(fresh_state.params, tree["params"]) if fmt == "small" else tree["params"]
+    params = fresh_state.plan.merge_trainable(fresh_state.params, tree["params"]) if fmt == "small" else tree["params"]
     state = fresh_state.replace(params=params, batch_stats=tree["batch_stats"], opt_state=tree["opt_state"],
                                 step=tree["step"])
     return state, tree["epoch_totals"]
@@ -248,31 +232,54 @@ def _check_format(meta: Dict[str, Any], where: str) -> None:
                               f"this code reads {FORMAT_VERSION}; pass --restart or use another --workdir")
 
 
-def check_compatible(meta: Dict[str, Any], expected: Dict[str, Any], step: int, extend: bool = False) -> None:
-    """Raise CheckpointError naming what differs between a checkpoint and the current run.
+@dataclasses.dataclass(frozen=True)
+class RunMeta:
+    """What a checkpoint's metadata must match for this run to resume from it: the experiment, the
+    data fingerprint, the frozen leaves' hash and, given ``position`` (the program's: epoch → seed,
+    keys and the epoch order's hash), the data order and augmentation. Built once per run
+    (``train.set_up``), saved in every checkpoint (``saved``) and checked in one place (``check``).
+    Versions are recorded beside it and named when a sound checkpoint no longer fits; a streamed
+    input's state is restored, or restarted, by the program's input."""
 
-    ``extend``: the run may have been saved with fewer epochs than it now trains to (the step
-    schedule's boundaries then move with the new total).
-    """
-    where = f"checkpoint step {step}"
-    _check_format(meta, where)
-    saved_epochs, epochs = meta["config"]["epochs"], expected["config"]["epochs"]
-    if extend and saved_epochs >= epochs:
-        raise CheckpointError(f"cannot extend to {epochs} epochs: the run in {where} already has {saved_epochs}")
-    diff = [k for k in config_lib.different_keys(meta["config"], expected["config"]) if not (extend and k == "epochs")]
-    if diff:
-        changes = ", ".join(f"{k}: {meta['config'].get(k)!r} -> {expected['config'].get(k)!r}" for k in diff)
-        hint = ("; to train a run further, pass --extend_to_epochs N" if diff == ["epochs"] and epochs > saved_epochs
-                else "")
-        raise CheckpointError(f"cannot resume from {where}: config differs in {', '.join(diff)} ({changes}); "
-                              f"re-run with the original flags, or pass --restart to discard the old run{hint}")
-    if meta["data_fingerprint"] != expected["data_fingerprint"]:
-        raise CheckpointError(f"cannot resume from {where}: the training/test data differ from the data "
-                              "it was trained on (same flags, different files?); pass --restart to start over")
-    if meta["checkpoint_format"] == "small" and meta["frozen_hash"] != expected["frozen_hash"]:
-        raise CheckpointError(f"cannot resume from small {where}: the frozen weights re-created from seed "
-                              f"{expected['config']['seed']} do not match its frozen-leaf hash (init recipe or "
-                              "JAX random bits changed?); refusing to combine them")
+    experiment: Dict[str, Any]
+    data_fingerprint: str
+    frozen_hash: str
+    position: Optional[Callable[[int], Dict[str, Any]]] = None
+
+    def saved(self) -> Dict[str, Any]:
+        return {"config": self.experiment, "data_fingerprint": self.data_fingerprint, "frozen_hash": self.frozen_hash}
+
+    def check(self, meta: Dict[str, Any], step: int, extend: bool = False) -> None:
+        """Raise CheckpointError naming what differs between checkpoint ``step`` and this run.
+
+        ``extend``: the run may have been saved with fewer epochs than it now trains to (the step
+        schedule's boundaries then move with the new total)."""
+        where = f"checkpoint step {step}"
+        _check_format(meta, where)
+        self._check_experiment(meta, where, extend)
+        if meta["data_fingerprint"] != self.data_fingerprint:
+            raise CheckpointError(f"cannot resume from {where}: the training/test data differ from the data "
+                                  "it was trained on (same flags, different files?); pass --restart to start over")
+        if meta["checkpoint_format"] == "small" and meta["frozen_hash"] != self.frozen_hash:
+            raise CheckpointError(f"cannot resume from small {where}: the frozen weights re-created from seed "
+                                  f"{self.experiment['seed']} do not match its frozen-leaf hash (init recipe or "
+                                  "JAX random bits changed?); refusing to combine them")
+        if self.position is not None and meta["rng"] != self.position(meta["epoch"]):
+            raise CheckpointError(
+                f"{where}: this JAX/NumPy version derives a different data order or "
+                "augmentation key from the seed; an exact resume is impossible (pass --restart)")
+
+    def _check_experiment(self, meta, where: str, extend: bool) -> None:
+        saved_epochs, epochs = meta["config"]["epochs"], self.experiment["epochs"]
+        if extend and saved_epochs >= epochs:
+            raise CheckpointError(f"cannot extend to {epochs} epochs: the run in {where} already has {saved_epochs}")
+        diff = [k for k in config_lib.different_keys(meta["config"], self.experiment) if not (extend and k == "epochs")]
+        if diff:
+            changes = ", ".join(f"{k}: {meta['config'].get(k)!r} -> {self.experiment.get(k)!r}" for k in diff)
+            hint = ("; to train a run further, pass --extend_to_epochs N"
+                    if diff == ["epochs"] and epochs > saved_epochs else "")
+            raise CheckpointError(f"cannot resume from {where}: config differs in {', '.join(diff)} ({changes}); "
+                                  f"re-run with the original flags, or pass --restart to discard the old run{hint}")
 
 
 def restore(workdir: str, state, step=None):
@@ -288,9 +295,10 @@ def restore(workdir: str, state, step=None):
             raise CheckpointError(f"{path} holds no checkpoint")
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         _check_format(meta, f"checkpoint step {step} in {path}")
-        mode = meta["config"]["train_mode"]
-        if meta["checkpoint_format"] == "small" and \
-                frozen_hash(train_modes.variables_of(state), mode) != meta["frozen_hash"]:
+        if state.plan.mode != meta["config"]["train_mode"]:
+            raise CheckpointError(f"checkpoint step {step} trained mode {meta['config']['train_mode']}; the given "
+                                  f"state's plan trains {state.plan.mode}")
+        if meta["checkpoint_format"] == "small" and state.plan.frozen_hash != meta["frozen_hash"]:
             raise CheckpointError(f"checkpoint step {step}: frozen weights of the given state do not match the saved hash")
         try:
             return _read_state(manager, step, meta, state, steps.zero_totals())[0]

@@ -148,14 +148,14 @@ def main(recipe: Recipe, argv=None, extra_hooks=()) -> int:
 
 def train(command: Command, guard, extra_hooks, parser) -> int:
     """Run the training; its outcome as an exit code with one line on stderr."""
-    from bn_jax import checkpoints, input_pipeline, parallel
+    from bn_jax import checkpoints, datasets, parallel
     from bn_jax import train as train_lib
     workdir = command.workdir
     try:
         summary = train_lib.train_and_evaluate(command.experiment, workdir, runtime=command.runtime,
                                                checkpointing=command.checkpointing, guard=guard,
                                                extra_hooks=extra_hooks)
-    except (input_pipeline.DataError, checkpoints.CheckpointError, workdir_lib.WorkdirUnusable) as e:
+    except (datasets.DataError, checkpoints.CheckpointError, workdir_lib.WorkdirUnusable) as e:
         parser.print_usage(sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

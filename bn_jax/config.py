@@ -1,15 +1,17 @@
-"""A run's configuration, in two parts, each field declared once with its help and its checks.
+"""A run's configuration, each field declared once with its flag's help and its checks.
 
 * ``ExperimentConfig``: what sets a run's results (model, what trains, data, recipe, seed,
   compute precision). Runs are named by it, resumed only into the same one (``same_experiment``),
   and a sweep or an analysis tells runs apart by it.
 * ``RuntimeConfig``: how a run executes (devices, loop, evaluation batch, where the data are).
   Changing it changes no result beyond float summation order, so a run resumes under another.
+* ``CheckpointOptions`` (how a run saves and resumes) and ``ClusterOptions`` (how a process
+  joins a multi-host job): the command line's other option groups, declared the same way.
 
 Defaults are the paper's CIFAR-10 ResNet recipe (open_lth ``cifar_resnet``): batch 128, SGD with
 momentum 0.9, lr 0.1 dropped ×0.1 at 50% and 75% of training (epochs 80 and 120 of 160), coupled
 L2 weight decay 1e-4 on the trainable leaves. The command-line flags are generated from these
-fields (``add_flags``), and so is the README's flag table (checked by a test).
+fields (``add_flags``), and so is the flag table in docs/cli.md (checked by a test).
 
 This module imports no JAX, so that ``--help`` answers at once; what needs JAX (the model
 registry, the train modes) is checked in ``validate``.

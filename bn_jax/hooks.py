@@ -83,7 +83,7 @@ class RunRecord:
 class Saver:
     """Writes the run's checkpoints: the train state plus what an exact resume needs in meta."""
 
-    def __init__(self, ckpt: checkpoints.Checkpointer, program, expected: Dict[str, Any], record: RunRecord):
+    def __init__(self, ckpt: checkpoints.Checkpointer, program, expected: checkpoints.RunMeta, record: RunRecord):
         self.ckpt, self.program, self.expected, self.record = ckpt, program, expected, record
         self.last_step = None
 
@@ -93,7 +93,7 @@ class Saver:
             return
         tick.finite_totals()
         input_meta, items = self.program.input.checkpoint()
-        self.ckpt.save(tick.state, tick.totals, {**self.expected, "epoch": step // spe, "position": step % spe,
+        self.ckpt.save(tick.state, tick.totals, {**self.expected.saved(), "epoch": step // spe, "position": step % spe,
                                                  "steps_per_epoch": spe, "history": list(self.record.history),
                                                  "wall_time": self.record.wall_time(),
                                                  "rng": self.program.position(step // spe), **input_meta}, items)

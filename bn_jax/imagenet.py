@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from bn_jax.config import DEFAULT_IMAGE_SIZE
-from bn_jax.input_pipeline import IMAGE_SUFFIXES, DataError
+from bn_jax.datasets import IMAGE_SUFFIXES, DataError
 from bn_jax.streaming import StreamData, UnreadableFile
 
 RESIZE, CROP = 256, DEFAULT_IMAGE_SIZE

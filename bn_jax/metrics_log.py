@@ -1,4 +1,4 @@
-"""metrics.jsonl: one JSON line per epoch, always valid JSON (README, "Output files")."""
+"""metrics.jsonl: one JSON line per epoch, always valid JSON (docs/cli.md, "Output files")."""
 
 import json
 import os

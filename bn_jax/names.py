@@ -2,7 +2,7 @@
 families, schedules, loops, checkpoint units and formats.
 
 Each table is written here once. ``bn_jax.config`` builds its flags' choices from them, and the
-libraries that give the names a meaning (``train_modes``, ``models``, ``input_pipeline``) key
+libraries that give the names a meaning (``train_modes``, ``models``, ``augmentation``) key
 their tables by them, so a name cannot be known to one and missing from another. This module
 imports no JAX, so that ``--help`` answers at once.
 """

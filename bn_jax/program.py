@@ -18,23 +18,17 @@ augmentation key), so a run is reproducible and can be replayed from any step.
 """
 
 import functools
-from typing import Any, Dict, List, Protocol, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 import jax
 import numpy as np
 
-from bn_jax import hashing, input_pipeline, parallel, steps, streaming
+from bn_jax import augmentation, datasets, hashing, parallel, rng, steps, streaming
 from bn_jax.config import ExperimentConfig, RuntimeConfig
 
 # fused: ``steps_per_call`` steps as one compiled fori_loop, so the host only wakes between
 # calls; step: one jitted call per step. auto: fused except on CPU, where XLA compiles
 # convolutions inside a loop body to much slower code (jax-ml/jax#12868; docs/performance.md).
-
-
-def run_keys(seed: int):
-    """(init key, augmentation key, data-order key) of a run (train_modes' masks use tag 2)."""
-    root = jax.random.key(seed)
-    return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1), jax.random.fold_in(root, 3)
 
 
 def resolve_loop(loop: str, platform: str) -> str:
@@ -51,7 +45,7 @@ def loop_for(runtime: RuntimeConfig, mesh=None) -> str:
 def epoch_order_fn(n: int, mesh=None):
     """``order(key, epoch)``: the jitted epoch permutation, replicated over ``mesh`` if given."""
     out = None if mesh is None else parallel.replicated(mesh)
-    return jax.jit(functools.partial(input_pipeline.epoch_order, n=n), out_shardings=out)
+    return jax.jit(functools.partial(augmentation.epoch_order, n=n), out_shardings=out)
 
 
 def jit_epoch_steps(config: ExperimentConfig, runtime: RuntimeConfig, mesh=None):
@@ -107,6 +101,23 @@ def test_metrics(totals) -> Dict[str, float]:
             "top5_accuracy": float(totals["correct_top5"] / totals["count"])}
 
 
+class Data(Protocol):
+    """What a dataset offers the trainer and a program: ``datasets.Dataset`` (in memory) and
+    ``streaming.StreamData`` (streamed) alike."""
+
+    class_names: List[str]
+    image_shape: Any
+
+    @property
+    def num_classes(self) -> int: ...
+    @property
+    def num_train(self) -> int: ...
+    def class_counts(self) -> Optional[Dict[str, Dict[str, int]]]: ...
+    def describe(self) -> str: ...
+    def subset(self, max_train: Optional[int], max_test: Optional[int]) -> "Data": ...
+    def fingerprint(self) -> str: ...
+
+
 class ProgramInput(Protocol):
     """A program's input beside its steps: the state it saves with a checkpoint, and its speed."""
 
@@ -117,7 +128,7 @@ class ProgramInput(Protocol):
         """Put the input where checkpoint ``step`` left it."""
 
     def report(self) -> Dict[str, float]:
-        """This epoch's input figures for the progress bar and the metrics line (README: docs/cli.md)."""
+        """This epoch's input figures for the progress bar and the metrics line (docs/cli.md)."""
 
     def summary(self, history) -> Dict[str, Any]:
         """summary.json's input figures (every process must call it)."""
@@ -161,14 +172,14 @@ class DeviceResidentProgram:
     """The training set on the device as uint8; each epoch's order drawn there, each batch
     gathered, augmented and trained on without the host touching the data."""
 
-    def __init__(self, config: ExperimentConfig, runtime: RuntimeConfig, data: input_pipeline.Dataset, mesh):
+    def __init__(self, config: ExperimentConfig, runtime: RuntimeConfig, data: datasets.Dataset, mesh):
         self.mesh = mesh
         self.seed, self.batch_size = config.seed, config.batch_size
         self.steps_per_epoch = len(data.train_labels) // config.batch_size  # the remainder is dropped
         self.loop = loop_for(runtime, mesh)
         self.max_steps_per_call = runtime.steps_per_call if self.loop == "fused" else 1
-        _, self.augment_key, self.order_key = run_keys(config.seed)
-        self.mean, self.std = self.put(input_pipeline.normalization(config.normalize, data.train_images))
+        self.augment_key, self.order_key = rng.key(config.seed, "augment"), rng.key(config.seed, "order")
+        self.mean, self.std = self.put(augmentation.normalization(config.normalize, data.train_images))
         self.train_data = self.put((data.train_images, data.train_labels))
         self._test = (data.test_images, data.test_labels, runtime.eval_batch_size)
         self.order_fn = epoch_order_fn(len(data.train_labels), mesh)
@@ -238,7 +249,7 @@ class StreamingProgram:
         self.eval_batch_size = eval_batch_size(runtime.eval_batch_size, data.num_test, self.mesh)
         self.input = streaming.StreamInput(data, config, runtime.resolved_workers(),
                                            (jax.process_index(), jax.process_count()))
-        self.mean, self.std = self.put(input_pipeline.normalization(config.normalize, None))
+        self.mean, self.std = self.put(augmentation.normalization(config.normalize, None))
         self.step_fn = jax.jit(steps.train_step_on, donate_argnums=0, out_shardings=parallel.replicated(self.mesh))
 
     def put(self, tree):
@@ -281,7 +292,7 @@ class StreamingProgram:
         self.input.close()
 
 
-def build_program(config: ExperimentConfig, runtime: RuntimeConfig, data, mesh) -> Program:
+def build_program(config: ExperimentConfig, runtime: RuntimeConfig, data: Data, mesh) -> Program:
     """The program that trains ``config`` on ``data`` over ``mesh``, executed as ``runtime`` says:
     streamed from the hosts for a ``StreamData``, device-resident for an in-memory ``Dataset``."""
     if isinstance(data, streaming.StreamData):

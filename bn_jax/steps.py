@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bn_jax import input_pipeline
+from bn_jax import augmentation
 
 
 def cross_entropy(logits, labels):
@@ -18,8 +18,8 @@ def cross_entropy(logits, labels):
 def train_step(state, images, labels, key, mean, std, augment: bool = True):
     """One SGD step on a uint8 batch; returns the new state and the batch's summed metrics."""
     if augment:
-        images = input_pipeline.augment(key, images)
-    x = input_pipeline.normalize(images, mean, std)
+        images = augmentation.augment(key, images)
+    x = augmentation.normalize(images, mean, std)
 
     def loss_fn(params):
         logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, x,
@@ -45,7 +45,7 @@ def eval_step(state, images, labels, valid, mean, std):
     """Summed loss, top-1 and top-5 correct predictions over the valid (non-padding) examples of a
     batch (top-5: the paper reports it for ImageNet)."""
     logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                            input_pipeline.normalize(images, mean, std), train=False)
+                            augmentation.normalize(images, mean, std), train=False)
     return {"loss": jnp.sum(cross_entropy(logits, labels) * valid),
             "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * valid),
             "correct_top5": jnp.sum(top_k_correct(logits, labels, 5) * valid),

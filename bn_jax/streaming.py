@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from bn_jax.input_pipeline import DataError
+from bn_jax import rng
+from bn_jax.datasets import DataError
 
 MAX_REPLACEMENTS = 100  # undecodable images in a row before a training example gives up
 
@@ -116,7 +117,7 @@ class StreamData:
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """Epoch ``epoch``'s shuffled order of ``n`` examples (NumPy's generator: stable across versions)."""
-    return np.random.default_rng([seed, epoch, 7]).permutation(n)
+    return np.random.default_rng([seed, epoch, rng.STREAM_ORDER_TAG]).permutation(n)
 
 
 def _decoded(source, index: int, name: str):

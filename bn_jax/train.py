@@ -15,11 +15,12 @@ from typing import Any, Dict, Optional, Sequence
 import jax
 import numpy as np
 import optax
+from flax import struct
 from flax.training import train_state
 
-from bn_jax import checkpoints, hooks, input_pipeline, metrics_log, models, parallel, preemption, provenance
+from bn_jax import checkpoints, datasets, hooks, image_folders, metrics_log, models, parallel, preemption, provenance
 from bn_jax import program as program_lib
-from bn_jax import steps, train_modes
+from bn_jax import rng, steps, train_modes
 from bn_jax import workdir as workdir_lib
 from bn_jax import config as config_lib
 from bn_jax.config import ExperimentConfig, RuntimeConfig
@@ -30,6 +31,8 @@ MAX_STEPS = 2**31 - 1  # the train state's step counter is int32
 
 class TrainState(train_state.TrainState):
     batch_stats: Any
+    # what trains, decided once at creation (train_modes.TrainPlan); static: it holds no arrays
+    plan: Any = struct.field(pytree_node=False, default=None)
 
 
 # ×0.1 at these fractions of training: the paper's CIFAR epochs 80/120 of 160, and its ImageNet
@@ -57,13 +60,15 @@ def make_schedule(config: ExperimentConfig, steps_per_epoch: int) -> optax.Sched
 
 
 def create_train_state(config: ExperimentConfig, num_classes: int, image_shape, steps_per_epoch: int) -> TrainState:
+    """The run's initial state (a pure function of the seed) with its train plan: what trains is
+    decided here, once, and everything after asks ``state.plan``."""
     model = config.create_model(num_classes)
-    init_key, _, _ = program_lib.run_keys(config.seed)
-    variables = models.init_variables(model, init_key, image_shape)
+    variables = models.init_variables(model, rng.key(config.seed, "init"), image_shape)
+    plan = train_modes.plan(variables, config.train_mode, config.k, config.seed)
     tx = train_modes.make_optimizer(variables, config.train_mode, make_schedule(config, steps_per_epoch),
                                     config.momentum, config.weight_decay, k=config.k, seed=config.seed)
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                             batch_stats=variables["batch_stats"])
+                             batch_stats=variables["batch_stats"], plan=plan)
 
 
 def device_summary(mesh, batch_size: int) -> Dict[str, Any]:
@@ -73,17 +78,13 @@ def device_summary(mesh, batch_size: int) -> Dict[str, Any]:
             "per_device_batch_size": batch_size // len(devices)}
 
 
-def resume(ckpt: checkpoints.Checkpointer, program, fresh_state, expected: Dict[str, Any], log):
+def resume(ckpt: checkpoints.Checkpointer, program, fresh_state, expected: checkpoints.RunMeta, log):
     """(state, partial-epoch totals, RunRecord) from the newest good checkpoint, or a fresh start."""
     restored = ckpt.restore_latest(fresh_state, steps.zero_totals(), expected)
     if restored is None:
         return fresh_state, program.zero_totals(), hooks.RunRecord()
     state, totals, meta = restored
     step, spe = int(state.step), program.steps_per_epoch
-    if meta["rng"] != program.position(step // spe):
-        raise checkpoints.CheckpointError(
-            f"checkpoint step {step}: this JAX/NumPy version derives a different data order or "
-            "augmentation key from the seed; an exact resume is impossible (pass --restart)")
     program.input.restore(ckpt, step, meta, log)
     log(f"resumed from checkpoint step {step} (epoch {step // spe + 1}, step {step % spe} of {spe}) in {ckpt.path}")
     return state, program.put(totals), hooks.RunRecord(meta["history"], meta["wall_time"])
@@ -136,7 +137,7 @@ def train_loop(state, totals, program, hook_list: Sequence[hooks.Hook], epochs: 
 
 def epoch_record(epoch: int, state, totals, test: Dict[str, float], speed: float,
                  record: hooks.RunRecord, input_report: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
-    """An epoch's line of metrics.jsonl (README, "Output files"); a streamed run adds what its
+    """An epoch's line of metrics.jsonl (docs/cli.md, "Output files"); a streamed run adds what its
     input could load (images/s) and the share of the epoch training waited for it."""
     return {"epoch": epoch + 1, "step": int(state.step), "train_loss": float(totals["loss"] / totals["count"]),
         "train_accuracy": float(totals["correct"] / totals["count"]),
@@ -146,7 +147,7 @@ def epoch_record(epoch: int, state, totals, test: Dict[str, float], speed: float
 
 def run_summary(config: ExperimentConfig, runtime: RuntimeConfig, data, loaded_counts, state, program,
                 record: hooks.RunRecord, ckpt_path: str, devices) -> Dict[str, Any]:
-    """summary.json's content (README, "Output files")."""
+    """summary.json's content (docs/cli.md, "Output files")."""
     history = record.history
     if history:
         final = history[-1]
@@ -154,7 +155,7 @@ def run_summary(config: ExperimentConfig, runtime: RuntimeConfig, data, loaded_c
         test = program.evaluate(state)
         final = {"test_accuracy": test["accuracy"], "test_top5_accuracy": test["top5_accuracy"]}
     speeds = [r["images_per_second"] for r in history[1:] or history]
-    trainable, total = train_modes.count(train_modes.variables_of(state), config.train_mode, config.k)
+    trainable, total = state.plan.trainable, state.plan.total
     return {"model": config.model, "width": config.width, "train_mode": config.train_mode,
             "dataset": runtime.data_dir or config.dataset, "num_classes": data.num_classes,
             "examples_per_class": data.class_counts(), "examples_per_class_loaded": loaded_counts,
@@ -174,7 +175,7 @@ def open_data(config: ExperimentConfig, runtime: RuntimeConfig):
     if config.dataset in config_lib.STREAMED_DATASETS:
         from bn_jax import imagenet
         return imagenet.load(runtime.data_dir, crop=config.image_size or imagenet.CROP)
-    return input_pipeline.load(config.dataset, runtime.data_dir)
+    return image_folders.load_image_folder(runtime.data_dir) if runtime.data_dir else datasets.load_tfds(config.dataset)
 
 
 def load_data(config: ExperimentConfig, runtime: RuntimeConfig, data, guard):
@@ -186,10 +187,10 @@ def load_data(config: ExperimentConfig, runtime: RuntimeConfig, data, guard):
     loaded = data.class_counts()
     data = data.subset(config.max_train_examples, config.max_test_examples)
     if data.num_train < config.batch_size:
-        raise input_pipeline.DataError(f"batch_size {config.batch_size} exceeds the {data.num_train} training examples")
+        raise datasets.DataError(f"batch_size {config.batch_size} exceeds the {data.num_train} training examples")
     steps_per_epoch = data.num_train // config.batch_size  # the remainder of each epoch's order is dropped
     if config.epochs * steps_per_epoch > MAX_STEPS:
-        raise input_pipeline.DataError(
+        raise datasets.DataError(
             f"{config.epochs} epochs of {steps_per_epoch} steps exceed the step counter's {MAX_STEPS:,} steps")
     return data, loaded
 
@@ -200,13 +201,11 @@ def set_up(config: ExperimentConfig, runtime: RuntimeConfig, data, mesh, devices
     program = program_lib.build_program(config, runtime, data, mesh)
     state = create_train_state(config, data.num_classes, data.image_shape, program.steps_per_epoch)
     state = parallel.replicate(state, mesh)
-    variables = train_modes.variables_of(state)
     log(f"data: {data.describe()}")
-    log(f"{config.model} ×{config.width}, mode {config.train_mode}: "
-        f"{train_modes.describe(variables, config.train_mode, config.k)}; {devices['device_count']} "
-        f"{devices['platform']} device(s), {devices['per_device_batch_size']} images per device")
-    expected = {"config": config.to_dict(), "data_fingerprint": data.fingerprint(),
-                "frozen_hash": checkpoints.frozen_hash(variables, config.train_mode)}
+    log(f"{config.model} ×{config.width}, mode {config.train_mode}: {state.plan.describe()}; "
+        f"{devices['device_count']} {devices['platform']} device(s), {devices['per_device_batch_size']} "
+        "images per device")
+    expected = checkpoints.RunMeta(config.to_dict(), data.fingerprint(), state.plan.frozen_hash, program.position)
     return program, state, expected
 
 
@@ -231,7 +230,7 @@ def run_session(config, runtime, run: workdir_lib.RunDir, program, state, expect
     return state, record
 
 
-def train_and_evaluate(config: ExperimentConfig, workdir: str, data: Optional[input_pipeline.Dataset] = None,
+def train_and_evaluate(config: ExperimentConfig, workdir: str, data: Optional[datasets.Dataset] = None,
                        log=print, runtime: Optional[RuntimeConfig] = None,
                        checkpointing: Optional[checkpoints.CheckpointOptions] = None,
                        guard: Optional[preemption.PreemptionGuard] = None,

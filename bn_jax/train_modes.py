@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bn_jax import names
+from bn_jax import hashing, names, rng
 
 TRAIN, FREEZE = "train", "freeze"
 
@@ -128,8 +128,6 @@ PARTIAL = {"random_k": {"conv"}}
 # Model constructor options a mode implies (models.create_model keyword arguments).
 _MODEL_OPTIONS = {"no_affine": {"affine": False}}
 
-_MASK_TAG = 2  # folded into the seed's key: init uses 0, augmentation 1 (train.run_keys)
-
 
 def check_mode(mode: str) -> None:
     if mode not in MODES:
@@ -190,7 +188,7 @@ def _random_k_mask(key, shape, k: int):
 def entry_masks(variables, mode: str, k: int = 2, seed: int = 0):
     """Entry level: a boolean array per leaf, True where that scalar trains."""
     check_mode(mode)
-    root = jax.random.fold_in(jax.random.key(seed), _MASK_TAG)
+    root = rng.key(seed, "mask")
 
     def mask(index, role, x):
         if _is_partial(mode, role):
@@ -236,3 +234,56 @@ def make_optimizer(variables, mode: str, learning_rate, momentum: float = 0.9,
         steps.append(keep_entries(entry_masks(variables, mode, k, seed)))
     train = optax.chain(*steps, optax.sgd(learning_rate, momentum=momentum or None))
     return optax.multi_transform({TRAIN: train, FREEZE: optax.set_to_zero()}, labels(variables, mode))
+
+
+class TrainPlan:
+    """What trains in one run, decided once from the model's initial variables (``plan``) and
+    handed on with the train state (``TrainState.plan``): the labels the optimizer routes by, the
+    counts the run reports, the leaves a small checkpoint stores, and the hash of the frozen
+    leaves that such a checkpoint is checked against. Two plans are equal when they freeze the same
+    values the same way (mode, k, seed, frozen hash), so a state's compiled steps are shared by
+    every state of the same run."""
+
+    def __init__(self, mode: str, k: int, seed: int, labels, trainable: int, total: int, frozen_hash: str):
+        self.mode, self.k, self.seed, self.labels = mode, k, seed, labels
+        self.trainable, self.total, self.frozen_hash = trainable, total, frozen_hash
+
+    def _key(self):
+        return self.mode, self.k, self.seed, self.frozen_hash
+
+    def __eq__(self, other):
+        return isinstance(other, TrainPlan) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"TrainPlan({self.mode!r}, k={self.k}, seed={self.seed}, {self.describe()})"
+
+    def describe(self) -> str:
+        return f"trainable {self.trainable:,} of {self.total:,} ({100 * self.trainable / self.total:.2f}%)"
+
+    def trainable_leaves(self, params) -> Dict[str, Any]:
+        """The leaves that train (some entries or all), as a flat {"Block_0.Conv_0.kernel": leaf} dict."""
+        flat = jax.tree_util.tree_leaves_with_path(params)
+        return {path_name(p): x for (p, x), label in zip(flat, jax.tree_util.tree_leaves(self.labels))
+                if label == TRAIN}
+
+    def merge_trainable(self, params, flat: Dict[str, Any]):
+        """``params`` with the leaves named in ``flat`` replaced (a small checkpoint's, say)."""
+        return jax.tree_util.tree_map_with_path(lambda p, x: flat.get(path_name(p), x), params)
+
+
+def frozen_hash(params, labels) -> str:
+    """SHA-256 of the leaves ``labels`` freeze (names, dtypes, shapes and bytes)."""
+    flat = jax.tree_util.tree_leaves_with_path(jax.device_get(params))
+    return hashing.hash_arrays((path_name(p), x) for (p, x), label in zip(flat, jax.tree_util.tree_leaves(labels))
+                               if label == FREEZE)
+
+
+def plan(variables, mode: str, k: int = 2, seed: int = 0) -> TrainPlan:
+    """The run's TrainPlan, from what ``model.init`` returned (arrays: the frozen hash reads them)."""
+    tree = labels(variables, mode)
+    trainable, total = count(variables, mode, k)
+    return TrainPlan(mode, k, seed, tree, trainable, total, frozen_hash(variables["params"], tree))
+

@@ -38,7 +38,7 @@ class WorkdirInUse(WorkdirUnusable):
 
 
 class RunDir:
-    """The files of one run, each named here once (README: docs/cli.md, "Output files")."""
+    """The files of one run, each named here once (docs/cli.md, "Output files")."""
 
     CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
     CHECKPOINTS, CORRUPT, LOCK, REPORT = "checkpoints", "corrupt_checkpoints", ".lock", "report"

@@ -1,7 +1,7 @@
 """Report on finished runs: ``python -m experiments.analyze RUN_OR_SWEEP_DIR... [--out DIR]``.
 
 Writes DIR/report.md and PNG plots: test accuracy against depth, width and trainable parameters
-per train mode (the paper's published numbers beside ours, from bn_jax.reference); per-layer γ
+per train mode (the paper's published numbers beside ours, from bn_jax.paper_results); per-layer γ
 and β histograms; the fraction of features disabled (|γ| < --threshold) per layer and overall;
 and test accuracy as the smallest-|γ| features are zeroed (needs the run's data: the test subset
 is re-created exactly as in training; --no_ablation skips it).
@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bn_jax import analysis, checkpoints, models, reference, train, train_modes  # noqa: E402
+from bn_jax import analysis, checkpoints, models, paper_results, train, train_modes  # noqa: E402
 from bn_jax import workdir as workdir_lib  # noqa: E402
 
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -70,8 +70,8 @@ def plot_accuracy(runs, x_of, group_of, xlabel: str, path: str, logx=False, pape
 
 
 def paper_depth_points():
-    bn = [(int(m[6:]), r.bn_only) for m, r in reference.CIFAR10_RESNET.items()]
-    full = [(int(m[6:]), r.full) for m, r in reference.CIFAR10_RESNET.items()]
+    bn = [(int(m[6:]), r.bn_only) for m, r in paper_results.CIFAR10_RESNET.items()]
+    full = [(int(m[6:]), r.full) for m, r in paper_results.CIFAR10_RESNET.items()]
     return {"paper: bn": bn, "paper: full": full}
 
 
@@ -121,7 +121,7 @@ def results_table(runs) -> List[str]:
     rows = ["| run | mode | trainable | of total | final acc | best acc | epochs | paper BN-only | paper full |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
-        s, ref = r.summary, reference.paper_result(r.config.model, r.config.width)
+        s, ref = r.summary, paper_results.paper_result(r.config.model, r.config.width)
         paper = (f"{ref.bn_only:.1f}%", f"{ref.full:.1f}%") if ref else ("–", "–")
         rows.append(f"| {r.name} | {r.config.train_mode} | {s['trainable_params']:,} | {s['total_params']:,} | "
                     f"{100 * s['final_test_accuracy']:.2f}% | {100 * s['best_test_accuracy']:.2f}% | "
@@ -131,7 +131,7 @@ def results_table(runs) -> List[str]:
 
 def reference_lines() -> List[str]:
     lines = ["| model | paper BN-only | paper full | source | checked against paper text |", "|---|---:|---:|---|---|"]
-    for model, r in reference.CIFAR10_RESNET.items():
+    for model, r in paper_results.CIFAR10_RESNET.items():
         lines.append(f"| {model} | {r.bn_only}% | {r.full}% | {r.source} | {'yes' if r.confirmed else 'no'} |")
     return lines
 
@@ -165,7 +165,7 @@ def bn_section(run, state, threshold: float, out: str):
     return lines, overall
 
 
-def write_report(runs, out: str, threshold: float = reference.DISABLED_THRESHOLD,
+def write_report(runs, out: str, threshold: float = paper_results.DISABLED_THRESHOLD,
                  fractions=FRACTIONS, load_data: Optional[Callable] = None, num_classes: Optional[int] = None) -> str:
     """Write out/report.md and its PNGs; ``load_data(config)`` gives the run's data subset for the ablation."""
     os.makedirs(out, exist_ok=True)
@@ -175,8 +175,8 @@ def write_report(runs, out: str, threshold: float = reference.DISABLED_THRESHOLD
              "`python -m experiments.analyze`.", "", *accuracy_section(runs, out),
              "## γ and β per layer; disabled features", "",
              "The paper reports that BN-only training of deep ResNets disables around a third of the "
-             f"features ({reference.PAPER_DISABLED_FRACTION[1]}). Threshold here: |γ| < {threshold:g} "
-             "(see bn_jax/reference.py for its provenance).", ""]
+             f"features ({paper_results.PAPER_DISABLED_FRACTION[1]}). Threshold here: |γ| < {threshold:g} "
+             "(see bn_jax/paper_results.py for its provenance).", ""]
     disabled, curves = [], {}
     for run in runs:
         try:
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     p.add_argument("paths", nargs="+", help="run folders, or sweep roots holding run folders")
     p.add_argument("--out", default=None, help="report folder (default: FIRST_PATH/report for a sweep root, "
                                                  "FIRST_PATH_report beside a single run: never inside a run)")
-    p.add_argument("--threshold", type=float, default=reference.DISABLED_THRESHOLD,
+    p.add_argument("--threshold", type=float, default=paper_results.DISABLED_THRESHOLD,
                    help="a feature is disabled when |γ| is below this")
     p.add_argument("--no_ablation", action="store_true", help="skip zeroing γ (needs no data)")
     p.add_argument("--num_classes", type=int, default=None, help="for --data_dir runs that are not 10-class")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bn_jax import input_pipeline
+from bn_jax import datasets
 
 # CI's Python 3.11 leg installs PyTorch (.ci/run): there a missing torch must fail the PyTorch
 # tests, not skip them. Its Python 3.12 leg has no CPU build of torch and says so.
@@ -28,7 +28,7 @@ def need(module: str):
 SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10-jpg.tar.gz")
 
 
-random_dataset = input_pipeline.random_dataset
+random_dataset = datasets.random_dataset
 
 
 def write_image_folder(root, classes=("cat", "dog", "frog"), per_class=(6, 2), size=8, fmt="png", seed=0):

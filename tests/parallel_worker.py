@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 
-from bn_jax import input_pipeline, parallel, roofline, train, train_modes
+from bn_jax import augmentation, parallel, roofline, train, train_modes
 from bn_jax import program as program_lib
 from bn_jax.config import ExperimentConfig, RuntimeConfig
 
@@ -37,7 +37,7 @@ def count_convolutions(mode: str, n: int) -> int:
 def ghost_train_step(state, images, labels, key, mean, std, groups: int):
     """``train.train_step`` with "ghost" BatchNorm: statistics over each of ``groups`` slices of the
     batch, as per-device BN would compute them on ``groups`` devices (gradients still summed)."""
-    x = input_pipeline.normalize(input_pipeline.augment(key, images), mean, std)
+    x = augmentation.normalize(augmentation.augment(key, images), mean, std)
     x = x.reshape(groups, -1, *x.shape[1:])
 
     def loss_fn(params):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from bn_jax import input_pipeline, metrics_log, train, workdir
+from bn_jax import datasets, metrics_log, train, workdir
 from bn_jax.config import ExperimentConfig, RuntimeConfig
 
 from conftest import random_dataset
@@ -24,7 +24,7 @@ def test_more_steps_than_the_step_counter_holds_are_refused_before_anything_is_w
     # Before: an OverflowError at the first step.
     data = random_dataset(n_train=3000, n_test=8)
     config = ExperimentConfig(model="resnet8", epochs=1_000_000, batch_size=1)
-    with pytest.raises(input_pipeline.DataError, match="3000 steps exceed the step counter's 2,147,483,647"):
+    with pytest.raises(datasets.DataError, match="3000 steps exceed the step counter's 2,147,483,647"):
         train.train_and_evaluate(config, str(tmp_path / "run"), data=data, log=lambda *a: None)
     assert not (tmp_path / "run").exists()
 

@@ -49,6 +49,7 @@ def test_measured_peaks_are_plausible_for_a_cpu():
     assert 1e8 < peaks.matmul_flops < 1e14 and 1e8 < peaks.copy_bytes < 1e13
 
 
+@pytest.mark.slow
 def test_report_times_every_configuration_and_writes_json_markdown_and_png(tmp_path, capsys):
     out = tmp_path / "bench"
     torch_variants = "eager" if benchmark.torch_cases(benchmark.build_parser().parse_args([])) else "none"
@@ -88,6 +89,7 @@ def test_bad_flags_exit_2_with_a_message(flags, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_per_image_costs_do_not_depend_on_the_device_count(tmp_path):
     """XLA costs one device's share of a sharded step; per image it must come out the same."""
     import subprocess
@@ -152,6 +154,7 @@ def test_h100_estimate_is_peak_times_utilisation_over_flops_and_cores_divide_by_
     assert input_benchmark.h100_estimates(None, 100.0, 0.5) == []  # no FLOP count (cuDNN): no estimate
 
 
+@pytest.mark.slow
 def test_input_pipeline_report_on_generated_imagenet_sized_jpegs(tmp_path, monkeypatch, capsys):
     import tempfile
     scratch = tmp_path / "scratch"

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bn_jax import checkpoints, preemption, steps, train, train_modes
+from bn_jax import checkpoints, preemption, steps, train
 from bn_jax import config as config_lib
 from bn_jax.config import ExperimentConfig, RuntimeConfig
 from bn_jax import cli as cli_lib
@@ -100,6 +100,7 @@ def baseline(env):
     return workdir
 
 
+@pytest.mark.slow
 def test_kill_and_resume_at_several_points_is_bitwise_exact(env, baseline):
     workdir = env["root"] / "chain"
     # SIGKILL mid-epoch 1 at step 3, one step after the step-2 save (partial epoch sums).
@@ -121,6 +122,7 @@ def test_kill_and_resume_at_several_points_is_bitwise_exact(env, baseline):
     assert_same_run(workdir, baseline)
 
 
+@pytest.mark.slow
 def test_a_second_run_in_a_busy_workdir_is_refused_naming_the_first(env, baseline, tmp_path):
     workdir = tmp_path / "busy"
     first = subprocess.Popen([sys.executable, "-m", "experiments.cifar", *flags(env, workdir)], cwd=REPO,
@@ -141,6 +143,7 @@ def test_a_second_run_in_a_busy_workdir_is_refused_naming_the_first(env, baselin
     assert_same_run(workdir, baseline)  # the refused run changed nothing
 
 
+@pytest.mark.slow
 def test_a_killed_runs_lock_does_not_block_its_resume(env, baseline, tmp_path):
     workdir = tmp_path / "killed"
     cli(env, workdir, hooks={"BN_JAX_TEST_KILL_AT_STEP": "5"}, expect=-signal.SIGKILL)
@@ -182,6 +185,7 @@ def start_blocked_in_data_loading(env, tmp_path):
     return proc, release, argv
 
 
+@pytest.mark.slow
 def test_sigterm_during_start_up_exits_75_at_once(env, baseline, tmp_path):
     # Before: killed by the signal (-15), though the README promises 75.
     proc, release, argv = start_blocked_in_data_loading(env, tmp_path)
@@ -209,6 +213,7 @@ def test_a_second_sigint_stops_at_once_with_one_line(env, tmp_path):
     assert "Traceback" not in err and "interrupted: stopped at once on a second SIGINT" in err
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_extended_to_more_epochs_from_its_last_checkpoint(env, baseline, tmp_path, capsys):
     workdir = tmp_path / "run"
     shutil.copytree(baseline, workdir)
@@ -246,6 +251,7 @@ def tmpfs(tmp_path, size):
         subprocess.run(["umount", str(folder)])
 
 
+@pytest.mark.slow
 def test_a_full_disk_gives_one_line_and_resumes_exactly_once_space_is_freed(env, baseline, tmp_path):
     # Before: exit 1 and 132 lines of tracebacks, no error line.
     with tmpfs(tmp_path, "1200k") as small:
@@ -302,6 +308,7 @@ def test_an_unwritable_metrics_file_is_refused_at_once(env, baseline, tmp_path, 
     assert "Traceback" not in out.stderr and out.stderr.startswith("usage: ")
 
 
+@pytest.mark.slow
 def test_fused_loop_stops_at_the_signalled_step_and_resumes_bitwise(env, tmp_path):
     """The fused loop ends a compiled call at every step that must reach the host."""
     fused = ("--loop", "fused", "--steps_per_call", "100")
@@ -315,6 +322,7 @@ def test_fused_loop_stops_at_the_signalled_step_and_resumes_bitwise(env, tmp_pat
     assert_same_run(workdir, reference)
 
 
+@pytest.mark.slow
 def test_external_sigint_saves_a_checkpoint_and_exits_75(env):
     workdir = env["root"] / "sigint"
     environ = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": env["cache"],
@@ -375,6 +383,7 @@ def corrupt(step_dir):
                 f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
 
 
+@pytest.mark.slow
 def test_corrupt_latest_falls_back_then_errors_when_none_left(env, baseline, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(baseline, workdir)
@@ -412,8 +421,7 @@ def test_a_checkpoint_that_no_longer_fits_the_train_state_is_refused_not_quarant
     train.train_and_evaluate(config, workdir, data=data, log=lambda *a: None, runtime=RuntimeConfig(loop="step"))
     state = train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=2)
     state = state.replace(tx=optax.adam(1e-3), opt_state=optax.adam(1e-3).init(state.params))
-    expected = {"config": config.to_dict(), "data_fingerprint": data.fingerprint(),
-                "frozen_hash": checkpoints.frozen_hash(train_modes.variables_of(state), "bn")}
+    expected = checkpoints.RunMeta(config.to_dict(), data.fingerprint(), state.plan.frozen_hash)
     with checkpoints.Checkpointer(workdir, checkpoints.CheckpointOptions(), log=lambda *a: None) as ckpt:
         with pytest.raises(checkpoints.CheckpointError, match="readable but does not fit this code's train state"):
             ckpt.restore_latest(state, steps.zero_totals(), expected)
@@ -421,6 +429,7 @@ def test_a_checkpoint_that_no_longer_fits_the_train_state_is_refused_not_quarant
     assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_folder_replaced_by_a_file_is_named(env, baseline, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(baseline, workdir)
@@ -437,6 +446,7 @@ def test_a_checkpoint_folder_replaced_by_a_file_is_named(env, baseline, tmp_path
     assert "is a file, not a checkpoint folder (and 2 more), and no checkpoint folder is left" in out.stderr
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_good_checkpoints(env, tmp_path):
     workdir = tmp_path / "nan"
     extra = ("--lr", "1e12", "--checkpoint_every", "1", "--keep", "100")
@@ -460,6 +470,7 @@ def dir_bytes(path):
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, files in os.walk(path) for f in files)
 
 
+@pytest.mark.slow
 def test_small_checkpoints_resume_exactly_and_refuse_other_frozen_weights(env, tmp_path, monkeypatch):
     bn = ("--train_mode", "bn", "--keep", "1")
     full, small = tmp_path / "full", tmp_path / "small"

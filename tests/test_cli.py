@@ -22,6 +22,7 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_end_to_end_bn_only_run_writes_documented_files(tmp_path):
     data = write_image_folder(str(tmp_path / "data"), per_class=(12, 4))
     workdir = str(tmp_path / "run")
@@ -157,6 +158,7 @@ def test_unwritable_workdir(tmp_path, capsys):
     assert exit.value.code == 2 and "cannot write to workdir" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_data_exits_2_naming_the_file_and_writes_nothing(tmp_path):
     data = write_image_folder(str(tmp_path / "data"))
     bad = os.path.join(data, "train", "cat", "0002.png")
@@ -169,6 +171,7 @@ def test_bad_data_exits_2_naming_the_file_and_writes_nothing(tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_help_explains_every_flag():
     result = run_cli("--help")
     assert result.returncode == 0

@@ -63,11 +63,11 @@ def test_every_field_has_help_and_a_flag(part):
 
 
 def test_the_libraries_key_their_tables_by_the_shared_names():
-    from bn_jax import input_pipeline, models, train_modes
+    from bn_jax import augmentation, models, train_modes
     assert names.TRAIN_MODES == tuple(train_modes.MODES)
     assert names.BN_INITS == tuple(models.BN_INITS)
     assert names.PRECISIONS == tuple(models.PRECISIONS)
-    assert names.NORMALIZATIONS == tuple(input_pipeline.NORMALIZATIONS)
+    assert names.NORMALIZATIONS == tuple(augmentation.NORMALIZATIONS)
     assert names.MODEL_FAMILIES == tuple(models.FAMILIES)
     with pytest.raises(AssertionError, match="differ from bn_jax.names"):
         names.check_keys({"full": 1, "bn": 2}, names.TRAIN_MODES, "a table missing modes")

@@ -3,6 +3,7 @@ no module imports itself back through others, the light modules import no JAX, a
 documented command answers --help."""
 
 import ast
+import dataclasses
 import os
 import re
 import subprocess
@@ -122,7 +123,7 @@ def test_every_documented_command_answers_help(module):
 
 
 def protocol_methods(protocol):
-    return {n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")}
+    return {n for n, v in vars(protocol).items() if (callable(v) or isinstance(v, property)) and not n.startswith("_")}
 
 
 def test_both_programs_offer_what_the_loop_asks_of_a_program():
@@ -134,3 +135,20 @@ def test_both_programs_offer_what_the_loop_asks_of_a_program():
         missing = protocol_methods(program.ProgramInput) - set(dir(cls))
         assert not missing, (cls.__name__, missing)
     assert protocol_methods(program.Program) >= {"run", "evaluate", "position", "put", "zero_totals", "close"}
+    from bn_jax import datasets
+    for cls in (datasets.Dataset, streaming.StreamData):
+        missing = (protocol_methods(program.Data) | set(program.Data.__annotations__)) - \
+            set(dir(cls)) - {f.name for f in dataclasses.fields(cls)}
+        assert not missing, (cls.__name__, missing)
+
+
+def test_functions_and_classes_stay_readable():
+    """No function over 60 lines and no class over 120 (docs/design.md): split, don't grow."""
+    long = []
+    for module, path in modules().items():
+        for node in ast.walk(ast.parse(open(path).read())):
+            limit = 60 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else \
+                120 if isinstance(node, ast.ClassDef) else None
+            if limit and node.end_lineno - node.lineno + 1 > limit:
+                long.append(f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long, long

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bn_jax import input_pipeline, steps, train
+from bn_jax import augmentation, steps, train
 from bn_jax import program as program_lib
 from bn_jax.config import ExperimentConfig, RuntimeConfig
 
@@ -97,7 +97,7 @@ def test_a_fused_call_moves_no_data_between_host_and_device():
 
 def test_each_epoch_sees_every_example_once_in_a_new_order():
     key = jax.random.key(0)
-    a, b = (np.asarray(input_pipeline.epoch_order(key, e, 80)) for e in (0, 1))
+    a, b = (np.asarray(augmentation.epoch_order(key, e, 80)) for e in (0, 1))
     assert sorted(a) == sorted(b) == list(range(80))
     assert not np.array_equal(a, b)
 

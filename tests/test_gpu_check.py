@@ -37,6 +37,7 @@ def report(out):
     return json.loads((out / "gpu_check.json").read_text())
 
 
+@pytest.mark.slow
 def test_smoke_check_runs_every_stage_and_writes_its_report(tmp_path):
     out = tmp_path / "out"
     torch = "eager" if torch_reference.available() or TORCH_REQUIRED else "none"
@@ -66,6 +67,7 @@ def test_smoke_check_runs_every_stage_and_writes_its_report(tmp_path):
         assert section in md
 
 
+@pytest.mark.slow
 def test_run_stops_at_its_deadline_and_resumes_from_the_archive_exactly(tmp_path):
     stopped, resumed, straight = tmp_path / "stopped", tmp_path / "resumed", tmp_path / "straight"
     base = ["--smoke", "--stages", "run", "--torch", "none"]
@@ -89,6 +91,7 @@ def test_run_stops_at_its_deadline_and_resumes_from_the_archive_exactly(tmp_path
     assert (a["train_loss"], a["test_accuracy"]) == (b["train_loss"], b["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_cifar_trains_without_tensorflow(tmp_path):
     from conftest import write_image_folder
     data = write_image_folder(str(tmp_path / "data"), size=32)

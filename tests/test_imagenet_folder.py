@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from bn_jax import imagenet
-from bn_jax.input_pipeline import DataError
+from bn_jax.datasets import DataError
 
 
 def save(path, array, mode=None, fmt="JPEG"):

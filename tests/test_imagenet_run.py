@@ -19,6 +19,8 @@ from bn_jax import imagenet, streaming  # noqa: E402
 from bn_jax import cli  # noqa: E402
 from experiments import imagenet as imagenet_cli  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here runs the CLI in a subprocess
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAULT_RUNNER = os.path.join(REPO, "tests", "fault_runner.py")
 CLASSES = ("n01440764", "n01443537", "n01484850", "n01491361")

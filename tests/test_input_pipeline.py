@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bn_jax import input_pipeline
-from bn_jax.input_pipeline import DataError
+from bn_jax import augmentation, image_folders
+from bn_jax.datasets import DataError
 
 from conftest import write_image_folder
 
@@ -23,7 +23,7 @@ def expected_arrays(root, split):
 
 
 def test_image_folder_is_read_exactly(image_folder):
-    data = input_pipeline.load_image_folder(image_folder)
+    data = image_folders.load_image_folder(image_folder)
     assert data.class_names == ["cat", "dog", "frog"]
     for split in ("train", "test"):
         images, labels = expected_arrays(image_folder, split)
@@ -37,8 +37,8 @@ def test_tarball_gives_the_same_arrays_as_the_folder(image_folder, tmp_path):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(os.path.join(image_folder, "train"), arcname="train")
         tar.add(os.path.join(image_folder, "test"), arcname="test")
-    a = input_pipeline.load_image_folder(image_folder)
-    b = input_pipeline.load_image_folder(archive)
+    a = image_folders.load_image_folder(image_folder)
+    b = image_folders.load_image_folder(archive)
     for field in ("train_images", "train_labels", "test_images", "test_labels"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
     assert a.class_names == b.class_names
@@ -46,20 +46,20 @@ def test_tarball_gives_the_same_arrays_as_the_folder(image_folder, tmp_path):
 
 def test_missing_path(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        input_pipeline.load_image_folder(str(tmp_path / "nope"))
+        image_folders.load_image_folder(str(tmp_path / "nope"))
 
 
 def test_missing_split(image_folder):
     os.rename(os.path.join(image_folder, "test"), os.path.join(image_folder, "val"))
     with pytest.raises(DataError, match="missing folder test/"):
-        input_pipeline.load_image_folder(image_folder)
+        image_folders.load_image_folder(image_folder)
 
 
 def test_empty_class(image_folder):
     os.makedirs(os.path.join(image_folder, "train", "zebra"))
     os.makedirs(os.path.join(image_folder, "test", "zebra"))
     with pytest.raises(DataError, match="train/zebra is empty"):
-        input_pipeline.load_image_folder(image_folder)
+        image_folders.load_image_folder(image_folder)
 
 
 def test_undecodable_image_is_named(image_folder):
@@ -67,34 +67,34 @@ def test_undecodable_image_is_named(image_folder):
     with open(bad, "wb") as f:
         f.write(b"not a png")
     with pytest.raises(DataError, match="0003.png: cannot decode"):
-        input_pipeline.load_image_folder(image_folder)
+        image_folders.load_image_folder(image_folder)
 
 
 def test_mixed_sizes_are_named(image_folder):
     odd = os.path.join(image_folder, "test", "frog", "0001.png")
     Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(odd)
     with pytest.raises(DataError, match="0001.png: image size"):
-        input_pipeline.load_image_folder(image_folder)
+        image_folders.load_image_folder(image_folder)
 
 
 def test_wrong_layout_file_in_split(image_folder):
     with open(os.path.join(image_folder, "train", "stray.jpg"), "wb") as f:
         f.write(b"x")
     with pytest.raises(DataError, match="expected a class folder"):
-        input_pipeline.load_image_folder(image_folder)
+        image_folders.load_image_folder(image_folder)
 
 
 def test_class_sets_must_agree(image_folder):
     os.rename(os.path.join(image_folder, "test", "frog"), os.path.join(image_folder, "test", "toad"))
     with pytest.raises(DataError, match="differ"):
-        input_pipeline.load_image_folder(image_folder)
+        image_folders.load_image_folder(image_folder)
 
 
 def test_not_an_archive(tmp_path):
     path = tmp_path / "data.tar.gz"
     path.write_bytes(b"garbage")
     with pytest.raises(DataError, match="data.tar.gz: unreadable archive") as e:
-        input_pipeline.load_image_folder(str(path))
+        image_folders.load_image_folder(str(path))
     assert "\n" not in str(e.value)
 
 
@@ -108,8 +108,8 @@ def pack(image_folder, archive, mode="w:gz", tops=("",)):
 
 @pytest.mark.parametrize("mode", ["w:gz", "w:bz2", "w:xz", "w"])
 def test_every_compression_reads_like_the_folder(image_folder, tmp_path, mode):
-    data = input_pipeline.load_image_folder(pack(image_folder, str(tmp_path / "d.tar"), mode, tops=("cifar",)))
-    np.testing.assert_array_equal(data.train_images, input_pipeline.load_image_folder(image_folder).train_images)
+    data = image_folders.load_image_folder(pack(image_folder, str(tmp_path / "d.tar"), mode, tops=("cifar",)))
+    np.testing.assert_array_equal(data.train_images, image_folders.load_image_folder(image_folder).train_images)
 
 
 def test_flipped_bytes_near_the_end_of_a_gzip_are_an_error(image_folder, tmp_path):
@@ -120,7 +120,7 @@ def test_flipped_bytes_near_the_end_of_a_gzip_are_an_error(image_folder, tmp_pat
         raw[i] ^= 0xFF
     open(archive, "wb").write(bytes(raw))
     with pytest.raises(DataError, match="d.tar.gz: unreadable"):
-        input_pipeline.load_image_folder(archive)
+        image_folders.load_image_folder(archive)
 
 
 def test_truncated_gzip_is_an_error(image_folder, tmp_path):
@@ -128,7 +128,7 @@ def test_truncated_gzip_is_an_error(image_folder, tmp_path):
     raw = open(archive, "rb").read()
     open(archive, "wb").write(raw[:len(raw) * 2 // 3])
     with pytest.raises(DataError, match="d.tar.gz: unreadable"):
-        input_pipeline.load_image_folder(archive)
+        image_folders.load_image_folder(archive)
 
 
 def test_a_corrupt_member_header_is_an_error_not_a_silent_stop(image_folder, tmp_path):
@@ -141,26 +141,26 @@ def test_a_corrupt_member_header_is_an_error_not_a_silent_stop(image_folder, tmp
     with tarfile.open(archive) as tar:  # what tarfile alone does: stops early, quietly
         assert len([m for m in tar.getmembers() if m.isfile()]) == 4
     with pytest.raises(DataError, match="corrupt member header after"):
-        input_pipeline.load_image_folder(archive)
+        image_folders.load_image_folder(archive)
 
 
 def test_two_datasets_in_one_archive_are_refused(image_folder, tmp_path):
     archive = pack(image_folder, str(tmp_path / "d.tar.gz"), tops=("a", "b"))
     with pytest.raises(DataError, match=r"more than one place \(a/, b/\)"):
-        input_pipeline.load_image_folder(archive)
+        image_folders.load_image_folder(archive)
     archive = pack(image_folder, str(tmp_path / "e.tar.gz"), tops=("", "a"))
     with pytest.raises(DataError, match="more than one place"):
-        input_pipeline.load_image_folder(archive)
+        image_folders.load_image_folder(archive)
 
 
 def test_one_class_is_refused(tmp_path):
     root = write_image_folder(str(tmp_path / "d"), classes=("cat",))
     with pytest.raises(DataError, match="1 class folder \\(cat\\); a classifier needs at least 2"):
-        input_pipeline.load_image_folder(root)
+        image_folders.load_image_folder(root)
 
 
 def test_class_counts_and_description(tmp_path):
-    data = input_pipeline.load_image_folder(write_image_folder(str(tmp_path / "d"), per_class=(6, 2)))
+    data = image_folders.load_image_folder(write_image_folder(str(tmp_path / "d"), per_class=(6, 2)))
     assert data.class_counts() == {"train": {"cat": 6, "dog": 6, "frog": 6}, "test": {"cat": 2, "dog": 2, "frog": 2}}
     assert data.describe() == "3 classes; train 18 (6 per class); test 6 (2 per class)"
     sub = data.subset(7, None)
@@ -168,7 +168,7 @@ def test_class_counts_and_description(tmp_path):
 
 
 def test_subset_is_a_fixed_seed_independent_choice(tmp_path):
-    data = input_pipeline.load_image_folder(write_image_folder(str(tmp_path / "d"), per_class=(10, 4)))
+    data = image_folders.load_image_folder(write_image_folder(str(tmp_path / "d"), per_class=(10, 4)))
     a = data.subset(7, 5)
     assert len(a.train_labels) == 7 and len(a.test_labels) == 5
     # The documented choice: the first n of a permutation by default_rng(0), kept in file order.
@@ -183,7 +183,7 @@ def test_subset_is_a_fixed_seed_independent_choice(tmp_path):
 def test_augment_crops_and_flips_within_padding():
     rng = np.random.default_rng(0)
     images = rng.integers(1, 256, (64, 8, 8, 3), dtype=np.uint8)  # no zeros: padding is visible
-    out = np.asarray(input_pipeline.augment(jax.random.key(0), images, pad=2))
+    out = np.asarray(augmentation.augment(jax.random.key(0), images, pad=2))
     assert out.shape == images.shape and out.dtype == np.uint8
     padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
     flipped = 0
@@ -199,16 +199,16 @@ def test_augment_crops_and_flips_within_padding():
 
 def test_epoch_order_is_a_permutation_determined_by_key_and_epoch():
     key = jax.random.key(0)
-    a = np.asarray(input_pipeline.epoch_order(key, 3, 100))
+    a = np.asarray(augmentation.epoch_order(key, 3, 100))
     assert sorted(a) == list(range(100))
-    np.testing.assert_array_equal(a, input_pipeline.epoch_order(key, 3, 100))
-    assert not np.array_equal(a, input_pipeline.epoch_order(key, 4, 100))
-    assert not np.array_equal(a, input_pipeline.epoch_order(jax.random.key(1), 3, 100))
+    np.testing.assert_array_equal(a, augmentation.epoch_order(key, 3, 100))
+    assert not np.array_equal(a, augmentation.epoch_order(key, 4, 100))
+    assert not np.array_equal(a, augmentation.epoch_order(jax.random.key(1), 3, 100))
 
 
 def test_channel_stats_match_numpy():
     images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
-    mean, std = input_pipeline.channel_stats(images)
+    mean, std = augmentation.channel_stats(images)
     x = images / 255.0
     np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), rtol=1e-6)
     np.testing.assert_allclose(std, x.std(axis=(0, 1, 2)), rtol=1e-5)
@@ -216,11 +216,11 @@ def test_channel_stats_match_numpy():
 
 def test_normalizations():
     images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
-    mean, std = input_pipeline.normalization("imagenet", images)
+    mean, std = augmentation.normalization("imagenet", images)
     # the paper's code (open_lth datasets/cifar10.py) uses ImageNet's statistics
     np.testing.assert_array_equal(mean, np.float32([0.485, 0.456, 0.406]))
     np.testing.assert_array_equal(std, np.float32([0.229, 0.224, 0.225]))
-    for got, want in zip(input_pipeline.normalization("dataset", images), input_pipeline.channel_stats(images)):
+    for got, want in zip(augmentation.normalization("dataset", images), augmentation.channel_stats(images)):
         np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="unknown normalization"):
-        input_pipeline.normalization("cifar", images)
+        augmentation.normalization("cifar", images)

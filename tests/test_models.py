@@ -51,6 +51,7 @@ def test_bad_model_names(bad):
         models.create_model(bad)
 
 
+@pytest.mark.slow
 def test_initialisation_matches_open_lth():
     variables = models.init_variables(models.create_model("resnet20", width=2), jax.random.key(3))
     params = variables["params"]

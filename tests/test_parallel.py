@@ -66,6 +66,7 @@ def beyond_tolerance(results, mode, run):
 
 
 @pytest.mark.parametrize("mode", ["full", "bn"])
+@pytest.mark.slow
 def test_eight_devices_match_one(results, mode):
     assert results[f"{mode}/{N}/num_shards"] == N  # really replicated over 8 devices
     np.testing.assert_allclose(results[f"{mode}/{N}/loss"], results[f"{mode}/1/loss"], rtol=LOSS_RTOL)
@@ -93,6 +94,7 @@ def test_sharded_bn_step_drops_weight_gradient_convolutions(results):
     assert full == 3 * convs - 1 and bn == 2 * convs - 1
 
 
+@pytest.mark.slow
 def test_batch_not_dividing_over_devices_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "-m", "experiments.cifar", "--batch_size", "12",
                              "--workdir", str(tmp_path / "run")], cwd=ROOT, env=env(), capture_output=True,
@@ -125,6 +127,7 @@ def launch_two(data, workdir, extra_env=(None, None), *extra):
     return [p.returncode for p in procs], outputs
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """jax.distributed over localhost (CPU, gloo collectives), one device per process."""
     data = write_image_folder(str(tmp_path / "data"), per_class=(12, 4))
@@ -154,6 +157,7 @@ def test_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.parametrize("loop", ["step", "fused"])
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path, loop):
     """Preemption in a multi-host job: the processes agree (all-gather) on when to stop."""
     data = write_image_folder(str(tmp_path / "data"), per_class=(12, 4))

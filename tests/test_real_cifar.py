@@ -31,11 +31,11 @@ def test_bn_only_learns_on_real_cifar10(tmp_path):
 @pytest.mark.skipif(not os.path.exists(SHARED_CIFAR), reason="needs ../shared/data/cifar10-jpg.tar.gz")
 def test_real_archive_with_16_flipped_bytes_is_refused_not_shrunk(tmp_path):
     # Before: 9,717 of the 10,000 test images loaded, and the run reported accuracy on them.
-    from bn_jax import input_pipeline
+    from bn_jax import datasets, image_folders
     raw = bytearray(open(SHARED_CIFAR, "rb").read())
     for i in range(len(raw) - 2000, len(raw) - 1984):
         raw[i] ^= 0xFF
     damaged = tmp_path / "cifar10-jpg.tar.gz"
     damaged.write_bytes(bytes(raw))
-    with pytest.raises(input_pipeline.DataError, match="cifar10-jpg.tar.gz: unreadable"):
-        input_pipeline.load_image_folder(str(damaged))
+    with pytest.raises(datasets.DataError, match="cifar10-jpg.tar.gz: unreadable"):
+        image_folders.load_image_folder(str(damaged))

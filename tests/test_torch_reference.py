@@ -86,6 +86,7 @@ def test_rejects_unknown_mode():
         torch_reference.make_runner("resnet20", 1, 8, "frozen", device="cpu")
 
 
+@pytest.mark.slow
 def test_compiled_bn_runner():
     """Cold, torch.compile takes about a minute here on 2 CPU cores (step 2 recompiles: the
     freeze changes requires_grad); with inductor's on-disk cache warm, seconds."""

@@ -1,11 +1,10 @@
 """The paper's published CIFAR-10 numbers, to print beside ours (Frankle, Schwab & Morcos, ICLR 2021,
 "Training BatchNorm and Only BatchNorm", arXiv:2003.00152).
 
-Each entry says where the figure comes from and whether we could check it against the paper text
-in this repository's sessions (only the abstract was searchable: "sufficiently deep ResNets reach
-82% (CIFAR-10) ... BatchNorm ... learning to disable around a third of the random features").
-Values marked ``confirmed=False`` were given to us in the issue tracker and are read off the
-paper's figures/tables; treat them as approximate until checked against the PDF.
+Each entry says where the figure comes from and whether it was checked against the paper's text
+(only its abstract was: "sufficiently deep ResNets reach 82% (CIFAR-10) ... BatchNorm ... learning
+to disable around a third of the random features"). Values marked ``confirmed=False`` are read
+off the paper's figures; treat them as approximate until checked against the PDF.
 """
 
 from typing import Dict, NamedTuple, Optional
