@@ -17,6 +17,7 @@ both versions' internals (their hooks), so it knows the layouts of the revisions
 
 import argparse
 import importlib
+import json
 import os
 import re
 import statistics
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="rounds; each runs every variant once")
     p.add_argument("--steps", type=int, default=10, help="train steps per timed run")
     p.add_argument("--batch_size", type=int, default=128, help="images per step")
+    p.add_argument("--out", default=None, help="also write the medians, rounds and ratios to OUT/compare.json")
     args = p.parse_args(argv)
     scratch = tempfile.mkdtemp(prefix="bn_jax_compare_")
     before = export_before(args.before, scratch)
@@ -127,8 +129,19 @@ def main(argv=None) -> int:
     median = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
         print(f"{name:13s} {median[name] * 1e3:8.1f} ms/step   rounds: {', '.join(f'{x * 1e3:.1f}' for x in t)}")
-    for what in ("bench", "epoch"):
-        print(f"{what}: after/before = {median[what + ' after'] / median[what + ' before']:.3f}")
+    ratios = {what: median[what + " after"] / median[what + " before"] for what in ("bench", "epoch")}
+    for what, ratio in ratios.items():
+        print(f"{what}: after/before = {ratio:.3f}")
+    if args.out:
+        from benchmarks import report
+        header = report.report_header(argv, prog="python -m benchmarks.compare_redesign")
+        rows = {name: {"ms_per_step": 1e3 * median[name], "ms_per_step_rounds": [1e3 * x for x in t]}
+                for name, t in times.items()}
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "compare.json"), "w") as f:
+            json.dump({**header, "before": args.before, "steps": args.steps, "rounds": args.rounds,
+                       "batch_size": args.batch_size, "rows": rows, "after_over_before": ratios}, f, indent=2)
+        print(f"wrote {os.path.join(args.out, 'compare.json')}")
     return 0
 
 
