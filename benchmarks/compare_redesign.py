@@ -71,11 +71,12 @@ def epoch_runner(prefix: str, data, steps: int, batch: int, workdir: str):
                                         lib["parallel"].make_mesh(None))
     ckpt = lib["checkpoints"].Checkpointer(workdir, lib["checkpoints"].CheckpointOptions(), log=lambda *a: None)
     record = hooks.RunRecord()
-    saver = hooks.Saver(ckpt, prog, {}, record)
     metrics, quiet = os.path.join(workdir, "metrics.jsonl"), (lambda *a: None)
     if hasattr(hooks, "FiniteCheck"):  # (before the loop checked the loss and kept the history itself)
+        saver = hooks.Saver(ckpt, prog, {}, record)
         own = [hooks.FiniteCheck(ckpt), hooks.MetricsLog(record, metrics, False, quiet)]
-    else:
+    else:  # (no checkpoint is due in one epoch: the hook only stands by for the preemption check)
+        saver = hooks.Checkpoint(ckpt, prog, None, record, lib["checkpoints"].CheckpointOptions(), steps + 1)
         own = [hooks.MetricsLog(metrics, False, quiet)]
     hook_list = [hooks.ProgressBar(prog, 1, False), *own,
                  hooks.Preemption(lib["preemption"].PreemptionGuard(), saver, quiet)]

@@ -275,7 +275,7 @@ def train_small(sizes: Sizes, workroot: str, loop: str, mode: str = "bn"):
                             steps_per_call=max(1, sizes.check_steps - 2))  # two fused calls, one of them partial
     workdir = os.path.join(workroot, f"small_{mode}_{loop}")
     train.train_and_evaluate(config, workdir, data=data, log=lambda *a: None, runtime=runtime,
-                             checkpointing=checkpoints.CheckpointOptions(keep=1, async_save=False))
+                             checkpoint_options=checkpoints.CheckpointOptions(keep=1, async_save=False))
     fresh = train.create_train_state(config, data.num_classes, data.train_images.shape[1:], sizes.check_steps)
     return fresh, checkpoints.restore(workdir, fresh)
 
@@ -514,7 +514,7 @@ def run_stage(args, sizes: Sizes, clock: Clock, report: Report, data_dir: str, s
     guard.deadline = until
     status = "failed"
     try:
-        train.train_and_evaluate(config, workdir, log=log, runtime=runtime, checkpointing=options, guard=guard)
+        train.train_and_evaluate(config, workdir, log=log, runtime=runtime, checkpoint_options=options, guard=guard)
         status = "finished"
     except preemption.Preempted as e:
         status = f"stopped: {e}"

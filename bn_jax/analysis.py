@@ -14,13 +14,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from bn_jax import checkpoints, metrics_log, parallel, train, train_modes
+from bn_jax import checkpoints, dataset_registry, metrics_log, parallel, train, train_modes
 from bn_jax import program as program_lib
 from bn_jax import config as config_lib
 from bn_jax import workdir as workdir_lib
 from bn_jax.config import ExperimentConfig, RuntimeConfig
-
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
 @dataclasses.dataclass
@@ -96,7 +94,7 @@ def find_runs(paths: Sequence[str], warn=print) -> List[Run]:
 def restore_state(run: Run, num_classes: Optional[int] = None):
     """The final train state, restored into a fresh state of the run's config (checkpoints.restore)."""
     if num_classes is None:
-        num_classes = run.summary.get("num_classes") or NUM_CLASSES.get(run.config.dataset, 10)
+        num_classes = run.summary.get("num_classes") or dataset_registry.lookup(run.config.dataset).num_classes or 10
     template = train.create_train_state(run.config, num_classes, (32, 32, 3), steps_per_epoch=1)
     return checkpoints.restore(run.workdir, template)
 

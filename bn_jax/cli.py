@@ -22,7 +22,7 @@ import sys
 from typing import NamedTuple
 
 from bn_jax import config as config_lib
-from bn_jax import orbax_failures, preemption
+from bn_jax import dataset_registry, orbax_failures, preemption
 from bn_jax import workdir as workdir_lib
 
 EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, preemption.EXIT_PREEMPTED
@@ -43,7 +43,7 @@ class Command(NamedTuple):
     experiment: config_lib.ExperimentConfig
     runtime: config_lib.RuntimeConfig
     workdir: str
-    checkpointing: config_lib.CheckpointOptions
+    checkpoint_options: config_lib.CheckpointOptions
     cluster: config_lib.ClusterOptions
 
 
@@ -99,13 +99,13 @@ def configs_from_args(recipe: Recipe, args, parser):
             parser.error(f"--bn_only conflicts with --train_mode {args.train_mode}")
         values["train_mode"] = "bn"
     values["train_mode"] = values["train_mode"] or recipe.defaults.train_mode
-    streamed = config_lib.STREAMED_DATASETS
-    if recipe.streamed and values["dataset"] not in streamed:
-        parser.error(f"this command trains streamed datasets ({', '.join(streamed)}); train "
+    streamed = dataset_registry.lookup(values["dataset"]).streamed
+    if recipe.streamed and not streamed:
+        parser.error(f"this command trains streamed datasets ({', '.join(dataset_registry.STREAMED)}); train "
                      f"{values['dataset']} with python -m experiments.cifar")
-    if values["dataset"] in streamed:
+    if streamed:
         values["model"] = config_lib.imagenet_model_name(values["model"])
-        if values.get("image_size") == config_lib.DEFAULT_IMAGE_SIZE:  # (the default, named: the same run)
+        if values.get("image_size") == dataset_registry.DEFAULT_IMAGE_SIZE:  # (the default, named: the same run)
             values["image_size"] = None
     if values.get("extend_to_epochs") is not None:
         if args.restart:
@@ -153,7 +153,7 @@ def train(command: Command, guard, extra_hooks, parser) -> int:
     workdir = command.workdir
     try:
         summary = train_lib.train_and_evaluate(command.experiment, workdir, runtime=command.runtime,
-                                               checkpointing=command.checkpointing, guard=guard,
+                                               checkpoint_options=command.checkpoint_options, guard=guard,
                                                extra_hooks=extra_hooks)
     except (datasets.DataError, checkpoints.CheckpointError, workdir_lib.WorkdirUnusable) as e:
         parser.print_usage(sys.stderr)

@@ -26,12 +26,10 @@ import os
 from typing import Any, Dict, List, Optional
 
 from bn_jax.names import (BN_INITS, BN_PLACEMENTS, CHECKPOINT_FORMATS, CHECKPOINT_UNITS, IMAGENET_DEPTHS,  # noqa: F401
-                          LOOPS, MODEL_NAMES, NORMALIZATIONS, PRECISIONS, SCHEDULES, TRAIN_MODES)
+                          LOOPS, MODEL_FAMILIES, MODEL_NAMES, NORMALIZATIONS, PRECISIONS, SCHEDULES, TRAIN_MODES)
 
-# Datasets streamed from the hosts (bn_jax.streaming) rather than held on the device; their models
-# are the ImageNet ResNets, and the CLI's --model resnet50 means imagenet_resnet50 for them.
-STREAMED_DATASETS = ("imagenet2012",)
-DEFAULT_IMAGE_SIZE = 224  # a streamed run's crop when --image_size is not given (the paper's)
+from bn_jax import dataset_registry
+
 MAX_DEFAULT_WORKERS = 32  # each worker holds a few 150 MB ImageNet batches: more by default risks memory
 MAX_SEED = 2**31 - 1  # jax.random.key and NumPy take any such int; larger ones overflow somewhere
 # Experiment keys added after runs were saved, with the behaviour those runs had.
@@ -146,16 +144,19 @@ class ExperimentConfig(_Part):
     def validate(self) -> "ExperimentConfig":
         """Raise ValueError with one readable line for anything that cannot run."""
         check_fields(self)
-        streamed = self.dataset in STREAMED_DATASETS
-        if self.model.startswith("imagenet_") and not streamed:
+        data = dataset_registry.lookup(self.dataset)
+        family = "imagenet_resnet" if self.model.startswith("imagenet_") else self.model.rstrip("0123456789")
+        known = family in MODEL_FAMILIES  # (an unknown name: create_model below says which are known)
+        if known and family not in data.model_families and family == "imagenet_resnet":
             raise ValueError(f"{self.model} is an ImageNet model: train it with python -m experiments.imagenet "
                              "(--dataset imagenet2012); CIFAR takes resnet<6n+2>, vgg11/13/16/19")
-        if streamed and not self.model.startswith("imagenet_"):
+        if known and family not in data.model_families:
             raise ValueError(f"{self.dataset} takes the ImageNet ResNets (resnet18, 34, 50, 101, 152, 200), "
                              f"not {self.model}")
-        if not streamed and self.image_size is not None:
-            raise ValueError(f"image_size applies to streamed datasets (imagenet2012); {self.dataset} is 32×32")
-        if streamed and self.normalize == "dataset":
+        if not data.streamed and self.image_size is not None:
+            raise ValueError(f"image_size applies to streamed datasets ({', '.join(dataset_registry.STREAMED)}); "
+                             f"{self.dataset} is 32×32")
+        if self.normalize not in data.normalizations:
             raise ValueError(f"normalize 'dataset' needs the training set in memory; {self.dataset} is streamed: "
                              "use --normalize imagenet")
         self.create_model()

@@ -80,26 +80,6 @@ class RunRecord:
         return self.past_wall_time + time.time() - self.session_start
 
 
-class Saver:
-    """Writes the run's checkpoints: the train state plus what an exact resume needs in meta."""
-
-    def __init__(self, ckpt: checkpoints.Checkpointer, program, expected: checkpoints.RunMeta, record: RunRecord):
-        self.ckpt, self.program, self.expected, self.record = ckpt, program, expected, record
-        self.last_step = None
-
-    def save(self, tick: Tick) -> None:
-        step, spe = tick.step, self.program.steps_per_epoch
-        if step == self.last_step:
-            return
-        tick.finite_totals()
-        input_meta, items = self.program.input.checkpoint()
-        self.ckpt.save(tick.state, tick.totals, {**self.expected.saved(), "epoch": step // spe, "position": step % spe,
-                                                 "steps_per_epoch": spe, "history": list(self.record.history),
-                                                 "wall_time": self.record.wall_time(),
-                                                 "rng": self.program.position(step // spe), **input_meta}, items)
-        self.last_step = step
-
-
 class ProgressBar(Hook):
     def __init__(self, program, epochs: int, enabled: bool):
         self.program, self.epochs, self.enabled = program, epochs, enabled
@@ -125,21 +105,37 @@ class ProgressBar(Hook):
 
 
 class Checkpoint(Hook):
-    """Save when ``options`` say a checkpoint is due, and at the run's last step."""
+    """The run's checkpoints: saved when ``options`` say one is due, at the run's last step, and
+    when another hook asks (``save``: preemption). Each holds the train state plus what an exact
+    resume needs in its meta (``expected``, the run's RunMeta, and where the run stands)."""
 
-    def __init__(self, saver: Saver, options: checkpoints.CheckpointOptions, last_step: int):
-        self.saver, self.options, self.last_step = saver, options, last_step
+    def __init__(self, ckpt: checkpoints.Checkpointer, program, expected: checkpoints.RunMeta, record: RunRecord,
+                 options: checkpoints.CheckpointOptions, last_step: int):
+        self.ckpt, self.program, self.expected, self.record = ckpt, program, expected, record
+        self.options, self.last_step, self.saved_step = options, last_step, None
+
+    def save(self, tick: Tick) -> None:
+        step, spe = tick.step, self.program.steps_per_epoch
+        if step == self.saved_step:
+            return
+        tick.finite_totals()
+        input_meta, items = self.program.input.checkpoint()
+        self.ckpt.save(tick.state, tick.totals, {**self.expected.saved(), "epoch": step // spe, "position": step % spe,
+                                                 "steps_per_epoch": spe, "history": list(self.record.history),
+                                                 "wall_time": self.record.wall_time(),
+                                                 "rng": self.program.position(step // spe), **input_meta}, items)
+        self.saved_step = step
 
     def next_stop(self, step):
         return self.options.next_due_step(step)
 
     def after_steps(self, tick):
         if not tick.epoch_end and self.options.due(tick.step):  # (an epoch's end: after its evaluation)
-            self.saver.save(tick)
+            self.save(tick)
 
     def after_epoch(self, tick):
         if tick.step == self.last_step or self.options.due(tick.step, tick.epoch + 1):
-            self.saver.save(tick)
+            self.save(tick)
 
 
 class Preemption(Hook):
@@ -149,8 +145,8 @@ class Preemption(Hook):
     multi-host job combines the local flags with an all-gather, at synced ticks only.
     """
 
-    def __init__(self, guard: preemption.PreemptionGuard, saver: Saver, log: Callable):
-        self.guard, self.saver, self.log = guard, saver, log
+    def __init__(self, guard: preemption.PreemptionGuard, checkpoint: Checkpoint, log: Callable):
+        self.guard, self.checkpoint, self.log = guard, checkpoint, log
 
     def after_steps(self, tick):
         if not tick.epoch_end:  # (an epoch's end: after its evaluation)
@@ -168,9 +164,9 @@ class Preemption(Hook):
             return
         reason = self.guard.reason if self.guard.requested else "another process was signalled"
         self.log(f"{reason}: saving a checkpoint at step {tick.step} and exiting")
-        self.saver.save(tick)
-        self.saver.ckpt.wait()
-        raise preemption.Preempted(reason, tick.step, self.saver.ckpt.path)
+        self.checkpoint.save(tick)
+        self.checkpoint.ckpt.wait()
+        raise preemption.Preempted(reason, tick.step, self.checkpoint.ckpt.path)
 
 
 class MetricsLog(Hook):
@@ -191,9 +187,9 @@ class MetricsLog(Hook):
                  f"{r['images_per_second']:.0f} img/s trained{loading}")
 
 
-def standard_hooks(program, saver: Saver, options, guard, epochs: int, run_dir, log: Callable):
+def standard_hooks(program, checkpoint: Checkpoint, guard, epochs: int, run_dir, log: Callable):
     """The trainer's hooks. Each reads only the tick and its own state, never what another hook
-    wrote, so their order does not matter."""
+    wrote, so their order does not matter (a save that two ask for at one step is made once)."""
     writer = parallel.is_writer()
-    return [ProgressBar(program, epochs, writer), MetricsLog(run_dir.metrics, writer, log),
-            Checkpoint(saver, options, epochs * program.steps_per_epoch), Preemption(guard, saver, log)]
+    return [ProgressBar(program, epochs, writer), MetricsLog(run_dir.metrics, writer, log), checkpoint,
+            Preemption(guard, checkpoint, log)]

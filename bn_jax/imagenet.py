@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from bn_jax.config import DEFAULT_IMAGE_SIZE
+from bn_jax.names import DEFAULT_IMAGE_SIZE
 from bn_jax.datasets import IMAGE_SUFFIXES, DataError
 from bn_jax.streaming import StreamData, UnreadableFile
 

@@ -22,6 +22,7 @@ CHECKPOINT_FORMATS = ("full", "small")
 MODEL_FAMILIES = ("resnet", "vgg", "imagenet_resnet")
 VGG_DEPTHS = (11, 13, 16, 19)
 IMAGENET_DEPTHS = (18, 34, 50, 101, 152, 200)
+DEFAULT_IMAGE_SIZE = 224  # a streamed run's crop when --image_size is not given (the paper's ImageNet crop)
 MODEL_NAMES = ("resnet<6n+2> (e.g. resnet20, resnet56, resnet110, resnet866), vgg11, vgg13, vgg16, vgg19; "
                "ImageNet (--dataset imagenet2012): resnet18, 34, 50, 101, 152, 200")
 

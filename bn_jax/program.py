@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Protocol, Tuple
 import jax
 import numpy as np
 
-from bn_jax import augmentation, datasets, hashing, parallel, rng, steps, streaming
+from bn_jax import augmentation, dataset_registry, datasets, hashing, parallel, rng, steps, streaming
 from bn_jax.config import ExperimentConfig, RuntimeConfig
 
 # fused: ``steps_per_call`` steps as one compiled fori_loop, so the host only wakes between
@@ -294,7 +294,6 @@ class StreamingProgram:
 
 def build_program(config: ExperimentConfig, runtime: RuntimeConfig, data: Data, mesh) -> Program:
     """The program that trains ``config`` on ``data`` over ``mesh``, executed as ``runtime`` says:
-    streamed from the hosts for a ``StreamData``, device-resident for an in-memory ``Dataset``."""
-    if isinstance(data, streaming.StreamData):
-        return StreamingProgram(config, runtime, data, mesh)
-    return DeviceResidentProgram(config, runtime, data, mesh)
+    the one its dataset's registry entry names (streamed from the hosts, or device-resident)."""
+    kind = dataset_registry.lookup(config.dataset).program
+    return {"streaming": StreamingProgram, "device_resident": DeviceResidentProgram}[kind](config, runtime, data, mesh)

@@ -18,11 +18,10 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from bn_jax import checkpoints, datasets, hooks, image_folders, metrics_log, models, parallel, preemption, provenance
+from bn_jax import checkpoints, dataset_registry, datasets, hooks, metrics_log, models, parallel, preemption, provenance
 from bn_jax import program as program_lib
 from bn_jax import rng, steps, train_modes
 from bn_jax import workdir as workdir_lib
-from bn_jax import config as config_lib
 from bn_jax.config import ExperimentConfig, RuntimeConfig
 from bn_jax.steps import cross_entropy, eval_step, train_step  # noqa: F401  (the Flax examples' names)
 
@@ -170,12 +169,9 @@ def run_summary(config: ExperimentConfig, runtime: RuntimeConfig, data, loaded_c
 
 
 def open_data(config: ExperimentConfig, runtime: RuntimeConfig):
-    """The whole dataset a run names: loaded into memory (CIFAR, image folders), or opened for
-    streaming (ImageNet: its images are read as training goes)."""
-    if config.dataset in config_lib.STREAMED_DATASETS:
-        from bn_jax import imagenet
-        return imagenet.load(runtime.data_dir, crop=config.image_size or imagenet.CROP)
-    return image_folders.load_image_folder(runtime.data_dir) if runtime.data_dir else datasets.load_tfds(config.dataset)
+    """The whole dataset a run names (``dataset_registry``): loaded into memory (CIFAR, image
+    folders), or opened for streaming (ImageNet: its images are read as training goes)."""
+    return dataset_registry.lookup(config.dataset).open(runtime.data_dir, config.image_size)
 
 
 def load_data(config: ExperimentConfig, runtime: RuntimeConfig, data, guard):
@@ -219,12 +215,12 @@ def run_session(config, runtime, run: workdir_lib.RunDir, program, state, expect
         metrics_log.write_metrics(run.metrics, record.history)
         run.write_config(config, runtime, provenance.provenance())
     preemption.stop_before_start(guard, ckpt.path)  # a signal while loading or restoring
-    saver = hooks.Saver(ckpt, program, expected, record)
-    hook_list = [*extra_hooks, *hooks.standard_hooks(program, saver, options, guard, config.epochs, run, log)]
+    checkpoint = hooks.Checkpoint(ckpt, program, expected, record, options, config.epochs * program.steps_per_epoch)
+    hook_list = [*extra_hooks, *hooks.standard_hooks(program, checkpoint, guard, config.epochs, run, log)]
     try:
         state = train_loop(state, totals, program, hook_list, config.epochs, record)
         if config.epochs == 0:
-            saver.save(hooks.Tick(0, 0, 0, True, state, program.zero_totals(), True))
+            checkpoint.save(hooks.Tick(0, 0, 0, True, state, program.zero_totals(), True))
     except FloatingPointError as e:
         raise FloatingPointError(f"{e} (last good checkpoint: step {ckpt.latest_saved()})") from None
     return state, record
@@ -232,7 +228,7 @@ def run_session(config, runtime, run: workdir_lib.RunDir, program, state, expect
 
 def train_and_evaluate(config: ExperimentConfig, workdir: str, data: Optional[datasets.Dataset] = None,
                        log=print, runtime: Optional[RuntimeConfig] = None,
-                       checkpointing: Optional[checkpoints.CheckpointOptions] = None,
+                       checkpoint_options: Optional[checkpoints.CheckpointOptions] = None,
                        guard: Optional[preemption.PreemptionGuard] = None,
                        extra_hooks: Sequence[hooks.Hook] = ()) -> Dict[str, Any]:
     """Train ``config``, evaluate every epoch, and write config/metrics/summary/checkpoints into
@@ -248,7 +244,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: Optional[da
     """
     config.validate()
     runtime = (runtime or RuntimeConfig()).validate()
-    options = (checkpointing or checkpoints.CheckpointOptions()).validate()
+    options = (checkpoint_options or checkpoints.CheckpointOptions()).validate()
     data, loaded = load_data(config, runtime, data, guard)
     mesh = parallel.make_mesh(runtime.num_devices)
     parallel.check_batch_size(config.batch_size, mesh)

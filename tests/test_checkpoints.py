@@ -498,7 +498,7 @@ def test_small_checkpoints_resume_exactly_and_refuse_other_frozen_weights(env, t
     monkeypatch.setattr(train.models, "init_variables", perturbed)
     config, runtime, workdir, options, _ = cli_lib.parse_args(cifar.RECIPE, flags(env, small, *bn, "--small_checkpoints"))
     with pytest.raises(checkpoints.CheckpointError, match="frozen"):
-        train.train_and_evaluate(config, workdir, runtime=runtime, checkpointing=options, log=lambda *_: None)
+        train.train_and_evaluate(config, workdir, runtime=runtime, checkpoint_options=options, log=lambda *_: None)
 
 
 def test_workdir_with_results_but_no_checkpoint_is_not_clobbered(env, tmp_path, capsys):
