@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run stage's workdir (default runs/gpu_check/<run name>); an earlier run "
                         "there is resumed")
     p.add_argument("--resume_run", default=None,
-                   help="run.tar.gz from an earlier check: unpacked into --workdir's parent, so the "
+                   help="run.tar.gz from an earlier check: unpacked as --workdir, so the "
                         "160-epoch run continues where it stopped")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes and generated data: checks the command itself, on any device")
@@ -450,8 +450,8 @@ def summarize_run(history: List[Dict[str, Any]], epochs: int, session_first_epoc
 
 
 def _read_history(workdir: str) -> List[Dict[str, Any]]:
-    from bn_jax import metrics_log
-    return metrics_log.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    from bn_jax import metrics_log, workdir as workdir_lib
+    return metrics_log.read_metrics(workdir_lib.RunDir(workdir).metrics)
 
 
 def unpack_run(archive: str, workdir: str) -> None:

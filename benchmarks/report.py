@@ -1,6 +1,7 @@
 """What every bn_jax benchmark report shares: its cases, timed rounds, rows, tables, plots, header
 and writing. ``benchmark`` (the step table), ``input_benchmark`` (the input pipeline) and
-``gpu_check`` build on it; none of them imports another's internals.
+``gpu_check`` build on it; ``gpu_check`` also runs the benchmark's cases through its public
+runners (``jax_runner``, ``torch_runner``), and no module reads another's private names.
 """
 
 import dataclasses

@@ -8,8 +8,8 @@ every module that is not a BatchNorm. We keep its flaw on purpose, since that is
 compared against: the freeze runs *after* the first optimizer step, so step 1 trains every
 weight. From step 2 on the frozen weights get no gradient (``zero_grad`` left them ``None``), SGD
 skips them, and autograd no longer computes their weight gradients, which is where the loop saves
-time. Not part of the library: only the benchmark imports this module, and torch is imported
-lazily so that ``available()`` works without it.
+time. Not part of the library: only the benchmark and the GPU check import this module, and torch
+is imported lazily so that ``available()`` works without it.
 
 ``python -m benchmarks.torch_reference --model resnet20 --mode bn --steps 5`` prints images/s.
 """

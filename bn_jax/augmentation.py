@@ -10,24 +10,26 @@ import numpy as np
 
 from bn_jax import names
 
-NORMALIZATIONS = names.NORMALIZATIONS
 # The paper's code (open_lth datasets/cifar10.py) normalises CIFAR-10 with ImageNet's statistics.
 IMAGENET_MEAN_STD = (np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32))
-
-
-def normalization(kind: str, train_images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Per-channel (mean, std) on the 0-1 scale: the training set's own, or ImageNet's."""
-    if kind == "imagenet":
-        return IMAGENET_MEAN_STD
-    if kind == "dataset":
-        return channel_stats(train_images)
-    raise ValueError(f"unknown normalization {kind!r}; known: {', '.join(NORMALIZATIONS)}")
 
 
 def channel_stats(images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of the training images, on the 0-1 scale."""
     x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
     return x.mean(0).astype(np.float32), x.std(0).astype(np.float32)
+
+
+# --normalize: (mean, std) from the training images (None where a dataset streams)
+NORMALIZERS = {"dataset": channel_stats, "imagenet": lambda train_images: IMAGENET_MEAN_STD}
+names.check_keys(NORMALIZERS, names.NORMALIZATIONS, "augmentation.NORMALIZERS")
+
+
+def normalization(kind: str, train_images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-channel (mean, std) on the 0-1 scale: the training set's own, or ImageNet's."""
+    if kind not in NORMALIZERS:
+        raise ValueError(f"unknown normalization {kind!r}; known: {', '.join(NORMALIZERS)}")
+    return NORMALIZERS[kind](train_images)
 
 
 def normalize(images, mean, std):

@@ -43,8 +43,6 @@ class DiskFull(CheckpointError):
     """A write ran out of space; the message names the path and the bytes it needed."""
 
 
-# ---- hashes and fingerprints ----------------------------------------------------------------
-
 # ---- the manager ----------------------------------------------------------------------------
 
 def _state_tree(state, totals, fmt: str):

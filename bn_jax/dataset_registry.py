@@ -1,5 +1,6 @@
-"""The datasets a run can name, each entry saying once how to open it, how many classes it has,
-which program trains on it, which models and input normalisations fit it.
+"""The datasets a run can name, each entry saying once how many classes it has, whether it
+streams (and so which program trains on it), which models and input normalisations fit it, and
+opening it (``DatasetEntry.open``: TFDS or an image folder in memory, ImageNet's sources streamed).
 
 The config's checks, the command line, the trainer's loader (``train.open_data``),
 ``program.build_program`` and the analysis all ask ``lookup``. A name not in the table is an

@@ -2,7 +2,8 @@
 
 Read top to bottom: ``create_train_state`` builds the state; ``bn_jax.program`` compiles the
 steps and holds the data; ``train_loop`` runs the epochs, evaluates, and hands every call's end
-to the hooks (``bn_jax.hooks``: progress bar, finite check, metrics, checkpoints, preemption);
+to the hooks (``bn_jax.hooks``: progress bar, metrics log, checkpoints, preemption; the loop itself checks the loss,
+``Tick.finite_totals``);
 ``train_and_evaluate`` sets a run up, resumes it and writes its outputs.
 """
 
@@ -257,7 +258,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: Optional[da
     with run.exclusive():  # one run per workdir, until its summary is written
         if writer or not options.restart:  # every process refuses alike; one deletes for --restart
             run.prepare(config, options.restart, log)
-        parallel.barrier("prepare_workdir")
+        parallel.barrier("prepare_run")
         program, state, expected = set_up(config, runtime, data, mesh, devices, log)
         with checkpoints.Checkpointer(workdir, options, log) as ckpt, contextlib.closing(program), \
                 (contextlib.nullcontext(guard) if guard else preemption.PreemptionGuard()) as guard:

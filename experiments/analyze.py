@@ -238,8 +238,8 @@ def main(argv=None) -> int:
                    help="also write each run's per-epoch metrics as TensorBoard scalars to LOGDIR/<run> "
                         "(needs the optional tensorboard package)")
     args = p.parse_args(argv)
-    first = os.path.normpath(args.paths[0])  # a sweep root gets FIRST/report; a run, a folder beside it
-    out = args.out or (first + "_report" if analysis.is_finished(first) else os.path.join(first, "report"))
+    first = workdir_lib.RunDir(os.path.normpath(args.paths[0]))  # a sweep root gets FIRST/report; a run,
+    out = args.out or (first.path + "_" + first.REPORT if first.is_finished() else first.report)  # one beside it
     problem = workdir_lib.unwritable(out)
     if problem:
         p.error(f"cannot write the report to {out}: {problem}")

@@ -67,7 +67,7 @@ def test_the_libraries_key_their_tables_by_the_shared_names():
     assert names.TRAIN_MODES == tuple(train_modes.MODES)
     assert names.BN_INITS == tuple(models.BN_INITS)
     assert names.PRECISIONS == tuple(models.PRECISIONS)
-    assert names.NORMALIZATIONS == tuple(augmentation.NORMALIZATIONS)
+    assert names.NORMALIZATIONS == tuple(augmentation.NORMALIZERS)
     assert names.MODEL_FAMILIES == tuple(models.FAMILIES)
     with pytest.raises(AssertionError, match="differ from bn_jax.names"):
         names.check_keys({"full": 1, "bn": 2}, names.TRAIN_MODES, "a table missing modes")

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("bn_jax", "experiments", "benchmarks")
-# Who may import whom (docs/design.md, "Layers"): the library never reaches up into the studies or
+# Who may import whom (docs/design.md, "Three packages"): the library never reaches up into the studies or
 # the developer tools, and the studies never into the tools.
 FORBIDDEN = {"bn_jax": ("experiments", "benchmarks"), "experiments": ("benchmarks",), "benchmarks": ("experiments",)}
 # Modules the command line loads before it knows it will train: no JAX, so --help answers at once.
