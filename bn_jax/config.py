@@ -26,7 +26,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from bn_jax.names import (BN_INITS, BN_PLACEMENTS, CHECKPOINT_FORMATS, CHECKPOINT_UNITS, IMAGENET_DEPTHS,  # noqa: F401
-                          LOOPS, MODEL_FAMILIES, MODEL_NAMES, NORMALIZATIONS, PRECISIONS, SCHEDULES, TRAIN_MODES)
+                          LOOPS, MODEL_NAMES, NORMALIZATIONS, PRECISIONS, SCHEDULES, TRAIN_MODES)
 
 from bn_jax import dataset_registry
 
@@ -145,12 +145,12 @@ class ExperimentConfig(_Part):
         """Raise ValueError with one readable line for anything that cannot run."""
         check_fields(self)
         data = dataset_registry.lookup(self.dataset)
-        family = "imagenet_resnet" if self.model.startswith("imagenet_") else self.model.rstrip("0123456789")
-        known = family in MODEL_FAMILIES  # (an unknown name: create_model below says which are known)
-        if known and family not in data.model_families and family == "imagenet_resnet":
+        from bn_jax import models  # (the one model-name parser; create_model below refuses an unknown name)
+        family = models.family_of(self.model)
+        if family is not None and family not in data.model_families and family == "imagenet_resnet":
             raise ValueError(f"{self.model} is an ImageNet model: train it with python -m experiments.imagenet "
                              "(--dataset imagenet2012); CIFAR takes resnet<6n+2>, vgg11/13/16/19")
-        if known and family not in data.model_families:
+        if family is not None and family not in data.model_families:
             raise ValueError(f"{self.dataset} takes the ImageNet ResNets (resnet18, 34, 50, 101, 152, 200), "
                              f"not {self.model}")
         if not data.streamed and self.image_size is not None:

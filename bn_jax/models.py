@@ -18,7 +18,7 @@ layer run in bfloat16 while parameters stay float32 and Flax computes BatchNorm 
 
 import functools
 import re
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -205,12 +205,19 @@ class ModelName(NamedTuple):
     depth: int
 
 
+def family_of(name: str) -> Optional[str]:
+    """The family a name belongs to by its form (``resnet21`` is a "resnet", if not a valid one),
+    or None; ``parse_model_name`` then checks the depth."""
+    match = _NAME.match(name.lower())
+    return match.group(1) if match else None
+
+
 def parse_model_name(name: str) -> ModelName:
     """The one reading of a registry name; raises ValueError with the accepted names."""
-    match = _NAME.match(name.lower())
-    if not match:
+    family = family_of(name)
+    if family is None:
         raise ValueError(f"unknown model {name!r}; known: {model_names()}")
-    family, depth = match.group(1), int(match.group(2))
+    depth = int(_NAME.match(name.lower()).group(2))
     if family == "resnet":
         blocks_per_segment(depth)
     elif family == "vgg" and depth not in VGG_PLANS:
