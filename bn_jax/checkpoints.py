@@ -138,15 +138,16 @@ class Checkpointer:
         with self._disk_full_as_error():
             self.manager.wait_until_finished()
 
-    def restore_latest(self, fresh_state, fresh_totals, expected: "RunMeta"):
-        """(state, totals, meta) from the newest restorable checkpoint, or None if there is none.
+    def restore_latest(self, fresh_state, fresh_totals, expected: "RunMeta", at_most: Optional[int] = None):
+        """(state, totals, meta) from the newest restorable checkpoint (of a step <= ``at_most``, if
+        given: a pack resumes its members at one step), or None if there is none.
 
         ``fresh_state`` is the state a new run of the current config starts from (its frozen
         leaves fill in small checkpoints); ``expected`` is this run's ``RunMeta``, which each
         checkpoint is checked against. Corrupt checkpoints are moved aside with a warning; an
         incompatible one raises CheckpointError.
         """
-        steps = self.steps()
+        steps = [s for s in self.steps() if at_most is None or s <= at_most]
         tried = []
         for step in reversed(steps):
             try:
@@ -286,6 +287,7 @@ def restore(workdir: str, state, step=None):
     path = workdir_lib.RunDir(workdir).checkpoints
     if not os.path.isdir(path):  # (a CheckpointManager would create the folder: reading writes nothing)
         raise CheckpointError(f"{workdir} has no checkpoints/ folder")
+    orbax_failures.quiet_read_only_notices()
     read_only = ocp.CheckpointManagerOptions(create=False, read_only=True)
     with ocp.CheckpointManager(path, item_names=ITEMS, options=read_only) as manager:
         step = manager.latest_step() if step is None else step

@@ -22,7 +22,7 @@ import sys
 from typing import NamedTuple
 
 from bn_jax import config as config_lib
-from bn_jax import dataset_registry, orbax_failures, preemption
+from bn_jax import dataset_registry, orbax_failures, pack_config, preemption
 from bn_jax import workdir as workdir_lib
 
 EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, preemption.EXIT_PREEMPTED
@@ -42,9 +42,11 @@ class Recipe:
 class Command(NamedTuple):
     experiment: config_lib.ExperimentConfig
     runtime: config_lib.RuntimeConfig
-    workdir: str
+    workdir: str  # a pack's: the folder that holds its members' run folders
     checkpoint_options: config_lib.CheckpointOptions
     cluster: config_lib.ClusterOptions
+    pack: pack_config.PackOptions = pack_config.PackOptions()
+    members: tuple = ()  # a pack's experiments (``pack_config.members``); empty for one run
 
 
 def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
@@ -52,7 +54,8 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=recipe.prog, description=recipe.description,
                                 formatter_class=config_lib.HelpFormatter)
     groups = config_lib.add_flags(p, config_lib.ExperimentConfig)
-    for part in (config_lib.RuntimeConfig, config_lib.ClusterOptions, config_lib.CheckpointOptions):
+    for part in (config_lib.RuntimeConfig, config_lib.ClusterOptions, config_lib.CheckpointOptions,
+                 pack_config.PackOptions):
         config_lib.add_flags(p, part, groups)
     defaults = recipe.defaults.to_dict()
     if recipe.streamed:  # (the name its users know: torchvision's)
@@ -64,7 +67,8 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     mode.help += f" (default: {recipe.defaults.train_mode})"
     groups["checkpoints and resume"].add_argument(
         "--workdir", default=None,
-        help="output folder (default: runs/<model>_w<width>_<mode>_s<seed>-<hash of the experiment>)")
+        help="output folder (default: runs/<model>_w<width>_<mode>_s<seed>-<hash of the experiment>); with "
+             "--seeds or --vary, the folder that holds each member's run folder (default: runs)")
     return p
 
 
@@ -77,13 +81,17 @@ def parse_args(recipe: Recipe, argv=None, parser=None) -> Command:
     try:
         options = config_lib.CheckpointOptions.from_dict(vars(args)).validate()
         cluster = config_lib.ClusterOptions.from_dict(vars(args)).validate()
+        pack = pack_config.PackOptions.from_dict(vars(args)).validate()
+        members = tuple(pack_config.members(experiment, pack)) if pack.packed else ()
     except ValueError as e:
         parser.error(str(e))
+    if members:
+        workdir = workdir or "runs"
     workdir = workdir or os.path.join("runs", config_lib.run_name(experiment))
     problem = workdir_lib.unwritable(workdir)
     if problem:
         parser.error(f"cannot write to workdir {workdir}: {problem}")
-    return Command(experiment, runtime, workdir, options, cluster)
+    return Command(experiment, runtime, workdir, options, cluster, pack, members)
 
 
 def configs_from_argv(recipe: Recipe, argv, parser=None):
@@ -149,13 +157,10 @@ def main(recipe: Recipe, argv=None, extra_hooks=()) -> int:
 def train(command: Command, guard, extra_hooks, parser) -> int:
     """Run the training; its outcome as an exit code with one line on stderr."""
     from bn_jax import checkpoints, datasets, parallel
-    from bn_jax import train as train_lib
     workdir = command.workdir
     try:
-        summary = train_lib.train_and_evaluate(command.experiment, workdir, runtime=command.runtime,
-                                               checkpoint_options=command.checkpoint_options, guard=guard,
-                                               extra_hooks=extra_hooks)
-    except (datasets.DataError, checkpoints.CheckpointError, workdir_lib.WorkdirUnusable) as e:
+        summaries = run_training(command, guard, extra_hooks)
+    except (datasets.DataError, checkpoints.CheckpointError, workdir_lib.WorkdirUnusable, MemoryError) as e:
         parser.print_usage(sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -176,10 +181,26 @@ def train(command: Command, guard, extra_hooks, parser) -> int:
               f"in {workdir_lib.RunDir(workdir).checkpoints} by re-running the command", file=sys.stderr)
         return EXIT_INTERRUPTED
     if parallel.is_writer():
-        print(f"final test accuracy {summary['final_test_accuracy']:.4f} "
-              f"(best {summary['best_test_accuracy']:.4f}), top-5 {summary['final_test_top5_accuracy'] or 0:.4f}; "
-              f"results in {workdir}")
+        for summary, folder in summaries:
+            print(f"final test accuracy {summary['final_test_accuracy']:.4f} "
+                  f"(best {summary['best_test_accuracy']:.4f}), top-5 {summary['final_test_top5_accuracy'] or 0:.4f}; "
+                  f"results in {folder}")
     return 0
+
+
+def run_training(command: Command, guard, extra_hooks):
+    """[(summary, run folder)] of the run, or of each member a pack trained."""
+    if not command.members:
+        from bn_jax import train as train_lib
+        return [(train_lib.train_and_evaluate(command.experiment, command.workdir, runtime=command.runtime,
+                                              checkpoint_options=command.checkpoint_options, guard=guard,
+                                              extra_hooks=extra_hooks), command.workdir)]
+    from bn_jax import pack_run
+    summaries = pack_run.train_pack(command.members, command.workdir, runtime=command.runtime,
+                                    checkpoint_options=command.checkpoint_options, guard=guard,
+                                    device_memory_gb=command.pack.device_memory_gb,
+                                    pack_members=command.pack.pack_members, extra_hooks=extra_hooks)
+    return [(summary, folder) for folder, summary in summaries.items()]
 
 
 def run_main(recipe: Recipe, argv=None, extra_hooks=()) -> int:

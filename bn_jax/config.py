@@ -33,10 +33,10 @@ from bn_jax import dataset_registry
 MAX_DEFAULT_WORKERS = 32  # each worker holds a few 150 MB ImageNet batches: more by default risks memory
 MAX_SEED = 2**31 - 1  # jax.random.key and NumPy take any such int; larger ones overflow somewhere
 # Experiment keys added after runs were saved, with the behaviour those runs had.
-LEGACY_DEFAULTS = {"normalize": "dataset", "image_size": None}
+LEGACY_DEFAULTS = {"normalize": "dataset", "image_size": None, "init_seed": None}
 # Of those, the keys left out of a run's name hash at their legacy value, so that runs named before
 # the key existed keep their names (normalize was there when names got their hash).
-UNHASHED_AT_LEGACY = ("image_size",)
+UNHASHED_AT_LEGACY = ("image_size", "init_seed")
 
 
 # ---- validation rules: (name, value) -> a one-line complaint, or None -----------------------
@@ -64,13 +64,14 @@ def one_of(choices):
 
 
 def param(default, help: str, *rules, choices=None, group: str = "optimisation", flag: Optional[str] = None,
-          switch: Any = None, metavar: Optional[str] = None):
+          switch: Any = None, metavar: Optional[str] = None, append: bool = False):
     """A field with its flag's help text, its validation rules and its choices beside it.
-    ``switch``: the flag takes no value and sets the field to this one (``--small_checkpoints``)."""
+    ``switch``: the flag takes no value and sets the field to this one (``--small_checkpoints``);
+    ``append``: the flag may be repeated, and the field holds the list of its values."""
     rules = rules + ((one_of(choices),) if choices else ())
     return dataclasses.field(default=default, metadata={"help": help, "rules": rules, "choices": choices,
                                                          "group": group, "flag": flag, "switch": switch,
-                                                         "metavar": metavar})
+                                                         "metavar": metavar, "append": append})
 
 
 def check_fields(config) -> None:
@@ -125,6 +126,9 @@ class ExperimentConfig(_Part):
     normalize: str = param("dataset", "per-channel input normalisation: the training set's own mean/std, or "
                            "ImageNet's as the paper's code (open_lth) does", choices=NORMALIZATIONS)
     seed: int = param(0, "seeds the initialisation, data order and augmentation", at_least(0), at_most(MAX_SEED))
+    init_seed: Optional[int] = param(None, "seeds the initialisation instead of --seed, which then seeds only the "
+                                     "data order, augmentation and random_k's choice (runs that share it start "
+                                     "from the same weights: see --share_init)", at_least(0), at_most(MAX_SEED))
     dataset: str = param("cifar10", "TFDS name (cifar10, cifar100), or the name of the --data_dir data; "
                          "TFDS downloads and caches it and needs TensorFlow. imagenet2012: streamed from an "
                          "ImageNet folder (--data_dir) or a prepared TFDS imagenet2012 (no TensorFlow needed)",
@@ -161,6 +165,11 @@ class ExperimentConfig(_Part):
                              "use --normalize imagenet")
         self.create_model()
         return self
+
+    @property
+    def weights_seed(self) -> int:
+        """The seed of the initial weights: --init_seed, or --seed where none is given."""
+        return self.seed if self.init_seed is None else self.init_seed
 
     def create_model(self, num_classes: int = 10):
         """The model this config describes (architecture, BN placement, and what the mode implies)."""
@@ -225,6 +234,8 @@ def run_name(config: ExperimentConfig) -> str:
         parts.append(f"bn{config.bn_placement}")
     if config.bn_init != default.bn_init:
         parts.append(f"init{config.bn_init}")
+    if config.init_seed is not None:
+        parts.append(f"i{config.init_seed}")
     return "_".join(parts + [f"s{config.seed}"]) + "-" + config.short_hash()
 
 
@@ -362,7 +373,9 @@ def add_flags(parser: argparse.ArgumentParser, cls, groups: Optional[Dict[str, A
         meta = field.metadata
         group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         name, common = flag_name(field), dict(dest=field.name, default=field.default, help=meta["help"])
-        if meta.get("switch") is not None:
+        if meta.get("append"):
+            group.add_argument(name, action="append", metavar=meta.get("metavar"), **common)
+        elif meta.get("switch") is not None:
             group.add_argument(name, action="store_const", const=meta["switch"], **common)
         elif field.type is bool:
             group.add_argument(name, action="store_false" if field.default else "store_true", **common)

@@ -47,9 +47,12 @@ class Tick:
         if self.host_totals is None:
             self.host_totals = jax.device_get(self.totals)
         t = self.host_totals
-        if t["nonfinite_step"] >= 0 or not np.isfinite(t["loss"]):
-            raise FloatingPointError(f"non-finite training loss at step {int(t['nonfinite_step'])} "
-                                     f"(epoch {self.epoch + 1}); stopped without saving this state")
+        bad = np.flatnonzero((np.ravel(t["nonfinite_step"]) >= 0) | ~np.isfinite(np.ravel(t["loss"])))
+        if bad.size:  # (a pack's sums hold one entry per member)
+            member = f" of pack member {bad[0]}" if np.ndim(t["loss"]) else ""
+            raise FloatingPointError(f"non-finite training loss{member} at step "
+                                     f"{int(np.ravel(t['nonfinite_step'])[bad[0]])} (epoch {self.epoch + 1}); "
+                                     "stopped without saving this state")
         return t
 
 
@@ -98,8 +101,8 @@ class ProgressBar(Hook):
             if report:  # streamed input: what it can deliver, and how long training waited for it
                 speeds.update(load_img_s=f"{report['input_images_per_second']:.0f}",
                               wait=f"{report['input_wait_fraction']:.0%}")
-            self.bar.set_postfix(loss=f"{t['loss'] / t['count']:.3f}", acc=f"{t['correct'] / t['count']:.3f}",
-                                 **speeds)
+            self.bar.set_postfix(loss=f"{np.mean(t['loss'] / t['count']):.3f}",  # (a pack: the members' mean)
+                                 acc=f"{np.mean(t['correct'] / t['count']):.3f}", **speeds)
         if tick.epoch_end:
             self.bar.close()
 
@@ -126,6 +129,14 @@ class Checkpoint(Hook):
                                                  "rng": self.program.position(step // spe), **input_meta}, items)
         self.saved_step = step
 
+    @property
+    def path(self) -> str:
+        return self.ckpt.path
+
+    def wait(self) -> None:
+        """Until the saves handed to the background writer are on disk."""
+        self.ckpt.wait()
+
     def next_stop(self, step):
         return self.options.next_due_step(step)
 
@@ -145,7 +156,8 @@ class Preemption(Hook):
     multi-host job combines the local flags with an all-gather, at synced ticks only.
     """
 
-    def __init__(self, guard: preemption.PreemptionGuard, checkpoint: Checkpoint, log: Callable):
+    def __init__(self, guard: preemption.PreemptionGuard, checkpoint, log: Callable):
+        # (checkpoint: a Checkpoint, or anything with its save, wait and path: a pack's)
         self.guard, self.checkpoint, self.log = guard, checkpoint, log
 
     def after_steps(self, tick):
@@ -165,8 +177,8 @@ class Preemption(Hook):
         reason = self.guard.reason if self.guard.requested else "another process was signalled"
         self.log(f"{reason}: saving a checkpoint at step {tick.step} and exiting")
         self.checkpoint.save(tick)
-        self.checkpoint.ckpt.wait()
-        raise preemption.Preempted(reason, tick.step, self.checkpoint.ckpt.path)
+        self.checkpoint.wait()
+        raise preemption.Preempted(reason, tick.step, self.checkpoint.path)
 
 
 class MetricsLog(Hook):

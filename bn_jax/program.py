@@ -168,6 +168,14 @@ class ResidentInput:
         return {}
 
 
+def resident_position(seed: int, epoch: int, augment_key, order) -> Dict[str, Any]:
+    """What must be unchanged for an exact resume of a device-resident run in ``epoch``: seed,
+    augmentation key, the epoch's order."""
+    return {"seed": seed, "epoch": epoch,
+            "augment_key_data": np.asarray(jax.random.key_data(augment_key)).tolist(),
+            "epoch_order_sha256": hashing.order_hash(np.asarray(jax.device_get(order)))}
+
+
 class DeviceResidentProgram:
     """The training set on the device as uint8; each epoch's order drawn there, each batch
     gathered, augmented and trained on without the host touching the data."""
@@ -225,11 +233,7 @@ class DeviceResidentProgram:
         return self.put(steps.zero_totals())
 
     def position(self, epoch: int) -> Dict[str, Any]:
-        """What must be unchanged for an exact resume in ``epoch``: seed, augmentation key, order."""
-        order = np.asarray(jax.device_get(self.order(epoch)))
-        return {"seed": self.seed, "epoch": epoch,
-                "augment_key_data": np.asarray(jax.random.key_data(self.augment_key)).tolist(),
-                "epoch_order_sha256": hashing.order_hash(order)}
+        return resident_position(self.seed, epoch, self.augment_key, self.order(epoch))
 
     def close(self) -> None:
         """(Nothing to stop: no input runs beside the steps.)"""

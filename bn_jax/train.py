@@ -63,7 +63,7 @@ def create_train_state(config: ExperimentConfig, num_classes: int, image_shape, 
     """The run's initial state (a pure function of the seed) with its train plan: what trains is
     decided here, once, and everything after asks ``state.plan``."""
     model = config.create_model(num_classes)
-    variables = models.init_variables(model, rng.key(config.seed, "init"), image_shape)
+    variables = models.init_variables(model, rng.key(config.weights_seed, "init"), image_shape)
     plan = train_modes.plan(variables, config.train_mode, config.k, config.seed)
     tx = train_modes.make_optimizer(variables, config.train_mode, make_schedule(config, steps_per_epoch),
                                     config.momentum, config.weight_decay, k=config.k, seed=config.seed)
@@ -99,10 +99,15 @@ def call_end(program, hook_list, epoch: int, i: int) -> int:
     return min(e for e in ends if e > i)
 
 
+def step_of(state) -> int:
+    """The steps ``state`` has trained (a pack's members have all trained as many)."""
+    return int(np.ravel(jax.device_get(state.step))[0])
+
+
 def train_epoch(state, totals, program, hook_list: Sequence[hooks.Hook], epoch: int):
     """Train the rest of ``epoch`` from where ``state`` stands; (state, last tick, images/s)."""
     spe = program.steps_per_epoch
-    first = i = int(state.step) - epoch * spe
+    first = i = step_of(state) - epoch * spe
     totals = totals if first else program.zero_totals()
     for hook in hook_list:
         hook.start_epoch(epoch, first)
@@ -123,11 +128,11 @@ def train_epoch(state, totals, program, hook_list: Sequence[hooks.Hook], epoch: 
 def train_loop(state, totals, program, hook_list: Sequence[hooks.Hook], epochs: int, record: hooks.RunRecord):
     """Train from ``state`` (and a partial epoch's ``totals``) to the end of ``epochs``; after each
     epoch, evaluate, append the epoch's line to ``record`` and hand it to the hooks."""
-    for epoch in range(int(state.step) // program.steps_per_epoch, epochs):
+    for epoch in range(step_of(state) // program.steps_per_epoch, epochs):
         state, tick, speed = train_epoch(state, totals, program, hook_list, epoch)
         input_report = program.input.report()  # (before the evaluation, which reads input too)
         test = program.evaluate(state)
-        line = epoch_record(epoch, state, tick.finite_totals(), test, speed, record, input_report)
+        line = epoch_record(epoch, tick.step, tick.finite_totals(), test, speed, record, input_report)
         record.history.append(line)
         done = hooks.Tick(epoch, tick.step, tick.step, True, state, program.zero_totals(), True, line, tick.host_totals)
         for hook in hook_list:
@@ -135,11 +140,11 @@ def train_loop(state, totals, program, hook_list: Sequence[hooks.Hook], epochs: 
     return state
 
 
-def epoch_record(epoch: int, state, totals, test: Dict[str, float], speed: float,
+def epoch_record(epoch: int, step: int, totals, test: Dict[str, float], speed: float,
                  record: hooks.RunRecord, input_report: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
     """An epoch's line of metrics.jsonl (docs/cli.md, "Output files"); a streamed run adds what its
     input could load (images/s) and the share of the epoch training waited for it."""
-    return {"epoch": epoch + 1, "step": int(state.step), "train_loss": float(totals["loss"] / totals["count"]),
+    return {"epoch": epoch + 1, "step": step, "train_loss": float(totals["loss"] / totals["count"]),
         "train_accuracy": float(totals["correct"] / totals["count"]),
         "test_loss": test["loss"], "test_accuracy": test["accuracy"], "test_top5_accuracy": test["top5_accuracy"],
         "images_per_second": speed, **(input_report or {}), "wall_time": record.wall_time()}

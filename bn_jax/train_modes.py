@@ -204,13 +204,15 @@ class EntryMaskState(NamedTuple):
     mask: Any
 
 
-def keep_entries(masks) -> optax.GradientTransformation:
-    """Zero the updates outside ``masks``; the mask travels in the state (no baked-in constants)."""
+def keep_entries(masks: Callable[[], Any]) -> optax.GradientTransformation:
+    """Zero the updates outside the masks; the mask travels in the state (no baked-in constants).
+    ``masks`` makes them when the state is created (a packed step rebuilds the optimizer to update
+    states it did not create, and so never draws them)."""
 
     def init_fn(params):
         # Inside multi_transform, frozen leaves arrive as MaskedNode: keep the same structure.
         return EntryMaskState(jax.tree_util.tree_map(
-            lambda p, m: p if isinstance(p, optax.MaskedNode) else m, params, masks,
+            lambda p, m: p if isinstance(p, optax.MaskedNode) else m, params, masks(),
             is_leaf=lambda p: isinstance(p, optax.MaskedNode)))
 
     def update_fn(updates, state, params=None):
@@ -222,6 +224,20 @@ def keep_entries(masks) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def sgd_on(labels, mode: str, learning_rate, momentum, weight_decay,
+           masks: Callable[[], Any] = lambda: None) -> optax.GradientTransformation:
+    """SGD with coupled L2 on the leaves ``labels`` train, nothing at all on the frozen ones.
+
+    The hyperparameters may be traced values (a pack's members each bring their own); a Python
+    momentum of 0 means plain SGD, whose optimizer state has no momentum buffer."""
+    steps = [optax.add_decayed_weights(weight_decay)]
+    if mode in PARTIAL:
+        steps.append(keep_entries(masks))
+    plain = isinstance(momentum, (int, float)) and momentum == 0
+    train = optax.chain(*steps, optax.sgd(learning_rate, momentum=None if plain else momentum))
+    return optax.multi_transform({TRAIN: train, FREEZE: optax.set_to_zero()}, labels)
+
+
 def make_optimizer(variables, mode: str, learning_rate, momentum: float = 0.9,
                    weight_decay: float = 1e-4, k: int = 2, seed: int = 0) -> optax.GradientTransformation:
     """SGD with coupled L2 on the trainable leaves (entries), nothing at all on the frozen ones.
@@ -229,11 +245,8 @@ def make_optimizer(variables, mode: str, learning_rate, momentum: float = 0.9,
     ``variables``: the model's ``params`` and ``batch_stats`` (``model.init``'s result), from
     which ``roles`` tells BatchNorm, conv and dense parameters apart.
     """
-    steps = [optax.add_decayed_weights(weight_decay)]
-    if mode in PARTIAL:
-        steps.append(keep_entries(entry_masks(variables, mode, k, seed)))
-    train = optax.chain(*steps, optax.sgd(learning_rate, momentum=momentum or None))
-    return optax.multi_transform({TRAIN: train, FREEZE: optax.set_to_zero()}, labels(variables, mode))
+    return sgd_on(labels(variables, mode), mode, learning_rate, momentum, weight_decay,
+                  masks=lambda: entry_masks(variables, mode, k, seed))
 
 
 class TrainPlan:

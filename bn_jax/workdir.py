@@ -42,8 +42,9 @@ class RunDir:
 
     CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
     CHECKPOINTS, CORRUPT, LOCK, REPORT = "checkpoints", "corrupt_checkpoints", ".lock", "report"
+    PACK = "pack.json"  # a pack's member: the packs it trained in (bn_jax.pack_run)
     REWRITTEN = (CONFIG, METRICS, SUMMARY)  # the files a run rewrites or appends to
-    OUTPUTS = (CHECKPOINTS, CORRUPT, METRICS, SUMMARY, CONFIG)  # what --restart removes
+    OUTPUTS = (CHECKPOINTS, CORRUPT, METRICS, SUMMARY, CONFIG, PACK)  # what --restart removes
 
     def __init__(self, path: str):
         self.path = path

@@ -123,16 +123,18 @@ def test_config_json_holds_both_parts_and_provenance(tmp_path):
 
 
 def test_a_field_added_later_keeps_earlier_run_names():
-    """image_size came after run names got their hash: at its default it is left out of the hash,
-    so a CIFAR run started before keeps its folder (the hash of the fields as they were then)."""
+    """image_size and init_seed came after run names got their hash: at their defaults they are
+    left out of the hash, so a CIFAR run started before keeps its folder (the hash of the fields as
+    they were then)."""
     import hashlib
     import json
     base = config_lib.ExperimentConfig(model="resnet20", train_mode="bn")
-    before = {k: v for k, v in base.to_dict().items() if k != "image_size"}
+    before = {k: v for k, v in base.to_dict().items() if k not in ("image_size", "init_seed")}
     expected = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:8]
     assert base.short_hash() == expected
     imagenet = config_lib.ExperimentConfig(model="imagenet_resnet18", dataset="imagenet2012", normalize="imagenet")
     assert imagenet.short_hash() != dataclasses.replace(imagenet, image_size=64).short_hash()
+    assert base.short_hash() != dataclasses.replace(base, init_seed=0).short_hash()
 
 
 @pytest.mark.parametrize("changes, message", [

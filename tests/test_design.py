@@ -17,7 +17,7 @@ PACKAGES = ("bn_jax", "experiments", "benchmarks")
 # the developer tools, and the studies never into the tools.
 FORBIDDEN = {"bn_jax": ("experiments", "benchmarks"), "experiments": ("benchmarks",), "benchmarks": ("experiments",)}
 # Modules the command line loads before it knows it will train: no JAX, so --help answers at once.
-LIGHT = ("bn_jax.names", "bn_jax.dataset_registry", "bn_jax.config", "bn_jax.workdir", "bn_jax.preemption", "bn_jax.cli",
+LIGHT = ("bn_jax.names", "bn_jax.dataset_registry", "bn_jax.config", "bn_jax.pack_config", "bn_jax.workdir", "bn_jax.preemption", "bn_jax.cli",
          "bn_jax.orbax_failures", "experiments.cifar", "experiments.imagenet", "experiments.sweep")
 HEAVY = ("jax", "flax", "optax", "orbax", "numpy")
 
