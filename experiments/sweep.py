@@ -6,8 +6,9 @@ gets other folders). A run with summary.json and the same experiment in config.j
 and skipped, so a sweep can be restarted; a folder of that name holding another experiment is a
 conflict and is refused (use another --root). Runs without summary.json are (re)started, and resume from their newest
 checkpoint if an earlier sweep was interrupted (docs/checkpoints.md). ``--print_only`` prints
-one command per unfinished run, for a cluster scheduler. Flags after the known ones are passed
-to every run (e.g. ``--epochs 3 --data_dir ...``).
+one command per unfinished run (or pack: ``--seeds 0-4 --pack 8`` trains each point's seeds as
+packs, one compiled step for up to 8 runs), for a cluster scheduler. Flags after the known ones
+are passed to every run (e.g. ``--epochs 3 --data_dir ...``).
 
 Presets follow the paper's experiments (Frankle et al., ICLR 2021):
   depth: ResNet-14 … ResNet-866, full vs BN-only (Figure 2)
@@ -21,11 +22,11 @@ import os
 import shlex
 import subprocess
 import sys
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from bn_jax import cli
 from bn_jax import config as config_lib
-from bn_jax import names
+from bn_jax import names, pack_config
 from bn_jax import workdir as workdir_lib
 from experiments import cifar
 
@@ -51,9 +52,10 @@ def run_argv(point: Dict[str, str], extra: Sequence[str]) -> List[str]:
     return argv + list(extra)
 
 
-def check_extra(preset: str, extra: Sequence[str]) -> None:
+def check_extra(preset: str, extra: Sequence[str], seeds: bool = False) -> None:
     """Refuse passed-through flags that would override what the grid varies (names would collide)."""
-    varied = {f"--{key}" for point in PRESETS[preset] for key in point} | {"--workdir", "--bn_only"}
+    varied = {f"--{key}" for point in PRESETS[preset] for key in point} | {"--workdir", "--bn_only", "--seeds", "--vary"}
+    varied |= {"--seed"} if seeds else set()
     clash = sorted({arg.split("=")[0] for arg in extra} & varied)
     if clash:
         raise ValueError(f"preset {preset} sets {', '.join(clash)} itself")
@@ -68,18 +70,28 @@ def status(workdir: str, config) -> str:
     return "done" if run.holds(config) else "conflict"
 
 
-def plan(preset: str, root: str, extra: Sequence[str]):
-    """[(name, status, command)] for every grid point, in grid order."""
-    check_extra(preset, extra)
-    runs = []
+def plan(preset: str, root: str, extra: Sequence[str], seeds: Optional[Sequence[int]] = None, pack: int = 1):
+    """[(name, status, command)] for every grid point (each of ``seeds``, if given), in grid order.
+    ``pack`` > 1: a point's unfinished seeds train as packs of up to ``pack`` (one command each,
+    named by its members joined with " + "); finished and conflicting runs keep a line each."""
+    check_extra(preset, extra, seeds is not None)
+    runs, names = [], []
     for point in PRESETS[preset]:
-        argv = run_argv(point, extra)
-        config, _, _ = cli.configs_from_argv(cifar.RECIPE, argv)
-        name = config_lib.run_name(config)
-        workdir = os.path.join(root, name)
-        command = ["python", "-m", "experiments.cifar", *argv, "--workdir", workdir]
-        runs.append((name, status(workdir, config), command))
-    names = [name for name, _, _ in runs]
+        argv, todo = run_argv(point, extra), []
+        for seed in seeds if seeds is not None else [None]:
+            seed_argv = argv + ([] if seed is None else ["--seed", str(seed)])
+            config, _, _ = cli.configs_from_argv(cifar.RECIPE, seed_argv)
+            name = config_lib.run_name(config)
+            workdir, names = os.path.join(root, name), names + [name]
+            state = status(workdir, config)
+            if state == "todo" and pack > 1:
+                todo.append((seed, name))
+            else:
+                runs.append((name, state, ["python", "-m", "experiments.cifar", *seed_argv, "--workdir", workdir]))
+        for i in range(0, len(todo), pack):
+            chunk = todo[i:i + pack]
+            runs.append((" + ".join(n for _, n in chunk), "todo", ["python", "-m", "experiments.cifar", *argv, "--seeds",
+                                                                  ",".join(str(s) for s, _ in chunk), "--workdir", root]))
     if len(set(names)) != len(names):
         raise ValueError(f"preset {preset} gives duplicate run names: {names}")
     return runs
@@ -127,12 +139,20 @@ def main(argv=None) -> int:
                         "vgg (VGG-11…19); each full vs BN-only unless modes")
     p.add_argument("--root", required=True, help="folder that holds one subfolder per run")
     p.add_argument("--print_only", action="store_true", help="print the unfinished runs' commands and exit")
+    p.add_argument("--seeds", metavar="LIST", help="every grid point once per seed: a list and ranges such as "
+                   "0-4 or 0,1,5 (default: one run per point, with --seed if passed on)")
+    p.add_argument("--pack", type=int, default=1, metavar="N",
+                   help="train each point's unfinished seeds as packs of up to N runs, one compiled step for "
+                        "all (experiments.cifar --seeds; docs/packs.md); 1: one process per run")
     args, extra = p.parse_known_args(argv)
     problem = workdir_lib.unwritable(args.root)
     if problem:
         p.error(f"cannot use --root {args.root}: {problem}")
     try:
-        runs = plan(args.preset, args.root, extra)
+        seeds = None if args.seeds is None else pack_config.parse_seeds(args.seeds)
+        if args.pack < 1:
+            raise ValueError(f"--pack must be >= 1, got {args.pack}")
+        runs = plan(args.preset, args.root, extra, seeds, args.pack)
     except ValueError as e:
         p.error(str(e))
     if args.print_only:

@@ -90,3 +90,38 @@ def test_a_preempted_run_stops_the_sweep(tmp_path):
     ran = []
     failed = sweep.execute(runs, runner=lambda cmd: ran.append(cmd) or cli.EXIT_PREEMPTED, log=lambda *a: None)
     assert failed == 1 and len(ran) == 1  # the later runs wait for the re-run that resumes this one
+
+
+def test_seeds_multiply_the_grid_and_packs_group_each_points_unfinished_seeds(tmp_path):
+    root = str(tmp_path)
+    solo = sweep.plan("vgg", root, ["--epochs", "3"], seeds=[0, 1, 2])
+    assert len(solo) == 24 and prefix(solo[1][0]) == "vgg11_w1_full_s1"
+    first = {prefix(name): name for name, _, _ in solo}
+    finish(root, first["vgg11_w1_full_s1"], ExperimentConfig(model="vgg11", train_mode="full", epochs=3, seed=1))
+    runs = sweep.plan("vgg", root, ["--epochs", "3"], seeds=[0, 1, 2, 3, 4], pack=2)
+    vgg11_full = [(name, state, command) for name, state, command in runs if "vgg11_w1_full" in name]
+    # seed 1 is done; seeds 0, 2, 3, 4 train as two packs of two, each one command into the root
+    assert [state for _, state, _ in vgg11_full] == ["done", "todo", "todo"]
+    packs = [command for _, state, command in vgg11_full if state == "todo"]
+    assert [c[c.index("--seeds") + 1] for c in packs] == ["0,2", "3,4"]
+    assert all(c[c.index("--workdir") + 1] == root and "--seed" not in c for c in packs)
+    # the pack's command names the very runs the solo commands would write
+    argv = packs[0][3:]
+    command = cli.parse_args(cifar_recipe(), argv)
+    assert [os.path.join(root, n) for n in map(config_name, command.members)] == [
+        os.path.join(root, first["vgg11_w1_full_s0"]), os.path.join(root, first["vgg11_w1_full_s2"])]
+
+
+def cifar_recipe():
+    from experiments import cifar
+    return cifar.RECIPE
+
+
+def config_name(config):
+    from bn_jax.config import run_name
+    return run_name(config)
+
+
+def test_a_seed_flag_cannot_be_passed_through_beside_seeds(tmp_path):
+    with pytest.raises(ValueError, match="--seed"):
+        sweep.plan("vgg", str(tmp_path), ["--seed", "3"], seeds=[0, 1])
