@@ -163,3 +163,41 @@ def ablation_curve(run: Run, state, data, fractions: Sequence[float]):
     variables = train_modes.variables_of(state)
     return [(float(f), score(state.replace(params=zero_smallest_gammas(variables, f)))["accuracy"])
             for f in fractions]
+
+
+# ---- runs over seeds -------------------------------------------------------------------------
+
+SEED_FIELDS = ("seed", "init_seed")  # what tells a pack's or a sweep's repetitions of one experiment apart
+
+
+def without_seeds(run: Run) -> str:
+    """The run's experiment with its seeds left out: equal for every seed of one setting."""
+    return json.dumps({k: v for k, v in run.config.to_dict().items() if k not in SEED_FIELDS}, sort_keys=True)
+
+
+def seed_groups(runs: Sequence[Run]) -> List[List[Run]]:
+    """The runs grouped by their experiment without seeds, in the order the runs come."""
+    groups: Dict[str, List[Run]] = {}
+    for run in runs:
+        groups.setdefault(without_seeds(run), []).append(run)
+    return list(groups.values())
+
+
+def differing_fields(runs: Sequence[Run]) -> List[str]:
+    """The experiment fields, seeds aside, whose value is not the same in every run (in field order)."""
+    dicts = [r.config.to_dict() for r in runs]
+    return [k for k in (dicts[0] if dicts else {}) if k not in SEED_FIELDS and len({json.dumps(d[k]) for d in dicts}) > 1]
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = np.asarray(values, float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def curve_band(runs: Sequence[Run], key: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(epochs, mean, std) of a metrics.jsonl key over ``runs``, up to the shortest history."""
+    length = min(len(r.metrics) for r in runs)
+    values = np.array([[m[key] for m in r.metrics[:length]] for r in runs], float)
+    std = values.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(length)
+    return np.arange(1, length + 1), values.mean(axis=0), std

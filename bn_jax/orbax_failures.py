@@ -72,3 +72,18 @@ def quiet_background_noise() -> None:
         # sys.__stderr__ too: the interpreter falls back to it while it shuts down
         sys.stderr = sys.__stderr__ = _DropClosedLoopTracebacks(sys.stderr)
         logging.getLogger("absl").addFilter(_NoSpaceRecords())
+
+
+class _ReadOnlyNotices(logging.Filter):
+    """Orbax's two notices for every read-only manager: that it opens a folder read-only, which is
+    what reading a run's checkpoint asks of it."""
+
+    def filter(self, record):
+        text = record.getMessage()
+        return not ("read_only=True, setting save_interval_steps" in text or "Given directory is read only" in text)
+
+
+def quiet_read_only_notices() -> None:
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _ReadOnlyNotices) for f in logger.filters):
+        logger.addFilter(_ReadOnlyNotices())

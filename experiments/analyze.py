@@ -1,8 +1,11 @@
 """Report on finished runs: ``python -m experiments.analyze RUN_OR_SWEEP_DIR... [--out DIR]``.
 
-Writes DIR/report.md and PNG plots: test accuracy against depth, width and trainable parameters
-per train mode (the paper's published numbers beside ours, from bn_jax.paper_results); per-layer γ
-and β histograms; the fraction of features disabled (|γ| < --threshold) per layer and overall;
+Writes DIR/report.md and PNG plots: learning curves (train/test accuracy and loss against epoch,
+each setting's seeds as a band); a runs table with every setting in which the runs differ, and
+mean ± std over each setting's seeds; test accuracy against depth, width and trainable parameters
+per train mode, where the runs vary them (seeds as error bars; the paper's published numbers
+beside ours, from bn_jax.paper_results); per-layer γ and β histograms with a colour bar; the
+fraction of features disabled (|γ| < --threshold) per layer and overall;
 and test accuracy as the smallest-|γ| features are zeroed (needs the run's data: the test subset
 is re-created exactly as in training; --no_ablation skips it).
 """
@@ -10,14 +13,16 @@ is re-created exactly as in training; --no_ablation skips it).
 import argparse
 import datetime
 import os
+import re
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from bn_jax import analysis, checkpoints, models, paper_results, train, train_modes  # noqa: E402
 from bn_jax import workdir as workdir_lib  # noqa: E402
@@ -45,27 +50,54 @@ def _save(fig, path: str) -> str:
 
 
 def _series(runs, x_of, group_of) -> Dict[str, List]:
-    groups: Dict[str, List] = {}
+    """{group: [(x, mean %, std %, seeds)]}: the runs at one x of a group are one setting's seeds."""
+    groups: Dict[str, Dict] = {}
     for run in runs:
         x = x_of(run)
         if x is not None:
-            groups.setdefault(group_of(run), []).append((x, 100 * run.summary["final_test_accuracy"]))
-    return {g: sorted(points) for g, points in groups.items()}
+            groups.setdefault(group_of(run), {}).setdefault(x, []).append(100 * run.summary["final_test_accuracy"])
+    return {g: sorted((x, *analysis.mean_std(v), len(v)) for x, v in points.items()) for g, points in groups.items()}
 
 
 def plot_accuracy(runs, x_of, group_of, xlabel: str, path: str, logx=False, paper=None) -> Optional[str]:
+    """Final test accuracy against ``x_of``; where a point has several seeds, their mean with ±1 std."""
     series = _series(runs, x_of, group_of)
-    if not series:
-        return None
+    if len({x for points in series.values() for x, *_ in points}) < 2:
+        return None  # (the runs do not vary it: nothing to draw against)
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, points in sorted(series.items()):
-        ax.plot(*zip(*points), "o-", label=group)
+        xs, means, stds, _ = zip(*points)
+        ax.errorbar(xs, means, yerr=stds, fmt="o-", capsize=3, label=group)
     for label, points in (paper or {}).items():
         if points:
             ax.plot(*zip(*sorted(points)), "x--", color="gray" if "full" in label else "black", label=label)
-    ax.set(xlabel=xlabel, ylabel="test accuracy (%)", xscale="log" if logx else "linear")
+    ax.set(xlabel=xlabel, ylabel="test accuracy (%; mean ± std over seeds)", xscale="log" if logx else "linear")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def setting_label(run, fields: Sequence[str]) -> str:
+    """A run's name without seeds and hash, plus the differing settings its name does not show."""
+    readable = re.sub(r"(_i\d+)?_s\d+$", "", run.name.rsplit("-", 1)[0])
+    shown = ("model", "width", "train_mode", "k", "bn_placement", "bn_init")
+    extra = [f"{k}={getattr(run.config, k)}" for k in fields if k not in shown]
+    return " ".join([readable, *extra])
+
+
+def plot_learning_curves(runs, path: str) -> str:
+    """Train and test accuracy and loss against epoch, one line per setting, its seeds as a ±1 std band."""
+    groups, fields = analysis.seed_groups(runs), analysis.differing_fields(runs)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for ax, key in zip(axes.flat, ("train_accuracy", "test_accuracy", "train_loss", "test_loss")):
+        scale = 100 if key.endswith("accuracy") else 1
+        for group in groups:
+            epochs, mean, std = analysis.curve_band(group, key)
+            line, = ax.plot(epochs, scale * mean, label=f"{setting_label(group[0], fields)} ({len(group)} seeds)")
+            ax.fill_between(epochs, scale * (mean - std), scale * (mean + std), color=line.get_color(), alpha=0.25)
+        ax.set(xlabel="epoch", ylabel=key.replace("_", " ") + (" (%)" if scale == 100 else ""))
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=6)
     return _save(fig, path)
 
 
@@ -92,7 +124,8 @@ def plot_gamma_beta(layers, title: str, path: str) -> str:
         lo, hi = min(v.min() for v in values), max(v.max() for v in values)
         edges = np.linspace(lo, hi if hi > lo else lo + 1, 41)
         counts = np.stack([np.histogram(v, edges)[0] / v.size for v in values])
-        ax.imshow(counts, aspect="auto", cmap="viridis", extent=(edges[0], edges[-1], len(layers) - 0.5, -0.5))
+        image = ax.imshow(counts, aspect="auto", cmap="viridis", extent=(edges[0], edges[-1], len(layers) - 0.5, -0.5))
+        fig.colorbar(image, ax=ax, label="share of the layer's features")
         ax.set(xlabel=name, ylabel="BN layer (network order)", title=f"{name} per layer")
     fig.suptitle(title, fontsize=9)
     return _save(fig, path)
@@ -118,15 +151,35 @@ def plot_ablation(curves: Dict[str, List], path: str) -> Optional[str]:
 
 
 def results_table(runs) -> List[str]:
-    rows = ["| run | mode | trainable | of total | final acc | best acc | epochs | paper BN-only | paper full |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """One row per run, with a column for every setting in which the runs differ (seeds aside)."""
+    fields = analysis.differing_fields(runs)
+    rows = ["| run | mode | " + "".join(f"{k} | " for k in fields) +
+            "trainable | of total | final acc | best acc | epochs | paper BN-only | paper full |",
+            "|---|---|" + "---|" * len(fields) + "---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         s, ref = r.summary, paper_results.paper_result(r.config.model, r.config.width)
         paper = (f"{ref.bn_only:.1f}%", f"{ref.full:.1f}%") if ref else ("–", "–")
-        rows.append(f"| {r.name} | {r.config.train_mode} | {s['trainable_params']:,} | {s['total_params']:,} | "
+        settings = "".join(f"{getattr(r.config, k)} | " for k in fields)
+        rows.append(f"| {r.name} | {r.config.train_mode} | {settings}{s['trainable_params']:,} | {s['total_params']:,} | "
                     f"{100 * s['final_test_accuracy']:.2f}% | {100 * s['best_test_accuracy']:.2f}% | "
                     f"{s['epochs']} | {paper[0]} | {paper[1]} |")
     return rows
+
+
+def seeds_table(runs) -> List[str]:
+    """Mean ± std of each setting's seeds (nothing when no setting has more than one)."""
+    groups, fields = analysis.seed_groups(runs), analysis.differing_fields(runs)
+    if all(len(g) == 1 for g in groups):
+        return []
+    rows = ["### Over seeds", "", "Mean ± sample standard deviation over each setting's seeds.", "",
+            "| setting | seeds | final acc | best acc |", "|---|---|---:|---:|"]
+    for group in groups:
+        final = analysis.mean_std([100 * r.summary["final_test_accuracy"] for r in group])
+        best = analysis.mean_std([100 * r.summary["best_test_accuracy"] for r in group])
+        seeds = ", ".join(str(r.config.seed) for r in group)
+        rows.append(f"| {setting_label(group[0], fields)} | {seeds} | {final[0]:.2f} ± {final[1]:.2f}% | "
+                    f"{best[0]:.2f} ± {best[1]:.2f}% |")
+    return rows + [""]
 
 
 def reference_lines() -> List[str]:
@@ -137,7 +190,9 @@ def reference_lines() -> List[str]:
 
 
 def accuracy_section(runs, out: str) -> List[str]:
+    """The tables, and the plots of what the runs vary (a plot against depth only if depth varies)."""
     plots = [
+        plot_learning_curves(runs, os.path.join(out, "learning_curves.png")),
         plot_accuracy(runs, depth_of, lambda r: f"{r.config.train_mode} w{r.config.width}", "ResNet depth",
                       os.path.join(out, "accuracy_vs_depth.png"), paper=paper_depth_points()),
         plot_accuracy(runs, lambda r: r.config.width if depth_of(r) else None,
@@ -147,7 +202,7 @@ def accuracy_section(runs, out: str) -> List[str]:
                       "trainable parameters", os.path.join(out, "accuracy_vs_trainable.png"), logx=True),
         plot_by_mode(runs, os.path.join(out, "accuracy_by_run.png")),
     ]
-    return ["## Accuracy", "", *results_table(runs), "", "Published numbers used above:", "",
+    return ["## Accuracy", "", *results_table(runs), "", *seeds_table(runs), "Published numbers used above:", "",
             *reference_lines(), "", *[f"![{p}]({p})" for p in plots if p], ""]
 
 
@@ -178,7 +233,7 @@ def write_report(runs, out: str, threshold: float = paper_results.DISABLED_THRES
              f"features ({paper_results.PAPER_DISABLED_FRACTION[1]}). Threshold here: |γ| < {threshold:g} "
              "(see bn_jax/paper_results.py for its provenance).", ""]
     disabled, curves = [], {}
-    for run in runs:
+    for run in tqdm(runs, desc="γ/β" + (" and ablation" if load_data else ""), unit="run", disable=None):
         try:
             state = analysis.restore_state(run, num_classes)
         except (checkpoints.CheckpointError, ValueError) as e:  # one broken run spoils no report

@@ -72,8 +72,10 @@ def test_report_and_plots(finished_run, tmp_path):
     for needle in ("resnet8_w1_bn_s0", "Disabled (|γ| < 0.01)", "| 0% | 50% |", "ablation_zero_gamma.png"):
         assert needle in text
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert {"accuracy_vs_trainable.png", "gamma_beta_resnet8_w1_bn_s0.png", "disabled_resnet8_w1_bn_s0.png",
+    assert {"learning_curves.png", "gamma_beta_resnet8_w1_bn_s0.png", "disabled_resnet8_w1_bn_s0.png",
             "ablation_zero_gamma.png"} <= set(pngs)
+    # one run varies neither depth, width nor trainable parameters: nothing to draw against them
+    assert not {"accuracy_vs_depth.png", "accuracy_vs_width.png", "accuracy_vs_trainable.png"} & set(pngs)
     for name in pngs:
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
@@ -187,3 +189,43 @@ def test_the_api_example_reads_a_run_back(tmp_path, capsys):
     # evaluated again on the run's own test set, it scores what the run recorded
     assert lines[-1] == (f"test accuracy {summary['final_test_accuracy']:.4f}, "
                          f"top-5 {summary['final_test_top5_accuracy']:.4f}")
+
+
+def hand_run(seed, accuracy, curve, **settings):
+    """A finished run as the analysis reads it, without training: its config, summary and metrics."""
+    config = ExperimentConfig(model=settings.pop("model", "resnet14"), train_mode="bn", seed=seed, **settings)
+    from bn_jax.config import run_name
+    summary = {"final_test_accuracy": accuracy, "best_test_accuracy": accuracy + 0.01, "trainable_params": 100,
+               "total_params": 1000, "epochs": len(curve)}
+    metrics = [{"epoch": i + 1, "train_accuracy": a, "test_accuracy": a, "train_loss": 1 - a, "test_loss": 1 - a}
+               for i, a in enumerate(curve)]
+    return analysis.Run(f"/runs/{run_name(config)}", config, RuntimeConfig(), summary, metrics)
+
+
+def test_seeds_are_summarised_as_mean_and_std_and_differing_settings_get_columns(tmp_path):
+    runs = [hand_run(0, 0.30, [0.1, 0.3]), hand_run(1, 0.40, [0.2, 0.4]), hand_run(2, 0.50, [0.3, 0.5]),
+            hand_run(0, 0.12, [0.1, 0.12], max_train_examples=500)]
+    groups = analysis.seed_groups(runs)
+    assert [len(g) for g in groups] == [3, 1]
+    assert analysis.differing_fields(runs) == ["max_train_examples"]
+    table = analyze.seeds_table(runs)
+    assert "| resnet14_w1_bn max_train_examples=None | 0, 1, 2 | 40.00 ± 10.00% | 41.00 ± 10.00% |" in table
+    assert "| resnet14_w1_bn max_train_examples=500 | 0 | 12.00 ± 0.00% |" in "\n".join(table)
+    rows = analyze.results_table(runs)
+    assert rows[0].startswith("| run | mode | max_train_examples | ") and "| 500 | " in rows[-1]
+    epochs, mean, std = analysis.curve_band(groups[0], "test_accuracy")
+    np.testing.assert_allclose(mean, [0.2, 0.4])
+    np.testing.assert_allclose(std, [0.1, 0.1])
+    assert analyze.plot_learning_curves(runs, str(tmp_path / "curves.png")) == "curves.png"
+
+
+def test_depth_is_plotted_with_error_bars_over_seeds_only_when_it_varies(tmp_path, monkeypatch):
+    same_depth = [hand_run(0, 0.3, [0.3]), hand_run(1, 0.5, [0.5])]
+    assert analyze.plot_accuracy(same_depth, analyze.depth_of, lambda r: "bn", "depth", str(tmp_path / "a.png")) is None
+    bars = []
+    monkeypatch.setattr(analyze.plt.Axes, "errorbar", lambda self, x, y, yerr, **kw: bars.append((x, y, yerr)))
+    runs = same_depth + [hand_run(0, 0.6, [0.6], model="resnet20")]
+    assert analyze.plot_accuracy(runs, analyze.depth_of, lambda r: "bn", "depth", str(tmp_path / "b.png"))
+    (xs, means, stds), = bars
+    assert xs == (14, 20) and means == pytest.approx((40.0, 60.0))
+    assert stds[0] == pytest.approx(np.std([30, 50], ddof=1)) and stds[1] == 0
