@@ -55,6 +55,12 @@ def build_parser():
     p.add_argument("--torch", default="eager,compile",
                    help="PyTorch baselines to time when torch is installed: comma-separated eager, "
                         "compile, or 'none' (CIFAR ResNets, float32, modes bn and full only)")
+    p.add_argument("--pack", default=None, metavar="K,K,...",
+                   help="also time K runs trained as one pack (bn_jax.pack: one compiled step for all), for each "
+                        "K, with per-seed initial weights (grouped convolutions) and with shared ones (one "
+                        "convolution over the members' joined batch); images/s are the pack's, all members")
+    p.add_argument("--pack_members", default="auto", help="comma-separated ways a pack's step trains its "
+                   "members (auto, vmap, sequential; see experiments.cifar --help), each timed")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per configuration")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (>= 2 for "
@@ -107,10 +113,12 @@ def validate_cases(args) -> Optional[str]:
 
 def jax_cases(args, device_counts) -> List[Case]:
     counts = device_counts + ([None] if args.unsharded else [])
-    return [Case("bn_jax", m, b, mode, prec, loop, n)
+    packs = [(None, "seed", "auto")] + [(k, init, how) for k in (positive_ints(args.pack, "--pack") if args.pack else [])
+                                        for init in ("seed", "shared") for how in split(args.pack_members)]
+    return [Case("bn_jax", m, b, mode, prec, loop, n, k, init, how)
             for m in split(args.models) for b in map(int, split(args.batch_sizes))
             for mode in split(args.modes) for prec in split(args.precisions)
-            for loop in split(args.loops) for n in counts]
+            for loop in split(args.loops) for n in counts for k, init, how in packs]
 
 
 TORCH_VARIANTS = ("eager", "compile")
@@ -167,10 +175,13 @@ def jax_runner(case: Case, width: int, steps: int) -> JaxRunner:
     mesh = None if case.devices is None else parallel.make_mesh(case.devices)
     if mesh is not None:
         parallel.check_batch_size(case.batch_size, mesh)
-    program = program_lib.build_program(config, RuntimeConfig(loop=case.loop),
-                                        datasets.random_dataset(case.batch_size * steps, 1), mesh)
-    holder = {"state": program.put(train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=steps)),
-              "totals": program.zero_totals()}
+    data = datasets.random_dataset(case.batch_size * steps, 1)
+    if case.pack:
+        program, state = pack_program(case, config, data, mesh, steps)
+    else:
+        program = program_lib.build_program(config, RuntimeConfig(loop=case.loop), data, mesh)
+        state = train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=steps)
+    holder = {"state": program.put(state), "totals": program.zero_totals()}
     fused = program.loop == "fused"
     t = time.perf_counter()
     if fused:
@@ -193,8 +204,19 @@ def jax_runner(case: Case, width: int, steps: int) -> JaxRunner:
     return JaxRunner(run, cost, time.perf_counter() - t if not fused else compiled_at - t)
 
 
+def pack_program(case: Case, config, data, mesh, steps: int):
+    """(program, packed state) of ``case.pack`` members of ``config``: seeds 0…K-1, each with its own
+    initial weights, or all starting from seed 0's (``init == "shared"``)."""
+    from bn_jax import pack
+    from bn_jax.config import RuntimeConfig
+    members = [dataclasses.replace(config, seed=s, init_seed=0 if case.init == "shared" else None)
+               for s in range(case.pack)]
+    p = pack.Pack(members, 10, (32, 32, 3), steps, case.members)
+    return pack.PackProgram(p, RuntimeConfig(loop=case.loop), data, mesh), p.initial_state()
+
+
 def cost_key(case: Case):
-    return case.model, case.batch_size, case.mode, case.precision, case.devices
+    return case.model, case.batch_size, case.mode, case.precision, case.devices, case.pack, case.init
 
 
 def torch_runner(case: Case, width: int):
@@ -215,6 +237,11 @@ def check_flags(parser, args) -> Optional[List[int]]:
         torch_variants(args.torch)
         counts = None if args.num_devices == "all" else positive_ints(args.num_devices, "--num_devices")
         positive_ints(args.batch_sizes, "--batch_sizes")
+        if args.pack is not None:
+            positive_ints(args.pack, "--pack")
+        unknown = [m for m in split(args.pack_members) if m not in ("auto", "vmap", "sequential")]
+        if unknown:
+            raise ValueError(f"--pack_members: unknown {', '.join(unknown)}; use auto, vmap, sequential")
     except ValueError as e:
         parser.error(str(e))
     if args.warmup < 0 or args.steps < 1 or args.rounds < 1:

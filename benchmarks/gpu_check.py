@@ -616,7 +616,7 @@ def render_markdown(data: Dict[str, Any]) -> str:
     if tp.get("rows"):
         lines += ["## Throughput", "", report_lib.format_table(tp["rows"], tp.get("comparisons", [])), "",
                   "| case | set-up s | compile s | warm-up s |", "|---|---|---|---|"]
-        lines += [f"| {report_lib.Case(**{k: r[k] for k in ('framework', 'model', 'batch_size', 'mode', 'precision', 'loop', 'devices')}).name} "
+        lines += [f"| {report_lib.Case.of_row(r).name} "
                   f"| {_fmt(r.get('setup_s'))} | {r['compile_s']:.1f} | {r['warmup_s']:.2f} |" for r in tp["rows"]]
         lines.append("")
     for s in tp.get("failed", []):

@@ -26,11 +26,23 @@ class Case:
     precision: str
     loop: str  # bn_jax: step | fused; torch: eager | compile
     devices: Optional[int]  # bn_jax: mesh size, None = unsharded; torch: 1
+    pack: Optional[int] = None  # bn_jax: K runs trained as one pack (bn_jax.pack); None: one run
+    init: str = "seed"  # a pack's members: their own initial weights (seed), or the first's (shared)
+    members: str = "auto"  # how the pack's step trains them (bn_jax.pack.resolve_members)
 
     @property
     def name(self) -> str:
         dev = "" if self.framework == "torch" else f" ×{self.devices or 'unsharded'}"
-        return f"{self.framework} {self.model} b{self.batch_size} {self.mode} {self.precision} {self.loop}{dev}"
+        pack = f" pack{self.pack} {self.init}-init {self.members}" if self.pack else ""
+        return f"{self.framework} {self.model} b{self.batch_size} {self.mode} {self.precision} {self.loop}{dev}{pack}"
+
+    @classmethod
+    def of_row(cls, row: Dict) -> "Case":
+        return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls) if f.name in row})
+
+    @property
+    def images_per_step(self) -> int:
+        return self.batch_size * (self.pack or 1)
 
 
 def split(value: str) -> List[str]:
@@ -68,10 +80,12 @@ def make_row(case: Case, seconds_per_step: List[float], cost: Optional[Dict[str,
     """A report row: the median of the timed rounds and, given XLA's cost of one step and the
     device's peaks (bn_jax.roofline), the roofline limits beside it."""
     t = statistics.median(seconds_per_step)
-    row = {**dataclasses.asdict(case), "ms_per_step": 1000 * t, "images_per_second": case.batch_size / t,
+    row = {**dataclasses.asdict(case), "ms_per_step": 1000 * t, "images_per_second": case.images_per_step / t,
            "ms_per_step_rounds": [1000 * x for x in seconds_per_step]}
+    if case.pack:  # (a pack's step trains every member: images/s are the pack's, all members together)
+        row["ms_per_member_step"] = 1000 * t / case.pack
     if cost:  # XLA costs one device's share of the sharded step: its per-device batch
-        per_device = case.batch_size / (case.devices or 1)
+        per_device = case.images_per_step / (case.devices or 1)
         row["flops_per_image"] = None if cost["flops"] is None else cost["flops"] / per_device
         row["bytes_per_image"] = cost["bytes"] / per_device
     if cost and peak:
@@ -86,9 +100,10 @@ def make_row(case: Case, seconds_per_step: List[float], cost: Optional[Dict[str,
 
 def comparisons(rows: List[Dict]) -> List[Dict]:
     """The ratios the report is for: bn/full step time, and bn_jax bn against PyTorch bn."""
+    out = pack_comparisons(rows)
+    rows = [r for r in rows if not r.get("pack")]
     by = {(r["framework"], r["model"], r["batch_size"], r["mode"], r["precision"], r["loop"], r["devices"]): r
           for r in rows}
-    out = []
     for r in rows:
         key = (r["framework"], r["model"], r["batch_size"], "full", r["precision"], r["loop"], r["devices"])
         if r["mode"] == "bn" and key in by:
@@ -106,8 +121,24 @@ def comparisons(rows: List[Dict]) -> List[Dict]:
     return out
 
 
+def pack_comparisons(rows: List[Dict]) -> List[Dict]:
+    """Each pack's images/s (all members) over one run's of the same step, measured beside it."""
+    def key(r):
+        return r["model"], r["batch_size"], r["mode"], r["precision"], r["loop"], r["devices"]
+    solo = {key(r): r for r in rows if r["framework"] == "bn_jax" and not r.get("pack")}
+    return [{"what": f"pack of {r['pack']} ({r['init']} init, {r.get('members', 'auto')}) over one run, "
+                     f"{r['model']} b{r['batch_size']} "
+                     f"{r['mode']} {r['precision']} {r['loop']} (images/s)",
+             "ratio": r["images_per_second"] / solo[key(r)]["images_per_second"]}
+            for r in rows if r.get("pack") and key(r) in solo]
+
+
+def pack_cell(row: Dict) -> str:
+    return f"{row['pack']} ({row['init']} init, {row.get('members', 'auto')})" if row.get("pack") else "–"
+
+
 def format_table(rows: List[Dict], comps: List[Dict]) -> str:
-    head = ("| framework | model | batch | mode | precision | loop | devices | ms/step | images/s | "
+    head = ("| framework | model | batch | mode | precision | loop | devices | pack | ms/step | images/s | "
             "compute-bound images/s | memory-bound images/s | % of roofline |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -115,7 +146,7 @@ def format_table(rows: List[Dict], comps: List[Dict]) -> str:
                                                                          "memory_limit_images_per_second"))
         frac = f"{100 * r['fraction_of_limit']:.1f}" if r.get("fraction_of_limit") else "–"
         lines.append(f"| {r['framework']} | {r['model']} | {r['batch_size']} | {r['mode']} | {r['precision']} | "
-                     f"{r['loop']} | {r['devices'] or 'unsharded'} | {r['ms_per_step']:.2f} | "
+                     f"{r['loop']} | {r['devices'] or 'unsharded'} | {pack_cell(r)} | {r['ms_per_step']:.2f} | "
                      f"{r['images_per_second']:.0f} | {compute} | {memory} | {frac} |")
     lines += ["", "| comparison | ratio |", "|---|---|"] + [f"| {c['what']} | {c['ratio']:.2f} |" for c in comps]
     return "\n".join(lines)
@@ -126,8 +157,7 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [Case(**{k: r[k] for k in ("framework", "model", "batch_size", "mode", "precision", "loop",
-                                         "devices")}).name for r in rows]
+    labels = [Case.of_row(r).name for r in rows]
     colors = ["tab:blue" if r["framework"] == "bn_jax" else "tab:orange" for r in rows]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
     y = range(len(rows))
