@@ -83,6 +83,8 @@ def parse_args(recipe: Recipe, argv=None, parser=None) -> Command:
         cluster = config_lib.ClusterOptions.from_dict(vars(args)).validate()
         pack = pack_config.PackOptions.from_dict(vars(args)).validate()
         members = tuple(pack_config.members(experiment, pack)) if pack.packed else ()
+        if members and options.extend:
+            raise ValueError(pack_config.NO_EXTEND)
     except ValueError as e:
         parser.error(str(e))
     if members:

@@ -111,12 +111,14 @@ def packed_step_at(state, totals, hyper, data, orders, i, step, keys, mean, std,
 
 
 def resolve_members(members: str, shared: bool, platform: str) -> str:
-    """``vmap`` or ``sequential``: auto maps the members with vmap, except members with their own
-    weights on a CPU, where XLA's grouped convolutions run several times slower than the members'
-    convolutions one after another (docs/performance.md, "Packs")."""
+    """``vmap`` or ``sequential``: auto maps the members with vmap, except on a CPU. There XLA's
+    grouped convolutions (members with their own weights) ran 4–6× slower than the members'
+    convolutions one after another, and even one convolution over the joined batch (shared
+    weights) was slower at 8 members (docs/performance.md, "CPU: packs")."""
+    del shared  # (both kinds measured alike on a CPU; kept for the accelerators' measurements to come)
     if members != "auto":
         return members
-    return "sequential" if platform == "cpu" and not shared else "vmap"
+    return "sequential" if platform == "cpu" else "vmap"
 
 
 def packed_steps(state, totals, hyper, data, orders, start, stop, epoch_step, keys, mean, std, **kw):

@@ -23,6 +23,8 @@ from bn_jax.config import param
 VARIES = ("seed", "init_seed", "lr", "weight_decay", "momentum", "warmup_epochs", "bn_init")
 # Of those, the ones --vary sets (the seeds have their own flags).
 VARY_FLAGS = ("lr", "weight_decay", "momentum", "warmup_epochs", "bn_init")
+NO_EXTEND = ("--extend_to_epochs continues one run: extend each member alone (--seed S --workdir "
+             "<its folder> --extend_to_epochs N)")
 
 
 @dataclasses.dataclass
@@ -39,10 +41,9 @@ class PackOptions(config_lib._Part):
                              "and each convolution runs once over all members' batches", group="packs")
     pack_members: str = param("auto", "how one compiled step trains the members: vmap maps the step over them "
                               "(members with their own frozen weights then run grouped convolutions); sequential "
-                              "runs their steps one after another in the same program; auto: vmap, except members "
-                              "with their own weights on a CPU, whose grouped convolutions XLA runs slowly. Both "
-                              "give the same results up to float rounding", choices=("auto", "vmap", "sequential"),
-                              group="packs")
+                              "runs their steps one after another in the same program; auto: vmap, except on a CPU, "
+                              "where XLA runs the mapped convolutions slowly. Both give the same results up to float "
+                              "rounding", choices=("auto", "vmap", "sequential"), group="packs")
     device_memory_gb: Optional[float] = param(None, "refuse a pack whose compiled step needs more device memory "
                                               "than this (default: the limit the device reports; CPUs report "
                                               "none)", config_lib.at_least(0.0), group="packs")

@@ -19,6 +19,7 @@ import jax
 
 from bn_jax import checkpoints, datasets, hooks, metrics_log, pack_config, parallel, preemption, provenance
 from bn_jax import steps, train
+from bn_jax import config as config_lib
 from bn_jax import workdir as workdir_lib
 from bn_jax.config import ExperimentConfig, RuntimeConfig, run_name
 from bn_jax.pack import Pack, PackProgram, device_memory_limit, footprint, largest_fitting, stack
@@ -28,16 +29,17 @@ def member_runs(configs: Sequence[ExperimentConfig], root: str) -> List[workdir_
     return [workdir_lib.RunDir(os.path.join(root, run_name(c))) for c in configs]
 
 
-def unfinished(configs, root: str, restart: bool, log) -> List[ExperimentConfig]:
-    """The members still to train. WorkdirUnusable, before anything is written, for a member whose
-    folder holds another experiment."""
+def unfinished(configs, root: str, options: checkpoints.CheckpointOptions, log) -> List[ExperimentConfig]:
+    """The members still to train. Without --restart, WorkdirUnusable before anything is written
+    for a member whose folder holds another experiment."""
     todo = []
     for config, run in zip(configs, member_runs(configs, root)):
-        if run.saved_config() is not None and not run.holds(config):
-            diff = ", ".join(checkpoints.config_lib.different_keys(run.saved_config(), config))
-            raise workdir_lib.WorkdirUnusable(f"{run.path} holds a run with different {diff}; pass --restart "
-                                              "to overwrite it or choose another --workdir")
-        if run.is_finished() and not restart:
+        saved = run.saved_config()
+        diff = [] if saved is None or options.restart else config_lib.different_keys(saved, config)
+        if diff:
+            raise workdir_lib.WorkdirUnusable(f"{run.path} holds a run with different {', '.join(diff)}; pass "
+                                              "--restart to overwrite it or choose another --workdir")
+        if run.is_finished() and not options.restart:
             log(f"[done] {os.path.basename(run.path)}: finished, not trained again")
             continue
         todo.append(config)
@@ -233,7 +235,9 @@ def train_pack(configs: Sequence[ExperimentConfig], root: str, data: Optional[da
     pack_config.check_pack(configs)
     runtime = (runtime or RuntimeConfig()).validate()
     options = (checkpoint_options or checkpoints.CheckpointOptions()).validate()
-    configs = unfinished([c.validate() for c in configs], root, options.restart, log)
+    if options.extend:  # (members are found by run name, whose hash holds the epochs they were started with)
+        raise checkpoints.CheckpointError(pack_config.NO_EXTEND)
+    configs = unfinished([c.validate() for c in configs], root, options, log)
     if not configs:
         return {}
     data, loaded = train.load_data(configs[0], runtime, data, guard)
@@ -241,8 +245,6 @@ def train_pack(configs: Sequence[ExperimentConfig], root: str, data: Optional[da
     parallel.check_batch_size(configs[0].batch_size, mesh)
     program = set_up(configs, runtime, data, mesh, device_memory_limit(mesh, device_memory_gb), pack_members, log)
     runs, devices = member_runs(configs, root), train.device_summary(mesh, configs[0].batch_size)
-    if options.extend and not all(r.has_checkpoint() for r in runs):
-        raise checkpoints.CheckpointError("--extend_to_epochs: a member holds no checkpoint to continue from")
     with contextlib.ExitStack() as stack_:
         for config, run in zip(configs, runs):
             os.makedirs(run.path, exist_ok=True)

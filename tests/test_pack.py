@@ -178,10 +178,10 @@ def test_per_member_weights_run_grouped_and_shared_weights_run_over_the_joined_b
     assert not any("feature_group_count" in line or "f32[32,16,16," in line for line in sequential)
 
 
-def test_auto_runs_members_with_their_own_weights_one_after_another_on_a_cpu_only():
+def test_auto_runs_the_members_one_after_another_on_a_cpu_only():
     assert pack.resolve_members("auto", shared=False, platform="cpu") == "sequential"
+    assert pack.resolve_members("auto", shared=True, platform="cpu") == "sequential"
     assert pack.resolve_members("auto", shared=False, platform="gpu") == "vmap"
-    assert pack.resolve_members("auto", shared=True, platform="cpu") == "vmap"
     assert pack.resolve_members("vmap", shared=False, platform="cpu") == "vmap"
 
 
@@ -285,9 +285,67 @@ def test_a_pack_killed_at_any_moment_resumes_bitwise_exact(env):
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, says", [(["--seeds", "0,1,1"], "names seed 1 twice"),
                                          (["--vary", "batch_size=8,16"], "may differ only in"),
-                                         (["--device_memory_gb", "0.0001"], "the largest pack that fits is 0")])
+                                         (["--device_memory_gb", "0.0001"], "the largest pack that fits is 0"),
+                                         (["--extend_to_epochs", "3"], "continues one run")])
 def test_bad_packs_exit_2_with_one_line_and_write_nothing(env, flags, says):
     root = env["root"] / "refused"
     proc = pack_cli(env, root, *flags, expect=2)
     assert says in proc.stderr.strip().splitlines()[-1]
     assert not root.exists()
+
+
+def test_pack_vs_solo_pairs_runs_by_folder_name_and_reports_the_largest_difference(tmp_path, capsys):
+    from benchmarks import pack_vs_solo
+
+    def write(root, name, accuracy, losses):
+        folder = tmp_path / root / name
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"final_test_accuracy": accuracy,
+                                                         "best_test_accuracy": accuracy}))
+        (folder / "metrics.jsonl").write_text("".join(
+            json.dumps({"train_loss": x, "test_loss": x, "test_accuracy": accuracy}) + "\n" for x in losses))
+
+    write("pack", "a", 0.5, [2.0, 1.5])
+    write("solo", "a", 0.5, [2.0, 1.25])
+    write("pack", "only_in_pack", 0.1, [1.0])
+    assert pack_vs_solo.main(["--pack_root", str(tmp_path / "pack"), "--solo_root", str(tmp_path / "solo"),
+                              "--out", str(tmp_path / "out")]) == 0
+    (row,) = json.load(open(tmp_path / "out" / "pack_vs_solo.json"))["rows"]
+    assert row["run"] == "a" and row["max_abs_diff_train_loss"] == 0.25 and row["max_abs_diff_test_accuracy"] == 0
+    write("solo", "b", 0.5, [1.0])
+    write("pack", "b", 0.5, [1.0, 1.0])
+    with pytest.raises(SystemExit):
+        pack_vs_solo.main(["--pack_root", str(tmp_path / "pack"), "--solo_root", str(tmp_path / "solo"),
+                           "--out", str(tmp_path / "out2")])
+    assert "b: 2 epochs in the pack, 1 alone" in capsys.readouterr().err
+
+
+PACK_ON_DEVICES = """
+import sys, numpy as np, jax
+from bn_jax import datasets, pack, parallel
+from bn_jax.config import ExperimentConfig, RuntimeConfig
+data = datasets.random_dataset(n_train=64, n_test=16, size=16, seed=0)
+members = [ExperimentConfig(model="resnet8", batch_size=16, epochs=1, train_mode="bn", seed=s) for s in (0, 1)]
+out = {}
+for n in (1, 2):
+    p = pack.Pack(members, 10, data.image_shape, 4, "vmap")
+    program = pack.PackProgram(p, RuntimeConfig(loop="step"), data, parallel.make_mesh(n))
+    state, totals = program.put(p.initial_state()), program.zero_totals()
+    out["initial"] = jax.tree_util.tree_leaves(jax.device_get(state.params))
+    for i in range(3):
+        state, totals = program.run(state, totals, 0, i, i + 1)
+    out[n] = jax.tree_util.tree_leaves(jax.device_get(state.params))
+np.savez(sys.argv[1], **{f"{k}/{i}": x for k, leaves in out.items() for i, x in enumerate(leaves)})
+"""
+
+
+@pytest.mark.slow
+def test_a_pack_trains_data_parallel_over_two_devices_as_on_one(tmp_path):
+    out = tmp_path / "leaves.npz"
+    subprocess.run([sys.executable, "-c", PACK_ON_DEVICES, str(out)], cwd=REPO, check=True, timeout=600,
+                   env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"})
+    leaves = dict(np.load(out))
+    count = sum(k.startswith("1/") for k in leaves)
+    assert count > 10
+    # (the 8-vs-1-device bound: each member's batch is split over the devices, its sums reassociated)
+    assert [i for i in range(count) if not reassociated(leaves[f"2/{i}"], leaves[f"1/{i}"], leaves[f"initial/{i}"])] == []
