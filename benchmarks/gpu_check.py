@@ -51,7 +51,9 @@ FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.log", "throughput.png", "r
 DEFAULT_DATA = os.path.join("data", "cifar10-jpg.tar.gz")  # git-ignored; see docs/gpu_check.md
 TARGETS_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "performance.md")
 _TARGET = re.compile(r"`(\w+)` (≥|>|≤) ([\d.]+)")
-TARGET_KEYS = ("bn_over_torch_eager", "bn_over_torch_compile", "bn_over_full_time", "run_160_epochs_s")
+TARGET_KEYS = ("bn_over_torch_eager", "bn_over_torch_compile", "bn_over_full_time", "run_160_epochs_s",
+               "pack8_over_solo", "pack8_images_per_second", "pack8_bf16_images_per_second")
+PACK = 8  # the pack size the GPU targets name
 
 
 def read_targets(path: str = TARGETS_DOC) -> Dict[str, Tuple[str, float]]:
@@ -87,11 +89,12 @@ class Sizes:
     min_case_s: float = 40.0  # a throughput case starts only with this much budget left
     min_run_s: float = 45.0  # likewise the run
     pack_s: float = 15.0  # kept back at the end to checkpoint and pack the run
+    pack: int = PACK  # runs in each throughput case of packs
 
 
 FULL = Sizes()
 SMOKE = Sizes(check_batch=8, check_steps=3, model="resnet8", batch_size=16, steps=2, rounds=2, warmup=2,
-              epochs=3, min_case_s=0.0, min_run_s=0.0, pack_s=0.0)
+              epochs=3, min_case_s=0.0, min_run_s=0.0, pack_s=0.0, pack=2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,12 +351,16 @@ def fused_cost_ratio(sizes: Sizes) -> Optional[float]:
 
 def throughput_cases(sizes: Sizes, torch_variants: List[str]) -> List[report_lib.Case]:
     """The cases in order of priority (torch.compile last: its compiles cost the most time)."""
-    def case(framework, mode, precision, loop):
-        return report_lib.Case(framework, sizes.model, sizes.batch_size, mode, precision, loop, 1)
+    def case(framework, mode, precision, loop, pack=None, init="seed"):
+        return report_lib.Case(framework, sizes.model, sizes.batch_size, mode, precision, loop, 1, pack, init)
     cases = [case("bn_jax", "bn", "float32", "fused")]
     if "eager" in torch_variants:
         cases += [case("torch", "bn", "float32", "eager"), case("torch", "full", "float32", "eager")]
     cases += [case("bn_jax", "full", "float32", "fused"), case("bn_jax", "bn", "bfloat16", "fused")]
+    # packs: one compiled step for PACK runs (per-seed weights: grouped convolutions; shared: one batch)
+    k = sizes.pack
+    cases += [case("bn_jax", "bn", "float32", "fused", k), case("bn_jax", "bn", "float32", "fused", k, "shared"),
+              case("bn_jax", "bn", "bfloat16", "fused", k)]
     if "compile" in torch_variants:
         cases.append(case("torch", "bn", "float32", "compile"))
     return cases
@@ -553,12 +560,13 @@ def targets(data: Dict[str, Any], goals: Optional[Dict[str, Tuple[str, float]]] 
     goals = goals or read_targets()
     rows = data["stages"].get("throughput", {}).get("rows", [])
 
-    def speed(framework, mode, loop, precision="float32"):
-        match = [r for r in rows if (r["framework"], r["mode"], r["loop"], r["precision"]) ==
-                 (framework, mode, loop, precision)]
+    def speed(framework, mode, loop, precision="float32", pack=None):
+        match = [r for r in rows if (r["framework"], r["mode"], r["loop"], r["precision"], r.get("pack"),
+                                     r.get("init", "seed")) == (framework, mode, loop, precision, pack, "seed")]
         return match[0]["images_per_second"] if match else None
 
     bn, full = speed("bn_jax", "bn", "fused"), speed("bn_jax", "full", "fused")
+    pack, pack_bf16 = speed("bn_jax", "bn", "fused", pack=PACK), speed("bn_jax", "bn", "fused", "bfloat16", PACK)
     eager, compiled = speed("torch", "bn", "eager"), speed("torch", "bn", "compile")
     run = data["stages"].get("run", {})
     projected = next((v for k, v in run.items() if k.startswith("projected_")), None)
@@ -567,7 +575,11 @@ def targets(data: Dict[str, Any], goals: Optional[Dict[str, Tuple[str, float]]] 
                 ("bn_jax BN-only images/s over the PyTorch loop (torch.compile)", bn and compiled and bn / compiled,
                  "bn_over_torch_compile"),
                 ("BN-only step time over full step time", bn and full and full / bn, "bn_over_full_time"),
-                ("the 160-epoch run, projected seconds", projected, "run_160_epochs_s")]
+                ("the 160-epoch run, projected seconds", projected, "run_160_epochs_s"),
+                (f"a pack of {PACK} (own weights each) over one run, images/s", pack and bn and pack / bn,
+                 "pack8_over_solo"),
+                (f"a pack of {PACK}, images/s of all members", pack, "pack8_images_per_second"),
+                (f"a pack of {PACK} in bfloat16, images/s of all members", pack_bf16, "pack8_bf16_images_per_second")]
     out = []
     for what, value, key in measured:
         op, target = goals[key]

@@ -175,4 +175,10 @@ def test_targets_compare_the_measured_ratios():
             {"framework": "torch", "mode": "bn", "loop": "eager", "precision": "float32", "images_per_second": 300.0}]
     data = {"stages": {"throughput": {"rows": rows}, "run": {"projected_160_epochs_s": 400.0}}}
     got = {t["target"]: (t["measured"], t["met"]) for t in gpu_check.targets(data)}
-    assert list(got.values()) == [(4.0, True), (None, None), (800.0 / 1200.0, True), (400.0, False)]
+    assert list(got.values()) == [(4.0, True), (None, None), (800.0 / 1200.0, True), (400.0, False),
+                                  (None, None), (None, None), (None, None)]
+    rows.append({"framework": "bn_jax", "mode": "bn", "loop": "fused", "precision": "float32", "pack": 8,
+                 "init": "seed", "images_per_second": 6000.0})
+    got = [(t["measured"], t["met"]) for t in gpu_check.targets(data)]
+    assert got[0] == (4.0, True)  # (the solo row, not the pack's)
+    assert got[4] == (5.0, True) and got[5][0] == 6000.0 and got[5][1] is False
