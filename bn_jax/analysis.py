@@ -167,7 +167,9 @@ def ablation_curve(run: Run, state, data, fractions: Sequence[float]):
 
 # ---- runs over seeds -------------------------------------------------------------------------
 
-SEED_FIELDS = ("seed", "init_seed")  # what tells a pack's or a sweep's repetitions of one experiment apart
+# What tells a pack's or a sweep's repetitions of one setting apart. (Not --init_seed: runs that
+# share their initial weights are another setting than runs that each draw their own.)
+SEED_FIELDS = ("seed",)
 
 
 def without_seeds(run: Run) -> str:

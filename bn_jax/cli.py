@@ -179,8 +179,10 @@ def train(command: Command, guard, extra_hooks, parser) -> int:
         print(f"preempted: {e} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
         return EXIT_PREEMPTED
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the checkpoint
+        where = (f"in {workdir_lib.RunDir(workdir).checkpoints}" if not command.members else
+                 f"of each member (in {workdir}/<run name>/checkpoints)")
         print(f"interrupted: stopped at once on a second SIGINT; resume from the newest checkpoint "
-              f"in {workdir_lib.RunDir(workdir).checkpoints} by re-running the command", file=sys.stderr)
+              f"{where} by re-running the command", file=sys.stderr)
         return EXIT_INTERRUPTED
     if parallel.is_writer():
         for summary, folder in summaries:

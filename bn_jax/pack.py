@@ -49,12 +49,14 @@ class Pack:
     """The members' fresh states and what the mapped step needs to treat each as its own run."""
 
     def __init__(self, configs: Sequence[ExperimentConfig], num_classes: int, image_shape, steps_per_epoch: int,
-                 members: str = "auto", platform: str = None):
+                 members: str = "auto", platform: str = None, shared: bool = None):
         self.configs, self.num_classes, self.image_shape = list(configs), num_classes, image_shape
         self.members_option = members
         self.fresh = [train.create_train_state(c, num_classes, image_shape, steps_per_epoch) for c in configs]
         plan = self.fresh[0].plan
-        self.shared = len({s.plan.frozen_hash for s in self.fresh}) == 1 and plan.trainable < plan.total
+        if shared is None:  # (given: a smaller pack measured for a larger one keeps the larger's program)
+            shared = len({s.plan.frozen_hash for s in self.fresh}) == 1 and plan.trainable < plan.total
+        self.shared = shared
         self.sequential = resolve_members(members, self.shared, platform or jax.devices()[0].platform) == "sequential"
         self.plain_sgd = all(c.momentum == 0 for c in configs)
         self.hyper = stack([{"lr": lr_table(c, steps_per_epoch), "momentum": jnp.float32(c.momentum),
@@ -196,7 +198,7 @@ class PackProgram:
         fn, hyper, orders, keys = self.steps_fn, self.hyper, self.orders(0), self.keys
         if members is not None:
             sub = Pack(self.pack.configs[:members], self.pack.num_classes, self.pack.image_shape,
-                       self.steps_per_epoch, self.pack.members_option)
+                       self.steps_per_epoch, self.pack.members_option, shared=self.pack.shared)
             fn = jit_pack_steps(sub, sub.configs[0], self.loop, self.mesh)
             state = self.put(sub.initial_state())  # (its own optimizer and plan: static in the state)
             totals, hyper, orders, keys = (jax.tree_util.tree_map(lambda x: x[:members], t)

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -120,10 +121,36 @@ def member_tick(pack: Pack, tick: hooks.Tick, m: int) -> hooks.Tick:
                                record=None if tick.record is None else tick.record[m])
 
 
-def resume_pack(ckpts, program: PackProgram, expected, log):
+def last_pack(run: workdir_lib.RunDir) -> Optional[List[str]]:
+    """The members of the pack the run last trained in (pack.json), or None."""
+    try:
+        with open(run.file(run.PACK)) as f:
+            return json.load(f)["sessions"][-1]["members"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def start_over_or_refuse(runs, newest, log) -> None:
+    """No step that every member saved: start all over when the checkpoints there are this very
+    pack's (a kill during its first saves; it writes the same bits again), else refuse naming them."""
+    names = [os.path.basename(r.path) for r in runs]
+    saved = [(n, s, r) for n, s, r in zip(names, newest, runs) if s is not None]
+    if not saved:
+        return
+    if all(last_pack(r) == names for _, _, r in saved):
+        log("warning: not every member has a checkpoint at one step (killed while saving); the pack starts "
+            "all of them over, and saves the same bits again")
+        return
+    raise checkpoints.CheckpointError(
+        "cannot resume these runs as one pack: " + ", ".join(f"{n} (newest step {s})" for n, s, _ in saved) +
+        " hold checkpoints that " + ", ".join(n for n, s in zip(names, newest) if s is None) + " lack at one step, "
+        "and they last trained in another pack or alone; resume them that way, or pass --restart")
+
+
+def resume_pack(ckpts, program: PackProgram, expected, runs, log):
     """(packed state, totals, a RunRecord per member) at the newest step every member saved, or
     a fresh start. A member ahead of the others (killed while the pack saved) goes back to their
-    step; its checkpoint there is the same bits it would save again."""
+    step; its later checkpoints stay, and the pack does not save those steps again."""
     pack = program.pack
     newest = [c.latest_saved() for c in ckpts]
     bound = None if None in newest else min(newest)
@@ -141,9 +168,7 @@ def resume_pack(ckpts, program: PackProgram, expected, log):
             records = [hooks.RunRecord(r[2]["history"], r[2]["wall_time"]) for r in restored]
             return state, program.put(stack([r[1] for r in restored])), records
         bound = min(at)
-    if any(n is not None for n in newest):
-        log("warning: not every member has a checkpoint at one step; the pack starts all of them over "
-            "(a member's later checkpoints are the same bits it saves again)")
+    start_over_or_refuse(runs, newest, log)
     return program.put(pack.initial_state()), program.zero_totals(), [hooks.RunRecord() for _ in ckpts]
 
 
@@ -206,7 +231,8 @@ def session(program: PackProgram, runtime, runs, state_totals_records, ckpts, ex
         if pack.configs[0].epochs == 0:
             checkpoint.save(hooks.Tick(0, 0, 0, True, state, program.zero_totals(), True))
     except FloatingPointError as e:
-        raise FloatingPointError(f"{e} (the members' last good checkpoints: step "
+        text = re.sub(r"of pack member (\d+)", lambda m: f"of {names[int(m.group(1))]}", str(e))
+        raise FloatingPointError(f"{text} (the members' last good checkpoints: step "
                                  f"{min(c.latest_saved() or 0 for c in ckpts)})") from None
     return state, records
 
@@ -245,19 +271,31 @@ def train_pack(configs: Sequence[ExperimentConfig], root: str, data: Optional[da
     parallel.check_batch_size(configs[0].batch_size, mesh)
     program = set_up(configs, runtime, data, mesh, device_memory_limit(mesh, device_memory_gb), pack_members, log)
     runs, devices = member_runs(configs, root), train.device_summary(mesh, configs[0].batch_size)
-    with contextlib.ExitStack() as stack_:
-        for config, run in zip(configs, runs):
-            os.makedirs(run.path, exist_ok=True)
-            stack_.enter_context(run.exclusive())
-            run.prepare(config, options.restart, log)
-        ckpts = [stack_.enter_context(checkpoints.Checkpointer(r.path, options, log)) for r in runs]
+    log = log if parallel.is_writer() else (lambda *args: None)
+    with contextlib.ExitStack() as held:
+        hold_members(held, configs, runs, options, log)
+        ckpts = [held.enter_context(checkpoints.Checkpointer(r.path, options, log)) for r in runs]
         expected = [checkpoints.RunMeta(c.to_dict(), data.fingerprint(), program.pack.fresh[m].plan.frozen_hash,
                                         program.member(m).position) for m, c in enumerate(configs)]
-        guard = stack_.enter_context(contextlib.nullcontext(guard) if guard else preemption.PreemptionGuard())
-        resumed = resume_pack(ckpts, program, expected, log)
-        state, records = session(program, runtime, runs, resumed, ckpts, expected, guard, options,
-                                 extra_hooks, log, root)
-    return write_summaries(configs, runtime, data, loaded, program, state, records, runs, devices)
+        with contextlib.ExitStack() as session_:
+            guard = session_.enter_context(contextlib.nullcontext(guard) if guard else preemption.PreemptionGuard())
+            resumed = resume_pack(ckpts, program, expected, runs, log)
+            state, records = session(program, runtime, runs, resumed, ckpts, expected, guard, options,
+                                     extra_hooks, log, root)
+        return write_summaries(configs, runtime, data, loaded, program, state, records, runs, devices)
+
+
+def hold_members(held: contextlib.ExitStack, configs, runs, options, log) -> None:
+    """Lock every member's folder (until the pack's summaries are written), and only then prepare
+    them (--restart deletes), so that a member another run holds stops the pack before any member
+    is changed. Process 0 deletes for --restart; the others wait for it."""
+    for run in runs:
+        os.makedirs(run.path, exist_ok=True)
+        held.enter_context(run.exclusive())
+    for config, run in zip(configs, runs):
+        if parallel.is_writer() or not options.restart:
+            run.prepare(config, options.restart, log)
+    parallel.barrier("prepare_pack")
 
 
 def write_summaries(configs, runtime, data, loaded, program, state, records, runs, devices):

@@ -79,7 +79,7 @@ def plot_accuracy(runs, x_of, group_of, xlabel: str, path: str, logx=False, pape
 
 def setting_label(run, fields: Sequence[str]) -> str:
     """A run's name without seeds and hash, plus the differing settings its name does not show."""
-    readable = re.sub(r"(_i\d+)?_s\d+$", "", run.name.rsplit("-", 1)[0])
+    readable = re.sub(r"_s\d+$", "", run.name.rsplit("-", 1)[0])
     shown = ("model", "width", "train_mode", "k", "bn_placement", "bn_init")
     extra = [f"{k}={getattr(run.config, k)}" for k in fields if k not in shown]
     return " ".join([readable, *extra])

@@ -84,7 +84,7 @@ def plan(preset: str, root: str, extra: Sequence[str], seeds: Optional[Sequence[
             name = config_lib.run_name(config)
             workdir, names = os.path.join(root, name), names + [name]
             state = status(workdir, config)
-            if state == "todo" and pack > 1:
+            if state == "todo" and pack > 1 and seed is not None:
                 todo.append((seed, name))
             else:
                 runs.append((name, state, ["python", "-m", "experiments.cifar", *seed_argv, "--workdir", workdir]))
@@ -152,6 +152,8 @@ def main(argv=None) -> int:
         seeds = None if args.seeds is None else pack_config.parse_seeds(args.seeds)
         if args.pack < 1:
             raise ValueError(f"--pack must be >= 1, got {args.pack}")
+        if args.pack > 1 and seeds is None:
+            raise ValueError("--pack groups each grid point's seeds: give --seeds")
         runs = plan(args.preset, args.root, extra, seeds, args.pack)
     except ValueError as e:
         p.error(str(e))

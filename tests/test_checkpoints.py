@@ -496,9 +496,10 @@ def test_small_checkpoints_resume_exactly_and_refuse_other_frozen_weights(env, t
         return {**v, "params": jax.tree_util.tree_map(lambda x: x + 1e-3, v["params"])}
 
     monkeypatch.setattr(train.models, "init_variables", perturbed)
-    config, runtime, workdir, options, _ = cli_lib.parse_args(cifar.RECIPE, flags(env, small, *bn, "--small_checkpoints"))
+    command = cli_lib.parse_args(cifar.RECIPE, flags(env, small, *bn, "--small_checkpoints"))
     with pytest.raises(checkpoints.CheckpointError, match="frozen"):
-        train.train_and_evaluate(config, workdir, runtime=runtime, checkpoint_options=options, log=lambda *_: None)
+        train.train_and_evaluate(command.experiment, command.workdir, runtime=command.runtime,
+                                 checkpoint_options=command.checkpoint_options, log=lambda *_: None)
 
 
 def test_workdir_with_results_but_no_checkpoint_is_not_clobbered(env, tmp_path, capsys):

@@ -125,3 +125,9 @@ def config_name(config):
 def test_a_seed_flag_cannot_be_passed_through_beside_seeds(tmp_path):
     with pytest.raises(ValueError, match="--seed"):
         sweep.plan("vgg", str(tmp_path), ["--seed", "3"], seeds=[0, 1])
+
+
+def test_pack_without_seeds_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--preset", "vgg", "--root", str(tmp_path), "--pack", "2", "--print_only"])
+    assert e.value.code == 2 and "give --seeds" in capsys.readouterr().err
