@@ -57,7 +57,7 @@ class Pack:
         if shared is None:  # (given: a smaller pack measured for a larger one keeps the larger's program)
             shared = len({s.plan.frozen_hash for s in self.fresh}) == 1 and plan.trainable < plan.total
         self.shared = shared
-        self.sequential = resolve_members(members, self.shared, platform or jax.devices()[0].platform) == "sequential"
+        self.sequential = resolve_members(members, platform or jax.devices()[0].platform) == "sequential"
         self.plain_sgd = all(c.momentum == 0 for c in configs)
         self.hyper = stack([{"lr": lr_table(c, steps_per_epoch), "momentum": jnp.float32(c.momentum),
                              "weight_decay": jnp.float32(c.weight_decay)} for c in configs])
@@ -112,12 +112,11 @@ def packed_step_at(state, totals, hyper, data, orders, i, step, keys, mean, std,
     return jax.vmap(one, in_axes=(pack.state_axes, 0, 0, 0, 0))(pack.mapped(state), totals, hyper, orders, keys)
 
 
-def resolve_members(members: str, shared: bool, platform: str) -> str:
+def resolve_members(members: str, platform: str) -> str:
     """``vmap`` or ``sequential``: auto maps the members with vmap, except on a CPU. There XLA's
     grouped convolutions (members with their own weights) ran 4–6× slower than the members'
     convolutions one after another, and even one convolution over the joined batch (shared
     weights) was slower at 8 members (docs/performance.md, "CPU: packs")."""
-    del shared  # (both kinds measured alike on a CPU; kept for the accelerators' measurements to come)
     if members != "auto":
         return members
     return "sequential" if platform == "cpu" else "vmap"

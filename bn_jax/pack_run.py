@@ -23,7 +23,7 @@ from bn_jax import steps, train
 from bn_jax import config as config_lib
 from bn_jax import workdir as workdir_lib
 from bn_jax.config import ExperimentConfig, RuntimeConfig, run_name
-from bn_jax.pack import Pack, PackProgram, device_memory_limit, footprint, largest_fitting, stack
+from bn_jax.pack import Pack, PackProgram, device_memory_limit, footprint, largest_fitting, member_of, stack
 
 
 def member_runs(configs: Sequence[ExperimentConfig], root: str) -> List[workdir_lib.RunDir]:
@@ -115,9 +115,9 @@ class PackCheckpoints(hooks.Hook):
 
 def member_tick(pack: Pack, tick: hooks.Tick, m: int) -> hooks.Tick:
     """Member ``m``'s view of a pack's tick."""
-    host = None if tick.host_totals is None else {k: v[m] for k, v in tick.host_totals.items()}
+    host = None if tick.host_totals is None else member_of(tick.host_totals, m)
     return dataclasses.replace(tick, state=pack.member_state(tick.state, m),
-                               totals={k: v[m] for k, v in tick.totals.items()}, host_totals=host,
+                               totals=member_of(tick.totals, m), host_totals=host,
                                record=None if tick.record is None else tick.record[m])
 
 
@@ -180,7 +180,7 @@ def pack_loop(state, totals, program: PackProgram, hook_list, epochs: int, recor
         tests, host = program.evaluate(state), tick.finite_totals()
         lines = []
         for m, record in enumerate(records):
-            line = train.epoch_record(epoch, tick.step, {k: v[m] for k, v in host.items()}, tests[m],
+            line = train.epoch_record(epoch, tick.step, member_of(host, m), tests[m],
                                       speed / program.pack.size, record)
             record.history.append(line)
             lines.append(line)

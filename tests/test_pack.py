@@ -201,10 +201,9 @@ def test_per_member_weights_run_grouped_and_shared_weights_run_over_the_joined_b
 
 
 def test_auto_runs_the_members_one_after_another_on_a_cpu_only():
-    assert pack.resolve_members("auto", shared=False, platform="cpu") == "sequential"
-    assert pack.resolve_members("auto", shared=True, platform="cpu") == "sequential"
-    assert pack.resolve_members("auto", shared=False, platform="gpu") == "vmap"
-    assert pack.resolve_members("vmap", shared=False, platform="cpu") == "vmap"
+    assert pack.resolve_members("auto", platform="cpu") == "sequential"
+    assert pack.resolve_members("auto", platform="gpu") == "vmap"
+    assert pack.resolve_members("vmap", platform="cpu") == "vmap"
 
 
 # ---- every member an ordinary run on disk ---------------------------------------------------------
