@@ -63,8 +63,10 @@ def build_parser():
                    "members (auto, vmap, sequential; see experiments.cifar --help), each timed")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per configuration")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (>= 2 for "
-                                                         "torch bn: its step 2 recompiles)")
+    p.add_argument("--warmup", type=int, default=2, help="PyTorch's untimed steps after set-up (>= 2 for "
+                                                         "torch bn: its step 2 recompiles); bn_jax warms up "
+                                                         "with one call of --steps, the length its fused loop "
+                                                         "is compiled for")
     p.add_argument("--no_limits", dest="limits", action="store_false",
                    help="skip measuring the device's peaks and the roofline columns")
     p.add_argument("--out", default="runs/benchmark", help="folder for benchmark.json/.md/.png")
@@ -161,9 +163,10 @@ class JaxRunner:
 def jax_runner(case: Case, width: int, steps: int) -> JaxRunner:
     """Compiles bn_jax's training program for ``case`` on a random device-resident dataset.
 
-    The fused program is compiled ahead of time and its cost analysis is taken from that same
-    executable (XLA counts a loop body once, so that is one step's cost); the step loop compiles
-    on its first call and ``cost`` compiles one single step for the analysis.
+    The fused loop has a static length, so it is compiled ahead of time for calls of ``steps``
+    steps (``run(k)`` with another k compiles again, on its first call), and its cost analysis
+    is taken from that same executable (XLA counts a loop body once, so that is one step's cost); the step
+    loop compiles on its first call and ``cost`` compiles one single step for the analysis.
     """
     import jax
     from bn_jax import datasets, parallel, roofline, train
@@ -185,7 +188,7 @@ def jax_runner(case: Case, width: int, steps: int) -> JaxRunner:
     fused = program.loop == "fused"
     t = time.perf_counter()
     if fused:
-        compiled = program.compile(holder["state"], holder["totals"])
+        compiled = program.compile(holder["state"], holder["totals"], stop=steps)
     compiled_at = time.perf_counter()
 
     def run(k: int):
@@ -261,10 +264,12 @@ def prepare(cases: List[Case], args):
                 runners[case.name] = runner.run
                 if args.limits and cost_key(case) not in costs:  # the same step whatever the loop
                     costs[cost_key(case)] = runner.cost()
+                # one untimed call of the timed length: the fused loop is compiled for that length only
+                runners[case.name](args.steps)
             else:
                 runners[case.name] = torch_runner(case, args.width)
-            runners[case.name](1)
-            runners[case.name](args.warmup)
+                runners[case.name](1)
+                runners[case.name](args.warmup)
         except Exception as e:  # noqa: BLE001  (report it, time the rest)
             tqdm.write(f"{case.name}: skipped, {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
             runners.pop(case.name, None)

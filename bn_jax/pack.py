@@ -122,11 +122,12 @@ def resolve_members(members: str, platform: str) -> str:
     return "sequential" if platform == "cpu" else "vmap"
 
 
-def packed_steps(state, totals, hyper, data, orders, start, stop, epoch_step, keys, mean, std, **kw):
-    """Steps ``start``…``stop - 1`` of every member as one ``fori_loop`` (the fused loop)."""
-    def body(i, carry):
-        return packed_step_at(*carry, hyper, data, orders, i, epoch_step + i, keys, mean, std, **kw)
-    return jax.lax.fori_loop(start, stop, body, (state, totals))
+def packed_steps(state, totals, hyper, data, orders, start, epoch_step, keys, mean, std, *, length: int, **kw):
+    """Steps ``start``…``start + length - 1`` of every member as one loop of static length (the
+    fused loop; see ``steps.train_steps``)."""
+    def body(j, carry):
+        return packed_step_at(*carry, hyper, data, orders, start + j, epoch_step + start + j, keys, mean, std, **kw)
+    return jax.lax.fori_loop(0, length, body, (state, totals))
 
 
 def packed_eval_step(state, images, labels, valid, mean, std, *, pack: Pack):
@@ -145,7 +146,7 @@ def jit_pack_steps(pack: Pack, config: ExperimentConfig, loop: str, mesh):
               sharding=None if mesh is None else parallel.sharded(mesh))
     out = None if mesh is None else parallel.replicated(mesh)
     if loop == "fused":
-        return jax.jit(functools.partial(packed_steps, **kw), donate_argnums=0, out_shardings=out)
+        return program_lib.FixedLengthLoop(functools.partial(packed_steps, **kw), start_at=5, out_shardings=out)
     step = jax.jit(functools.partial(packed_step_at, **kw), donate_argnums=0, out_shardings=out)
     return lambda state, totals, hyper, data, orders, start, stop, epoch_step, keys, mean, std: step(
         state, totals, hyper, data, orders, start, epoch_step + start, keys, mean, std)
@@ -168,6 +169,8 @@ class PackProgram:
         self.hyper = self.put(pack.hyper)
         self.steps_fn = jit_pack_steps(pack, pack.configs[0], self.loop, mesh)
         self.eval_fn = jax.jit(functools.partial(packed_eval_step, pack=pack))
+        self.scan_eval_fn = jax.jit(functools.partial(program_lib.scan_eval,
+                                                      eval_step=functools.partial(packed_eval_step, pack=pack)))
         self.input = program_lib.ResidentInput()
         self._orders = (None, None)
 
@@ -202,17 +205,18 @@ class PackProgram:
             state = self.put(sub.initial_state())  # (its own optimizer and plan: static in the state)
             totals, hyper, orders, keys = (jax.tree_util.tree_map(lambda x: x[:members], t)
                                            for t in (totals, hyper, orders, keys))
-        fn = fn if self.loop == "fused" else jax.jit(fn)
-        compiled = fn.lower(state, totals, hyper, self.base.train_data, orders, 0, stop, 0, keys,
-                            self.base.mean, self.base.std).compile()
-        if self.loop == "fused" and members is None:
-            self.steps_fn = compiled
-        return compiled
+        args = (state, totals, hyper, self.base.train_data, orders, 0, stop, 0, keys, self.base.mean, self.base.std)
+        if self.loop != "fused":
+            return jax.jit(fn).lower(*args).compile()
+        return fn.compile(*args) if members is None else fn.lower(*args).compile()
 
     def evaluate(self, state) -> List[Dict[str, float]]:
-        """Every member's test metrics, each test batch scored for all members in one call."""
+        """Every member's test metrics, each test batch scored for all members in one call (the
+        fused loop: the whole test set in one call, as ``program.DeviceResidentProgram`` does)."""
         totals = None
-        for images, labels, valid in self.base.test_batches:
+        if self.loop == "fused":
+            totals = self.scan_eval_fn(state, *self.base.test_stack, self.base.mean, self.base.std)
+        for images, labels, valid in self.base.test_batches if totals is None else ():
             m = self.eval_fn(state, images, labels, valid, self.base.mean, self.base.std)
             totals = m if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, m)
         host = jax.device_get(totals)

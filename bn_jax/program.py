@@ -21,6 +21,7 @@ import functools
 from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bn_jax import augmentation, dataset_registry, datasets, hashing, parallel, rng, steps, streaming
@@ -58,10 +59,47 @@ def jit_epoch_steps(config: ExperimentConfig, runtime: RuntimeConfig, mesh=None)
               sharding=None if mesh is None else parallel.sharded(mesh))
     out = None if mesh is None else parallel.replicated(mesh)
     if loop_for(runtime, mesh) == "fused":
-        return jax.jit(functools.partial(steps.train_steps, **kw), donate_argnums=0, out_shardings=out)
+        return FixedLengthLoop(functools.partial(steps.train_steps, **kw), start_at=4, out_shardings=out)
     step = jax.jit(functools.partial(steps.train_step_at, **kw), donate_argnums=0, out_shardings=out)
     return lambda state, totals, data, order, start, stop, epoch_step, key, mean, std: step(
         state, totals, data, order, start, epoch_step + start, key, mean, std)
+
+
+class FixedLengthLoop:
+    """A fused loop called as ``fn(..., start, stop, ...)`` but compiled per chunk length.
+
+    ``fn`` takes ``start`` at position ``start_at`` and a static ``length`` in place of ``stop``:
+    a loop of known trip count, which XLA runs without a host round-trip per iteration and can
+    capture as a CUDA graph. A run calls it with at most two lengths (``steps_per_call`` and the
+    epoch's remainder), so it compiles at most twice. The state (argument 0) is donated.
+    """
+
+    def __init__(self, fn, start_at: int, out_shardings=None):
+        self.jitted = jax.jit(fn, static_argnames="length", donate_argnums=0, out_shardings=out_shardings)
+        self.start_at = start_at
+        self.executables: Dict[int, Any] = {}  # compiled ahead of time (``compile``), by length
+
+    def _split(self, args):
+        i = self.start_at
+        return args[:i + 1] + args[i + 2:], int(args[i + 1]) - int(args[i])
+
+    def __call__(self, *args):
+        rest, length = self._split(args)
+        executable = self.executables.get(length)
+        return executable(*rest) if executable is not None else self.jitted(*rest, length=length)
+
+    def lower(self, *args):
+        rest, length = self._split(args)
+        return self.jitted.lower(*rest, length=length)
+
+    def compile(self, *args):
+        """Compile the call ``args`` describe ahead of time; later calls of its length run it."""
+        rest, length = self._split(args)
+        self.executables[length] = self.jitted.lower(*rest, length=length).compile()
+        return self.executables[length]
+
+    def lengths_compiled(self) -> int:
+        return len(self.executables) + self.jitted._cache_size()
 
 
 jit_eval_step = jax.jit(steps.eval_step)
@@ -93,6 +131,27 @@ def evaluate(state, test_batches, mean, std) -> Dict[str, float]:
         m = jit_eval_step(state, images, labels, valid, mean, std)
         totals = m if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, m)
     return test_metrics(jax.device_get(totals))
+
+
+def scan_eval(state, images, labels, valid, mean, std, *, eval_step=steps.eval_step):
+    """Test sums over stacked batches (``images[b]`` is batch b) as one loop: the sums ``evaluate``
+    adds call by call, in the same order, so the metrics are the same; one call instead of one
+    per batch."""
+    def body(totals, batch):
+        return jax.tree_util.tree_map(jnp.add, totals, eval_step(state, *batch, mean, std)), None
+    shapes = jax.eval_shape(eval_step, state, images[0], labels[0], valid[0], mean, std)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.lax.scan(body, zeros, (images, labels, valid))[0]
+
+
+jit_scan_eval = jax.jit(scan_eval)
+
+
+def stack_batches(batches: List[Tuple], mesh) -> Tuple:
+    """Equal-shaped sharded batches → one array per field with a leading batch axis (each batch
+    still sharded over the mesh), for ``scan_eval``."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.AXIS))
+    return jax.jit(lambda bs: tuple(jnp.stack(xs) for xs in zip(*bs)), out_shardings=sharding)(batches)
 
 
 def test_metrics(totals) -> Dict[str, float]:
@@ -204,6 +263,10 @@ class DeviceResidentProgram:
         images, labels, batch_size = self._test
         return pad_batches(images, labels, batch_size, self.mesh or parallel.make_mesh(1))
 
+    @functools.cached_property
+    def test_stack(self):
+        return stack_batches(self.test_batches, self.mesh or parallel.make_mesh(1))
+
     def order(self, epoch: int):
         if self._order[0] != epoch:
             self._order = (epoch, self.order_fn(self.order_key, epoch))
@@ -217,15 +280,19 @@ class DeviceResidentProgram:
     def compile(self, state, totals, stop: int = 1):
         """Compile the call ``run(state, totals, 0, 0, stop)`` ahead of time and return the
         executable (its cost analysis is one step's: XLA counts a loop body once). The fused loop
-        then runs that executable, so its compile time is paid here, apart from the steps."""
-        fn = self.steps_fn if self.loop == "fused" else jax.jit(self.steps_fn)
-        compiled = fn.lower(state, totals, self.train_data, self.order(0), 0, stop, 0, self.augment_key,
-                            self.mean, self.std).compile()
+        then runs that executable for every call of ``stop`` steps, so its compile time is paid
+        here, apart from the steps."""
+        args = (state, totals, self.train_data, self.order(0), 0, stop, 0, self.augment_key, self.mean, self.std)
         if self.loop == "fused":
-            self.steps_fn = compiled
-        return compiled
+            return self.steps_fn.compile(*args)
+        return jax.jit(self.steps_fn).lower(*args).compile()
 
     def evaluate(self, state) -> Dict[str, float]:
+        """The test metrics. The fused loop scores every test batch in one compiled call (no
+        round-trip per batch between the epoch's steps and the next); the step loop, one call per
+        batch, as it trains (on a CPU, XLA compiles a convolution inside a loop to slower code)."""
+        if self.loop == "fused":
+            return test_metrics(jax.device_get(jit_scan_eval(state, *self.test_stack, self.mean, self.std)))
         return evaluate(state, self.test_batches, self.mean, self.std)
 
     def zero_totals(self):

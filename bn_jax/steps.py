@@ -87,8 +87,11 @@ def train_step_on(state, totals, images, labels, step, mean, std):
     return state, accumulate(totals, metrics, step)
 
 
-def train_steps(state, totals, data, order, start, stop, epoch_step, key, mean, std, **kw):
-    """Steps ``start``…``stop - 1`` of an epoch as one ``fori_loop`` (``epoch_step``: its first step)."""
-    def body(i, carry):
-        return train_step_at(*carry, data, order, i, epoch_step + i, key, mean, std, **kw)
-    return jax.lax.fori_loop(start, stop, body, (state, totals))
+def train_steps(state, totals, data, order, start, epoch_step, key, mean, std, *, length: int, **kw):
+    """Steps ``start``…``start + length - 1`` of an epoch as one loop (``epoch_step``: the epoch's
+    first step). ``length`` is static: XLA then knows the trip count, so the loop need not ask
+    the host after every step whether to go on, and it can become a CUDA graph; ``start`` stays
+    traced, so one compilation serves every chunk of that length."""
+    def body(j, carry):
+        return train_step_at(*carry, data, order, start + j, epoch_step + start + j, key, mean, std, **kw)
+    return jax.lax.fori_loop(0, length, body, (state, totals))

@@ -182,6 +182,24 @@ def test_the_fused_loop_trains_a_pack_as_the_step_loop_does():
         assert beyond_tolerance(pack.member_of(fused, m), initial, pack.member_of(stepped, m)) == []
 
 
+@pytest.mark.parametrize("how", ["vmap", "sequential"])
+def test_the_fused_program_scores_all_members_on_the_whole_test_set_in_one_call(how):
+    """One scan over the test batches for every member: the metrics of one call per batch, bit for
+    bit, and each member's own (as its state alone scores)."""
+    members = configs()
+    p = pack.Pack(members, DATA.num_classes, DATA.image_shape, 2, how)
+    program = pack.PackProgram(p, RuntimeConfig(loop="fused", eval_batch_size=8), DATA, None)
+    state, _ = program.run(program.put(p.initial_state()), program.zero_totals(), 0, 0, 2)
+    one_call = program.evaluate(state)
+    program.loop = "step"  # the same state scored one test batch per call
+    assert program.evaluate(state) == one_call
+    assert one_call[0] != one_call[1]
+    for m in range(2):
+        alone = program.base.evaluate(pack.member_of(state, m))
+        assert alone["accuracy"] == one_call[m]["accuracy"]
+        assert alone["loss"] == pytest.approx(one_call[m]["loss"], rel=1e-5)
+
+
 def convolutions(members, how="vmap"):
     p = pack.Pack(members, DATA.num_classes, DATA.image_shape, 4, how)
     program = pack.PackProgram(p, RuntimeConfig(loop="step"), DATA, None)
