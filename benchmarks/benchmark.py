@@ -28,7 +28,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from tqdm import tqdm
 
@@ -52,9 +52,12 @@ def build_parser():
                    help="also time the plain single-device step (no mesh), to measure sharding overhead")
     p.add_argument("--simulate_cpu_devices", type=int, default=None,
                    help="split the CPU into this many XLA devices (set before JAX starts)")
-    p.add_argument("--torch", default="eager,compile",
-                   help="PyTorch baselines to time when torch is installed: comma-separated eager, "
-                        "compile, or 'none' (CIFAR ResNets, float32, modes bn and full only)")
+    p.add_argument("--torch", default="eager,compile,expert",
+                   help="PyTorch baselines to time when torch is installed, comma-separated, or 'none' (CIFAR "
+                        "ResNets, modes bn and full only): the blog's loop eager and under torch.compile "
+                        "(float32 only); an expert's loop (frozen once, BN-only optimizer, channels_last, data "
+                        "on the device; each of --precisions) eager, as one CUDA graph (expert_graph, GPU "
+                        "only) or under torch.compile max-autotune (expert_compile)")
     p.add_argument("--pack", default=None, metavar="K,K,...",
                    help="also time K runs trained as one pack (bn_jax.pack: one compiled step for all), for each "
                         "K, with per-seed initial weights (grouped convolutions) and with shared ones (one "
@@ -123,14 +126,16 @@ def jax_cases(args, device_counts) -> List[Case]:
             for loop in split(args.loops) for n in counts for k, init, how in packs]
 
 
-TORCH_VARIANTS = ("eager", "compile")
+# the blog's loop (eager, compile) and an expert's (benchmarks/torch_reference.py)
+TORCH_VARIANTS = ("eager", "compile", "expert", "expert_graph", "expert_compile")
+EXPERT = {"expert": "eager", "expert_graph": "graph", "expert_compile": "compile"}
 
 
 def torch_variants(value: str) -> List[str]:
     variants = [] if value == "none" else split(value)
     unknown = [v for v in variants if v not in TORCH_VARIANTS]
     if unknown:
-        raise ValueError(f"--torch: unknown {', '.join(unknown)}; use eager, compile or none")
+        raise ValueError(f"--torch: unknown {', '.join(unknown)}; use {', '.join(TORCH_VARIANTS)} or none")
     return variants
 
 
@@ -148,8 +153,9 @@ def torch_cases(args) -> List[Case]:
             torch_reference.blocks_per_segment(m)
         except ValueError:
             continue  # the reference builds CIFAR ResNets only
-        out += [Case("torch", m, b, mode, "float32", v, 1) for b in map(int, split(args.batch_sizes))
-                for mode in split(args.modes) if mode in ("bn", "full") for v in variants]
+        out += [Case("torch", m, b, mode, prec, v, 1) for b in map(int, split(args.batch_sizes))
+                for mode in split(args.modes) if mode in ("bn", "full") for v in variants
+                for prec in (split(args.precisions) if v in EXPERT else ["float32"])]
     return out
 
 
@@ -158,6 +164,8 @@ class JaxRunner:
     run: Callable[[int], None]  # n (<= steps) training steps on the device, then wait
     cost: Callable[[], Dict[str, float]]  # XLA's cost analysis of one step
     compile_s: float  # fused: the XLA compile of the loop program; step: the first call (compile + 1 step)
+    executable: Any = None  # fused: the compiled loop (its optimized HLO: ``executable.as_text()``)
+    state: Callable[[], Any] = None  # the train state the steps so far have reached
 
 
 def jax_runner(case: Case, width: int, steps: int) -> JaxRunner:
@@ -204,7 +212,8 @@ def jax_runner(case: Case, width: int, steps: int) -> JaxRunner:
     def cost():
         return roofline.step_cost(compiled if fused else program.compile(holder["state"], holder["totals"]))
 
-    return JaxRunner(run, cost, time.perf_counter() - t if not fused else compiled_at - t)
+    return JaxRunner(run, cost, time.perf_counter() - t if not fused else compiled_at - t,
+                     compiled if fused else None, lambda: holder["state"])
 
 
 def pack_program(case: Case, config, data, mesh, steps: int):
@@ -224,8 +233,13 @@ def cost_key(case: Case):
 
 def torch_runner(case: Case, width: int):
     from benchmarks import torch_reference
-    run = torch_reference.make_runner(case.model, width, case.batch_size, case.mode, case.loop == "compile",
-                                      device="cuda" if _jax_platform() == "gpu" else "cpu")
+    device = "cuda" if _jax_platform() == "gpu" else "cpu"
+    if case.loop in EXPERT:
+        run = torch_reference.make_expert_runner(case.model, width, case.batch_size, case.mode, EXPERT[case.loop],
+                                                 case.precision == "bfloat16", device)
+    else:
+        run = torch_reference.make_runner(case.model, width, case.batch_size, case.mode, case.loop == "compile",
+                                          device=device)
     return lambda n: run(n)
 
 
@@ -301,17 +315,21 @@ def main(argv=None):
     runners, costs, skipped = prepare(cases, args)
     peaks = {p: roofline.measure_peaks(models.PRECISIONS[p]) for p in sorted({c.precision for c in cases})
              if args.limits}
-    times = time_rounds(runners, args.steps, args.rounds)
-    rows = [make_row(case, times[case.name], costs.get(cost_key(case)), peaks.get(case.precision))
-            for case in cases if case.name in runners]
-    comps = comparisons(rows)
     device = jax.devices()[0]
-    report = {**report_header(argv), "steps": args.steps, "rounds": args.rounds, "width": args.width,
-              "peaks": {p: dataclasses.asdict(v) for p, v in peaks.items()},
-              "rows": rows, "comparisons": comps, "skipped": skipped}
-    title = (f"{device.platform} ({device.device_kind}), median of {args.rounds} rounds × {args.steps} steps, "
-             f"{report['date']}")
-    write_report(args.out, report, f"{title}\n\n`{report['command']}`\n\n{format_table(rows, comps)}\n", rows, title)
+
+    def write(times, done: int):
+        rows = [make_row(case, times[case.name], costs.get(cost_key(case)), peaks.get(case.precision))
+                for case in cases if case.name in runners]
+        comps = comparisons(rows)
+        report = {**report_header(argv), "steps": args.steps, "rounds": args.rounds, "rounds_done": done,
+                  "width": args.width, "peaks": {p: dataclasses.asdict(v) for p, v in peaks.items()},
+                  "rows": rows, "comparisons": comps, "skipped": skipped}
+        title = (f"{device.platform} ({device.device_kind}), median of {done} rounds × {args.steps} steps"
+                 f"{'' if done == args.rounds else f' ({done} of {args.rounds} rounds so far)'}, {report['date']}")
+        write_report(args.out, report, f"{title}\n\n`{report['command']}`\n\n{format_table(rows, comps)}\n", rows,
+                     title)
+
+    time_rounds(runners, args.steps, args.rounds, on_round=write)  # the report is rewritten after every round
 
 
 if __name__ == "__main__":

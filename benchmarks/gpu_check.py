@@ -1,19 +1,27 @@
 """The whole accelerator check as one command: ``python -m benchmarks.gpu_check --out DIR``.
 
-GPU time is rare and short, so everything only an accelerator can show is one prepared command
-that spends its minutes measuring. In order of priority, within ``--budget_s``:
+GPU time is rare and short, so everything only an accelerator can show is prepared commands
+that spend their minutes measuring. Stages, in order of priority, within ``--budget_s``:
 
-1. environment: versions, device kind and memory;
-2. correctness on this backend: the fused loop equals the step loop over a few steps of a small
+1. ``environment``: versions, device kind and memory;
+2. ``correctness`` on this backend: the fused loop equals the step loop over a few steps of a small
    ResNet; frozen leaves are bit-identical after BN-only steps; the compiled BN-only step has
    fewer convolutions than the full step;
-3. throughput of ResNet-110 at batch 128, one case after another in this process, compile time
-   apart from step time, each with its roofline limit: bn_jax BN-only float32 fused, the blog's
-   PyTorch loop eager, bn_jax full float32 and BN-only bfloat16 fused, the PyTorch loop under
-   ``torch.compile``;
-4. the paper's 160-epoch BN-only ResNet-110 run on the budget left. At the deadline it stops
-   through the trainer's own preemption path (checkpoint, then exit), and its workdir, with
-   small checkpoints, is packed into DIR so a later job resumes it (``--resume_run``).
+3. ``setup``: seconds from a fresh process to a compiled step, cold and warm compilation cache,
+   with the default and the GPU-kernel threefry lowering, and whether both draw the same leaves
+   (``benchmarks.setup_time``);
+4. ``single``: one ResNet-110 run at batch 128 (BN-only float32 and bfloat16, full float32), the
+   fused loop of static length, compile time apart from step time, each with its roofline limit;
+5. ``xla_flags``: the same BN-only step under XLA options, a process each (``benchmarks.xla_flags``);
+6. ``torch``: the blog's PyTorch loop and an expert's (``benchmarks.torch_reference``);
+7. ``packs``: packs of K = 1, 2, 4, 8 runs, then 8 with shared weights and 8 in bfloat16;
+8. ``batch_sweep``: BN-only float32 at batches 256…1024, outside the paper's recipe;
+9. ``run``, a call of its own (``--stages run``): the paper's 160-epoch BN-only ResNet-110 run on
+   the budget left. At the deadline it stops through the trainer's own preemption path
+   (checkpoint, then exit), and its workdir, with small checkpoints, is packed into DIR so a
+   later job resumes it (``--resume_run``).
+
+The default ``--stages measure`` is stages 1–8; ``all`` adds the run.
 
 DIR receives at most five files, each rewritten as soon as there is something new, so a kill at
 any moment keeps what was measured: ``gpu_check.json`` (everything), ``gpu_check.md`` (the report),
@@ -29,6 +37,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -46,13 +55,18 @@ from typing import Any, Dict, List, Optional, Tuple
 from benchmarks import benchmark
 from benchmarks import report as report_lib
 
-STAGES = ("environment", "correctness", "throughput", "run")
+STAGES = ("environment", "correctness", "setup", "single", "xla_flags", "torch", "packs", "batch_sweep", "run")
+MEASURE = STAGES[:-1]  # the first call's stages; the run, which needs a call of its own, is the second
+STAGE_GROUPS = {"measure": MEASURE, "all": STAGES}
+TIMED = ("single", "torch", "packs", "batch_sweep")  # stages whose rows join the throughput table
 FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.log", "throughput.png", "run.tar.gz")
 DEFAULT_DATA = os.path.join("data", "cifar10-jpg.tar.gz")  # git-ignored; see docs/gpu_check.md
 TARGETS_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "performance.md")
 _TARGET = re.compile(r"`(\w+)` (≥|>|≤) ([\d.]+)")
 TARGET_KEYS = ("bn_over_torch_eager", "bn_over_torch_compile", "bn_over_full_time", "run_160_epochs_s",
-               "pack8_over_solo", "pack8_images_per_second", "pack8_bf16_images_per_second")
+               "pack8_over_solo", "pack8_images_per_second", "pack8_bf16_images_per_second",
+               "bn_ms_per_step", "bn_bf16_ms_per_step", "bn_over_torch_expert", "bn_bf16_over_torch_expert_bf16",
+               "pack8_over_torch_expert", "setup_s")
 PACK = 8  # the pack size the GPU targets name
 
 
@@ -90,11 +104,17 @@ class Sizes:
     min_run_s: float = 45.0  # likewise the run
     pack_s: float = 15.0  # kept back at the end to checkpoint and pack the run
     pack: int = PACK  # runs in each throughput case of packs
+    packs: Tuple[int, ...] = (1, 2, 4, PACK)  # pack sizes of the packs stage
+    sweep_batches: Tuple[int, ...] = (256, 512, 1024)  # the batch sweep (beyond the paper's 128)
+    setup_timeout_s: float = 240.0  # per set-up process
+    flag_timeout_s: float = 120.0  # per XLA-flag process
+    flag_steps: int = 50  # timed steps per round of an XLA-flag row (2 rounds)
 
 
 FULL = Sizes()
 SMOKE = Sizes(check_batch=8, check_steps=3, model="resnet8", batch_size=16, steps=2, rounds=2, warmup=2,
-              epochs=3, min_case_s=0.0, min_run_s=0.0, pack_s=0.0, pack=2)
+              epochs=3, min_case_s=0.0, min_run_s=0.0, pack_s=0.0, pack=2, packs=(1, 2), sweep_batches=(32,),
+              flag_steps=2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,9 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", default=None,
                    help=f"CIFAR-10 for the run stage: image-folder .tar.gz or folder (default {DEFAULT_DATA}; "
                         "--smoke generates a tiny one)")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {', '.join(STAGES)}")
-    p.add_argument("--torch", default="eager,compile",
-                   help="PyTorch baselines: comma-separated eager, compile, or none (default eager,compile)")
+    p.add_argument("--stages", default="measure",
+                   help=f"comma-separated stages, in this order: {', '.join(STAGES)}; 'measure' is every stage but "
+                        "the run (the default: the first GPU call), 'all' every stage")
+    p.add_argument("--torch", default="eager,compile,expert,expert_graph,expert_compile",
+                   help="PyTorch baselines, comma-separated, or none: the blog's loop (eager, compile) and an "
+                        "expert's (expert, expert_graph, expert_compile; float32 and bfloat16). Default: all")
     p.add_argument("--run_s", type=float, default=None,
                    help="give the run stage at most this many seconds (default: all the budget left); "
                         "0 stops it after its first compiled call")
@@ -126,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    stages = [s for s in args.stages.split(",") if s]
+    stages = [x for s in args.stages.split(",") if s for x in STAGE_GROUPS.get(s, (s,))]
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
         parser.error(f"--stages: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(STAGES)}")
@@ -349,21 +372,51 @@ def fused_cost_ratio(sizes: Sizes) -> Optional[float]:
 
 # ---- stage 3: throughput --------------------------------------------------------------------
 
-def throughput_cases(sizes: Sizes, torch_variants: List[str]) -> List[report_lib.Case]:
-    """The cases in order of priority (torch.compile last: its compiles cost the most time)."""
-    def case(framework, mode, precision, loop, pack=None, init="seed"):
-        return report_lib.Case(framework, sizes.model, sizes.batch_size, mode, precision, loop, 1, pack, init)
-    cases = [case("bn_jax", "bn", "float32", "fused")]
-    if "eager" in torch_variants:
-        cases += [case("torch", "bn", "float32", "eager"), case("torch", "full", "float32", "eager")]
-    cases += [case("bn_jax", "full", "float32", "fused"), case("bn_jax", "bn", "bfloat16", "fused")]
-    # packs: one compiled step for PACK runs (per-seed weights: grouped convolutions; shared: one batch)
+def _case(sizes: Sizes, framework, mode, precision, loop, pack=None, init="seed", batch_size=None):
+    return report_lib.Case(framework, sizes.model, batch_size or sizes.batch_size, mode, precision, loop, 1, pack, init)
+
+
+def single_cases(sizes: Sizes) -> List[report_lib.Case]:
+    """One run, the paper's batch: BN-only float32 and bfloat16, then full float32 (fused loop)."""
+    return [_case(sizes, "bn_jax", "bn", "float32", "fused"), _case(sizes, "bn_jax", "bn", "bfloat16", "fused"),
+            _case(sizes, "bn_jax", "full", "float32", "fused")]
+
+
+def torch_cases(sizes: Sizes, variants: List[str]) -> List[report_lib.Case]:
+    """The blog's loop eager (BN-only and full), the expert's loop eager and as a CUDA graph
+    (float32, bfloat16), then the torch.compile rows, whose compiles cost the most time."""
+    out = []
+    if "eager" in variants:
+        out += [_case(sizes, "torch", "bn", "float32", "eager"), _case(sizes, "torch", "full", "float32", "eager")]
+    for loop in ("expert", "expert_graph"):
+        if loop in variants:
+            out += [_case(sizes, "torch", "bn", p, loop) for p in ("float32", "bfloat16")]
+    if "compile" in variants:
+        out.append(_case(sizes, "torch", "bn", "float32", "compile"))
+    if "expert_compile" in variants:
+        out.append(_case(sizes, "torch", "bn", "float32", "expert_compile"))
+    return out
+
+
+def pack_cases(sizes: Sizes) -> List[report_lib.Case]:
+    """Packs of K BN-only runs with their own weights (grouped convolutions), then the largest
+    with shared weights (one batch) and in bfloat16."""
     k = sizes.pack
-    cases += [case("bn_jax", "bn", "float32", "fused", k), case("bn_jax", "bn", "float32", "fused", k, "shared"),
-              case("bn_jax", "bn", "bfloat16", "fused", k)]
-    if "compile" in torch_variants:
-        cases.append(case("torch", "bn", "float32", "compile"))
-    return cases
+    return ([_case(sizes, "bn_jax", "bn", "float32", "fused", n) for n in sizes.packs] +
+            [_case(sizes, "bn_jax", "bn", "float32", "fused", k, "shared"),
+             _case(sizes, "bn_jax", "bn", "bfloat16", "fused", k)])
+
+
+def sweep_cases(sizes: Sizes) -> List[report_lib.Case]:
+    """BN-only float32 at larger batches: outside the paper's recipe (batch 128), for how far the
+    device is from saturation."""
+    return [_case(sizes, "bn_jax", "bn", "float32", "fused", batch_size=b) for b in sizes.sweep_batches]
+
+
+def throughput_cases(sizes: Sizes, torch_variants: List[str]) -> Dict[str, List[report_lib.Case]]:
+    """Each timed stage's cases, in order."""
+    return {"single": single_cases(sizes), "torch": torch_cases(sizes, torch_variants), "packs": pack_cases(sizes),
+            "batch_sweep": sweep_cases(sizes)}
 
 
 def measure_case(case: report_lib.Case, sizes: Sizes, peaks) -> Dict[str, Any]:
@@ -387,42 +440,88 @@ def measure_case(case: report_lib.Case, sizes: Sizes, peaks) -> Dict[str, Any]:
     return row
 
 
-def throughput(sizes: Sizes, torch_variants: List[str], clock: Clock, report: Report, guard) -> None:
-    from bn_jax import models, roofline
-    from benchmarks import torch_reference
+class Throughput:
+    """The timed stages' rows, in one table (the report's "throughput" section): each case is
+    compiled, warmed up and timed in this process, one after another, and written as it is measured."""
 
-    if torch_variants and not torch_reference.available():
-        report.log("PyTorch is not installed: no PyTorch rows")
-        torch_variants = []
-    peaks = {p: roofline.measure_peaks(models.PRECISIONS[p]) for p in ("float32", "bfloat16")}
-    report.update("throughput", peaks={p: dataclasses.asdict(v) for p, v in peaks.items()}, rows=[], skipped=[],
-                  failed=[])
-    rows, skipped, failed, took = [], [], [], {}
-    for case in throughput_cases(sizes, torch_variants):
-        if guard.signalled:  # the check ends after this stage
-            break
+    def __init__(self, sizes: Sizes, clock: Clock, report: Report, guard):
+        self.sizes, self.clock, self.report, self.guard = sizes, clock, report, guard
+        self.rows, self.skipped, self.failed, self.took, self.peaks = [], [], [], {}, None
+
+    def measure(self, stage: str, cases: List[report_lib.Case]) -> None:
+        from bn_jax import models, roofline
+        if self.peaks is None:
+            self.peaks = {p: roofline.measure_peaks(models.PRECISIONS[p]) for p in ("float32", "bfloat16")}
+            self.report.update("throughput", peaks={p: dataclasses.asdict(v) for p, v in self.peaks.items()},
+                               rows=[], skipped=[], failed=[])
+        for case in cases:
+            if self.guard.signalled:  # the check ends after this stage
+                break
+            self.one(stage, case)
+
+    def one(self, stage: str, case: report_lib.Case) -> None:
         # a case in progress cannot be interrupted, so start one only when a case of its kind fit
-        needed = max([sizes.min_case_s] + [t for (f, _), t in took.items() if f == case.framework])
-        if clock.left() < needed:
-            skipped.append({"case": case.name, "reason": f"{clock.left():.0f}s of budget left, {needed:.0f}s needed"})
-            continue
-        report.log(f"throughput: {case.name} ...")
+        needed = max([self.sizes.min_case_s] + [t for (f, _), t in self.took.items() if f == case.framework])
+        if self.clock.left() < needed:
+            self.skipped.append({"case": case.name, "stage": stage,
+                                 "reason": f"{self.clock.left():.0f}s of budget left, {needed:.0f}s needed"})
+            return self.write()
+        self.report.log(f"{stage}: {case.name} ...")
         start = time.time()
         try:
-            rows.append(measure_case(case, sizes, peaks))
+            row = measure_case(case, self.sizes, self.peaks)
         except Exception as e:  # noqa: BLE001  (out of memory, a failed torch.compile: keep the rest)
-            failed.append({"case": case.name, "reason": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"})
-            report.log(f"throughput: {case.name} failed: {failed[-1]['reason']}")
+            self.failed.append({"case": case.name, "stage": stage,
+                                "reason": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"})
+            self.report.log(f"{stage}: {case.name} failed: {self.failed[-1]['reason']}")
         else:
-            r = rows[-1]
-            report.log(f"throughput: {case.name}: {r['images_per_second']:.0f} img/s, {r['ms_per_step']:.2f} ms/step, "
-                       f"compile {r['compile_s']:.1f}s")
-        took[(case.framework, case.name)] = time.time() - start
-        report.update("throughput", rows=rows, skipped=skipped, failed=failed, comparisons=report_lib.comparisons(rows))
+            self.rows.append({**row, "stage": stage})
+            self.report.log(f"{stage}: {case.name}: {row['images_per_second']:.0f} img/s, "
+                            f"{row['ms_per_step']:.2f} ms/step, compile {row['compile_s']:.1f}s")
+        self.took[(case.framework, case.name)] = time.time() - start
+        self.write()
+
+    def write(self) -> None:
+        self.report.update("throughput", rows=self.rows, skipped=self.skipped, failed=self.failed,
+                           comparisons=report_lib.comparisons(self.rows))
         with contextlib.suppress(ImportError):
-            if rows:
-                report_lib.plot(rows, os.path.join(report.out, "throughput.png"),
-                               f"{rows[0]['model']} b{sizes.batch_size}, {report.data['date']}")
+            if self.rows:
+                report_lib.plot(self.rows, os.path.join(self.report.out, "throughput.png"),
+                                f"{self.rows[0]['model']} b{self.sizes.batch_size}, {self.report.data['date']}")
+
+
+# ---- the set-up and XLA-flag stages (each measurement in a process of its own) ---------------
+
+def setup_stage(sizes: Sizes, clock: Clock, report: Report, scratch: str) -> None:
+    """Set-up seconds (import, initialisation, one fused compile) in fresh processes, cold and warm
+    cache, default and GPU-kernel threefry lowering, and whether that lowering draws the same
+    leaves. If it does, and sets up faster, the rest of the check uses it (reported)."""
+    from benchmarks import setup_time
+    # the default lowering compiles into this process's own cache, so the stages after it find it warm
+    own = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    result = setup_time.measure(sizes.model, sizes.batch_size, os.path.join(scratch, "setup"), sizes.setup_timeout_s,
+                                on_row=lambda rows: report.update("setup", rows=rows),
+                                cache_dirs={"default": own} if own else None,
+                                left=lambda: clock.left() - sizes.min_case_s)
+    rows = {(r["lowering"], r["cache"]): r for r in result["rows"]}
+    same = (result["kernel_lowering_leaves"] or {}).get("equal")
+    cold = [rows[(x, "cold")].get("setup_s") for x in setup_time.LOWERINGS]
+    use_kernel = bool(same) and None not in cold and cold[1] < cold[0]
+    if use_kernel:
+        import jax
+        jax.config.update("jax_threefry_gpu_kernel_lowering", True)
+    warm = [r["setup_s"] for r in result["rows"] if r["cache"] == "warm" and "setup_s" in r
+            and (same or r["lowering"] == "default")]
+    report.update("setup", kernel_lowering_leaves=result["kernel_lowering_leaves"], kernel_lowering_used=use_kernel,
+                  best_bit_identical_setup_s=min(warm) if warm else None)
+
+
+def xla_flags_stage(sizes: Sizes, clock: Clock, report: Report) -> None:
+    """BN-only float32 at the paper's batch under each XLA flag set, a process each (``benchmarks.xla_flags``)."""
+    from benchmarks import xla_flags
+    case = _case(sizes, "bn_jax", "bn", "float32", "fused")
+    xla_flags.measure(case, sizes.flag_steps, 2, sizes.flag_timeout_s, left=clock.left,
+                      on_row=lambda rows: report.update("xla_flags", rows=rows))
 
 
 # ---- stage 4: the 160-epoch run -------------------------------------------------------------
@@ -454,6 +553,22 @@ def summarize_run(history: List[Dict[str, Any]], epochs: int, session_first_epoc
         out["epoch_s"] = sorted(epoch_s)[len(epoch_s) // 2]
         out[f"projected_{epochs}_epochs_s"] = epochs * out["epoch_s"]
     return out
+
+
+def finished_run_analysis(config, workdir: str) -> Dict[str, Any]:
+    """The finished run beside the paper (its reported test accuracy for this model), and its γ:
+    the fraction of features with |γ| below the paper's threshold, overall and the layer with the most."""
+    from bn_jax import analysis, paper_results, train_modes
+    threshold = paper_results.DISABLED_THRESHOLD
+    paper = paper_results.paper_result(config.model, config.width)
+    run = analysis.load_run(workdir)
+    per_layer, overall = analysis.disabled_fractions(train_modes.variables_of(analysis.restore_state(run)),
+                                                     threshold)
+    worst = max(per_layer, key=per_layer.get) if per_layer else None
+    return {"final_test_accuracy": run.summary.get("final_test_accuracy"),
+            "paper_test_accuracy": paper and paper.bn_only / 100,
+            "gamma_threshold": threshold, "gamma_disabled_fraction": overall,
+            "gamma_most_disabled_layer": worst, "gamma_most_disabled_fraction": per_layer.get(worst)}
 
 
 def _read_history(workdir: str) -> List[Dict[str, Any]]:
@@ -529,6 +644,8 @@ def run_stage(args, sizes: Sizes, clock: Clock, report: Report, data_dir: str, s
             raise
     finally:
         report.update("run", status=status, **summarize_run(_read_history(workdir), config.epochs, first_epoch))
+        if status == "finished":
+            report.update("run", **finished_run_analysis(config, workdir))
         if os.path.isdir(workdir):  # whatever happened, the progress travels back
             report.update("run", archive=os.path.basename(pack_run(workdir, report.out)))
 
@@ -558,16 +675,28 @@ def smoke_data(root: str) -> str:
 def targets(data: Dict[str, Any], goals: Optional[Dict[str, Tuple[str, float]]] = None) -> List[Dict[str, Any]]:
     """The GPU targets (``read_targets`` by default) against what was measured (None where it was not)."""
     goals = goals or read_targets()
-    rows = data["stages"].get("throughput", {}).get("rows", [])
+    rows = [r for r in data["stages"].get("throughput", {}).get("rows", []) if r.get("stage") != "batch_sweep"]
 
-    def speed(framework, mode, loop, precision="float32", pack=None):
+    def row(framework, mode, loop, precision="float32", pack=None):
         match = [r for r in rows if (r["framework"], r["mode"], r["loop"], r["precision"], r.get("pack"),
                                      r.get("init", "seed")) == (framework, mode, loop, precision, pack, "seed")]
-        return match[0]["images_per_second"] if match else None
+        return match[0] if match else None
+
+    def speed(*key, **kw):
+        r = row(*key, **kw)
+        return r and r["images_per_second"]
+
+    def expert(precision):  # the fastest of the expert's loops that ran
+        found = [v for v in (speed("torch", "bn", loop, precision) for loop in ("expert", "expert_graph",
+                                                                                  "expert_compile")) if v]
+        return max(found) if found else None
 
     bn, full = speed("bn_jax", "bn", "fused"), speed("bn_jax", "full", "fused")
+    bn_bf16 = speed("bn_jax", "bn", "fused", "bfloat16")
     pack, pack_bf16 = speed("bn_jax", "bn", "fused", pack=PACK), speed("bn_jax", "bn", "fused", "bfloat16", PACK)
     eager, compiled = speed("torch", "bn", "eager"), speed("torch", "bn", "compile")
+    expert_f32, expert_bf16 = expert("float32"), expert("bfloat16")
+    ms = {p: (row("bn_jax", "bn", "fused", p) or {}).get("ms_per_step") for p in ("float32", "bfloat16")}
     run = data["stages"].get("run", {})
     projected = next((v for k, v in run.items() if k.startswith("projected_")), None)
     measured = [("bn_jax BN-only images/s over the PyTorch loop (eager)", bn and eager and bn / eager,
@@ -579,7 +708,17 @@ def targets(data: Dict[str, Any], goals: Optional[Dict[str, Tuple[str, float]]] 
                 (f"a pack of {PACK} (own weights each) over one run, images/s", pack and bn and pack / bn,
                  "pack8_over_solo"),
                 (f"a pack of {PACK}, images/s of all members", pack, "pack8_images_per_second"),
-                (f"a pack of {PACK} in bfloat16, images/s of all members", pack_bf16, "pack8_bf16_images_per_second")]
+                (f"a pack of {PACK} in bfloat16, images/s of all members", pack_bf16, "pack8_bf16_images_per_second"),
+                ("one BN-only run, float32, ms/step", ms["float32"], "bn_ms_per_step"),
+                ("one BN-only run, bfloat16, ms/step", ms["bfloat16"], "bn_bf16_ms_per_step"),
+                ("bn_jax BN-only images/s over the expert's PyTorch loop (float32, its fastest variant)",
+                 bn and expert_f32 and bn / expert_f32, "bn_over_torch_expert"),
+                ("… in bfloat16, over the expert's loop in bfloat16", bn_bf16 and expert_bf16 and bn_bf16 / expert_bf16,
+                 "bn_bf16_over_torch_expert_bf16"),
+                (f"a pack of {PACK} over the expert's PyTorch loop (float32), images/s",
+                 pack and expert_f32 and pack / expert_f32, "pack8_over_torch_expert"),
+                ("set-up seconds of one case (warm cache, a bit-identical lowering)",
+                 data["stages"].get("setup", {}).get("best_bit_identical_setup_s"), "setup_s")]
     out = []
     for what, value, key in measured:
         op, target = goals[key]
@@ -631,10 +770,15 @@ def render_markdown(data: Dict[str, Any]) -> str:
         lines += [f"| {report_lib.Case.of_row(r).name} "
                   f"| {_fmt(r.get('setup_s'))} | {r['compile_s']:.1f} | {r['warmup_s']:.2f} |" for r in tp["rows"]]
         lines.append("")
+    sweep = [r for r in tp.get("rows", []) if r.get("stage") == "batch_sweep"]
+    if sweep:
+        lines += [f"Batches {', '.join(str(r['batch_size']) for r in sweep)} are the batch sweep: outside the "
+                  "paper's recipe (batch 128), for how far one run is from filling the device.", ""]
     for s in tp.get("failed", []):
         lines.append(f"- **failed** {s['case']}: `{s['reason']}`")
     for s in tp.get("skipped", []):
         lines.append(f"- skipped {s['case']}: {s['reason']}")
+    lines += _setup_and_flags_markdown(stages)
     run = stages.get("run", {})
     if run:
         lines += ["", "## The 160-epoch run", "", "| | |", "|---|---|"]
@@ -644,6 +788,34 @@ def render_markdown(data: Dict[str, Any]) -> str:
     lines += [f"| {t['target']} | {_fmt(t['measured'])} | {'–' if t['met'] is None else ('yes' if t['met'] else 'no')} |"
               for t in targets(data)]
     return "\n".join(lines) + "\n"
+
+
+def _setup_and_flags_markdown(stages: Dict[str, Any]) -> List[str]:
+    lines = []
+    setup = stages.get("setup", {})
+    if setup.get("rows"):
+        lines += ["", "## Set-up (fresh process to a compiled step)", "",
+                  "| threefry lowering | cache | set-up s | import s | init s | compile s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['lowering']} | {r['cache']} | " + (f"{r['error']} | | | |" if "error" in r else
+                  f"{r['setup_s']:.1f} | {r['import_s']:.1f} | {r['init_s']:.1f} | {r['compile_s']:.1f} |")
+                  for r in setup["rows"]]
+        leaves = setup.get("kernel_lowering_leaves")
+        if leaves is not None:
+            lines.append(f"\nThe GPU-kernel lowering draws bit-identical initial leaves: "
+                         f"{'yes' if leaves['equal'] else 'NO, differing: ' + ', '.join(leaves['differing'][:5])}"
+                         f" ({leaves['leaves']} leaves); used for the rest of the check: "
+                         f"{'yes' if setup.get('kernel_lowering_used') else 'no'}.")
+    flags = stages.get("xla_flags", {}).get("rows", [])
+    if flags:
+        lines += ["", "## XLA options (a process each)", "",
+                  "| option | compiled | ms/step | speed-up | bit-equal | command buffers | compile s | note |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in flags:
+            lines.append(f"| {r['name']} (`{r['xla_flags'] or 'none'}`) | {_fmt(r.get('compiled'))} "
+                         f"| {_fmt(r.get('ms_per_step'))} | {_fmt(r.get('speedup_over_default'))} "
+                         f"| {_fmt(r.get('bit_equal_to_default'))} | {_fmt(r.get('command_buffers'))} "
+                         f"| {_fmt(r.get('compile_s'))} | {r.get('error', '')} |")
+    return lines
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -675,16 +847,33 @@ def main(argv=None) -> int:
     return code if code is not None else (1 if failures else 0)
 
 
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def run_stages(args, sizes: Sizes, report: Report, clock: Clock, guard, scratch: str) -> Optional[int]:
     """Each stage in turn; a stage that raises is reported and the next one runs. A signal ends
     the check (exit 75, or 130 for a second Ctrl-C) after the run stage has packed its progress."""
     from bn_jax import preemption
 
+    from benchmarks import torch_reference
+
     data_dir = args.data_dir or smoke_data(scratch)
+    torch_variants = args.torch
+    if torch_variants and not torch_reference.available():
+        report.log("PyTorch is not installed: no PyTorch rows")
+        torch_variants = []
+    if "expert_graph" in torch_variants and not _cuda():
+        report.log("no CUDA device for PyTorch: no CUDA-graph rows")
+        torch_variants = [v for v in torch_variants if v != "expert_graph"]
+    timed, cases = Throughput(sizes, clock, report, guard), throughput_cases(sizes, torch_variants)
     stage_fns = {"environment": lambda: report.update("environment", **environment()),
                  "correctness": lambda: correctness(sizes, scratch, report),
-                 "throughput": lambda: throughput(sizes, args.torch, clock, report, guard),
-                 "run": lambda: run_stage(args, sizes, clock, report, data_dir, scratch, guard)}
+                 "setup": lambda: setup_stage(sizes, clock, report, scratch),
+                 "xla_flags": lambda: xla_flags_stage(sizes, clock, report),
+                 "run": lambda: run_stage(args, sizes, clock, report, data_dir, scratch, guard),
+                 **{name: functools.partial(timed.measure, name, cases[name]) for name in TIMED}}
     for name in (s for s in STAGES if s in args.stages):
         if guard.signalled:
             report.data["stopped"] = f"{guard.reason} before the {name} stage"

@@ -24,7 +24,7 @@ class Case:
     batch_size: int
     mode: str
     precision: str
-    loop: str  # bn_jax: step | fused; torch: eager | compile
+    loop: str  # bn_jax: step | fused; torch: eager | compile (the blog's loop) | expert | expert_graph | expert_compile
     devices: Optional[int]  # bn_jax: mesh size, None = unsharded; torch: 1
     pack: Optional[int] = None  # bn_jax: K runs trained as one pack (bn_jax.pack); None: one run
     init: str = "seed"  # a pack's members: their own initial weights (seed), or the first's (shared)
@@ -62,16 +62,21 @@ def unwritable(out: str) -> Optional[str]:
     return f"cannot write to --out {out}: {problem}" if problem else None
 
 
-def time_rounds(runners: Dict[str, Callable[[int], None]], steps: int, rounds: int) -> Dict[str, List[float]]:
-    """Seconds per step of each runner, one entry per round; rounds interleave the runners."""
+def time_rounds(runners: Dict[str, Callable[[int], None]], steps: int, rounds: int,
+                on_round: Callable[[Dict[str, List[float]], int], None] = lambda times, done: None
+                ) -> Dict[str, List[float]]:
+    """Seconds per step of each runner, one entry per round; rounds interleave the runners.
+    ``on_round(times, rounds_done)`` after each round (the benchmark writes its report there, so
+    a run killed at its limit keeps the rounds it finished)."""
     times = {name: [] for name in runners}
     with tqdm(total=rounds * len(runners), desc="timing", leave=False) as bar:
-        for _ in range(rounds):
+        for done in range(1, rounds + 1):
             for name, run in runners.items():
                 t = time.perf_counter()
                 run(steps)
                 times[name].append((time.perf_counter() - t) / steps)
                 bar.update()
+            on_round(times, done)
     return times
 
 
@@ -110,13 +115,14 @@ def comparisons(rows: List[Dict]) -> List[Dict]:
             out.append({"what": f"bn/full step time, {r['framework']} {r['model']} b{r['batch_size']} "
                                 f"{r['precision']} {r['loop']}",
                         "ratio": r["ms_per_step"] / by[key]["ms_per_step"]})
-    jax_bn = [r for r in rows if r["framework"] == "bn_jax" and r["mode"] == "bn" and r["precision"] == "float32"]
+    jax_bn = [r for r in rows if r["framework"] == "bn_jax" and r["mode"] == "bn"]
     for t in (r for r in rows if r["framework"] == "torch" and r["mode"] == "bn"):
-        mine = [r for r in jax_bn if (r["model"], r["batch_size"]) == (t["model"], t["batch_size"])]
+        mine = [r for r in jax_bn if (r["model"], r["batch_size"], r["precision"]) ==
+                (t["model"], t["batch_size"], t["precision"])]
         if mine:
             best = max(mine, key=lambda r: r["images_per_second"])
-            out.append({"what": f"bn_jax bn float32 {best['loop']} ×{best['devices'] or 'unsharded'} over torch "
-                                f"{t['loop']} bn, {t['model']} b{t['batch_size']} (images/s)",
+            out.append({"what": f"bn_jax bn {t['precision']} {best['loop']} ×{best['devices'] or 'unsharded'} over "
+                                f"torch {t['loop']} bn, {t['model']} b{t['batch_size']} (images/s)",
                         "ratio": best["images_per_second"] / t["images_per_second"]})
     return out
 

@@ -194,6 +194,8 @@ def train(command: Command, guard, extra_hooks, parser) -> int:
 
 def run_training(command: Command, guard, extra_hooks):
     """[(summary, run folder)] of the run, or of each member a pack trained."""
+    from bn_jax import compile_cache
+    compile_cache.use(command.runtime.compilation_cache)
     if not command.members:
         from bn_jax import train as train_lib
         return [(train_lib.train_and_evaluate(command.experiment, command.workdir, runtime=command.runtime,

@@ -199,6 +199,10 @@ class RuntimeConfig(_Part):
                       "in both", choices=LOOPS, group="speed")
     steps_per_call: int = param(100, "fused loop: steps per call; the progress bar, signals and step "
                                 "checkpoints are handled between calls", at_least(1), group="speed")
+    compilation_cache: str = param("auto", "folder of JAX's persistent compilation cache, so a later run "
+                                   "(a resume, a sweep's next seed) reuses this one's compiled initialisation "
+                                   "and steps; none turns it off; auto: $JAX_COMPILATION_CACHE_DIR, else "
+                                   "~/.cache/bn_jax/jax", group="speed")
     num_devices: Optional[int] = param(None, "data-parallel over the first N local devices (default: all); the "
                                        "global --batch_size is split over them and must divide by N",
                                        at_least(1), group="devices and clusters")

@@ -226,3 +226,14 @@ def test_a_folder_without_val_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         benchmark.main(["--input_pipeline", str(tmp_path / "imagenet"), "--out", str(tmp_path / "out")])
     assert exit.value.code == 2 and "missing folder val/" in capsys.readouterr().err
+
+
+def test_every_finished_round_is_handed_on_as_it_ends():
+    """What lets the benchmark rewrite its report after each round: a kill keeps the rounds done."""
+    from benchmarks import report as report_lib
+    seen, calls = [], []
+    runners = {"a": lambda n: calls.append(("a", n)), "b": lambda n: calls.append(("b", n))}
+    times = report_lib.time_rounds(runners, 3, 2, on_round=lambda t, done: seen.append(
+        (done, {k: len(v) for k, v in t.items()}, len(calls))))
+    assert seen == [(1, {"a": 1, "b": 1}, 2), (2, {"a": 2, "b": 2}, 4)]
+    assert calls == [("a", 3), ("b", 3)] * 2 and all(len(v) == 2 for v in times.values())

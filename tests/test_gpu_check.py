@@ -11,7 +11,7 @@ import tarfile
 import pytest
 
 from conftest import TORCH_REQUIRED
-from benchmarks import gpu_check, torch_reference
+from benchmarks import gpu_check, report as report_lib, torch_reference, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = {"gpu_check.json", "gpu_check.md", "gpu_check.log", "throughput.png", "run.tar.gz"}
@@ -40,8 +40,8 @@ def report(out):
 @pytest.mark.slow
 def test_smoke_check_runs_every_stage_and_writes_its_report(tmp_path):
     out = tmp_path / "out"
-    torch = "eager" if torch_reference.available() or TORCH_REQUIRED else "none"
-    proc = run_module(tmp_path, "benchmarks.gpu_check", "--smoke", "--torch", torch, "--out", str(out))
+    torch = "eager,expert,expert_graph" if torch_reference.available() or TORCH_REQUIRED else "none"
+    proc = run_module(tmp_path, "benchmarks.gpu_check", "--smoke", "--stages", "all", "--torch", torch, "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == FILES  # at most 8 files may come back from a GPU job
     data = report(out)
@@ -54,16 +54,32 @@ def test_smoke_check_runs_every_stage_and_writes_its_report(tmp_path):
     jax_rows = {(r["mode"], r["precision"]) for r in rows if r["framework"] == "bn_jax"}
     assert jax_rows == {("bn", "float32"), ("full", "float32"), ("bn", "bfloat16")}
     assert {r["loop"] for r in rows if r["framework"] == "bn_jax"} == {"fused"}
-    assert len([r for r in rows if r["framework"] == "torch"]) == (2 if torch == "eager" else 0)
+    assert [r["stage"] for r in rows if r["framework"] == "bn_jax"] == ["single"] * 3 + ["packs"] * 4 + ["batch_sweep"]
+    assert [r.get("pack") for r in rows if r["stage"] == "packs"] == [1, 2, 2, 2]
+    # the blog's loop (bn, full) and the expert's (float32, bfloat16); no CUDA graph without CUDA
+    assert [(r["loop"], r["precision"]) for r in rows if r["framework"] == "torch"] == (
+        [("eager", "float32")] * 2 + [("expert", "float32"), ("expert", "bfloat16")] if torch != "none" else [])
+    setup = data["stages"]["setup"]
+    assert [(r["lowering"], r["cache"]) for r in setup["rows"]] == [
+        ("default", "cold"), ("default", "warm"), ("kernel", "cold"), ("kernel", "warm")]
+    assert all(r["setup_s"] > r["init_s"] > 0 for r in setup["rows"])
+    assert setup["kernel_lowering_leaves"]["equal"] and not setup["kernel_lowering_used"]  # (a no-op on CPU)
+    flags = data["stages"]["xla_flags"]["rows"]
+    assert [r["name"] for r in flags] == list(xla_flags.FLAG_SETS)
+    assert all(r["compiled"] and r["ms_per_step"] > 0 and r["command_buffers"] == 0 for r in flags)  # none on CPU
+    assert all(r["bit_equal_to_default"] for r in flags[1:])  # GPU-only flags change nothing on a CPU
     for r in rows:
         assert r["images_per_second"] > 0 and r["compile_s"] >= 0
         if r["framework"] == "bn_jax":
             assert r["compile_s"] > 0 and r["limit_images_per_second"] > 0
     run = data["stages"]["run"]
     assert run["status"] == "finished" and run["epochs_done"] == 3 and run["archive"] == "run.tar.gz"
+    assert run["final_test_accuracy"] == run["test_accuracy"] and run["paper_test_accuracy"] is None  # (ResNet-8)
+    assert 0 <= run["gamma_disabled_fraction"] <= run["gamma_most_disabled_fraction"] <= 1
     assert run["projected_3_epochs_s"] == pytest.approx(3 * run["epoch_s"])
     md = (out / "gpu_check.md").read_text()
-    for section in ("## Environment", "## Correctness", "## Throughput", "## The 160-epoch run", "## Targets"):
+    for section in ("## Environment", "## Correctness", "## Throughput", "## Set-up", "## XLA options",
+                    "## The 160-epoch run", "## Targets"):
         assert section in md
 
 
@@ -108,7 +124,8 @@ def test_cifar_trains_without_tensorflow(tmp_path):
     (["--budget_s", "nan"], "--budget_s must be a positive"),
     (["--run_s", "-1"], "--run_s must be >= 0"),
     (["--torch", "jit"], "--torch: unknown jit"),
-    ([], "no data at data/cifar10-jpg.tar.gz"),
+    (["--stages", "all"], "no data at data/cifar10-jpg.tar.gz"),
+    (["--stages", "run"], "no data at data/cifar10-jpg.tar.gz"),
     (["--smoke", "--resume_run", "missing.tar.gz"], "--resume_run: no such file"),
 ])
 def test_bad_flags_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, args, message):
@@ -176,9 +193,37 @@ def test_targets_compare_the_measured_ratios():
     data = {"stages": {"throughput": {"rows": rows}, "run": {"projected_160_epochs_s": 400.0}}}
     got = {t["target"]: (t["measured"], t["met"]) for t in gpu_check.targets(data)}
     assert list(got.values()) == [(4.0, True), (None, None), (800.0 / 1200.0, True), (400.0, False),
-                                  (None, None), (None, None), (None, None)]
+                                  (None, None), (None, None), (None, None)] + [(None, None)] * 6
     rows.append({"framework": "bn_jax", "mode": "bn", "loop": "fused", "precision": "float32", "pack": 8,
                  "init": "seed", "images_per_second": 6000.0})
     got = [(t["measured"], t["met"]) for t in gpu_check.targets(data)]
     assert got[0] == (4.0, True)  # (the solo row, not the pack's)
     assert got[4] == (5.0, True) and got[5][0] == 6000.0 and got[5][1] is False
+
+
+def test_targets_against_the_expert_loop_take_its_fastest_variant_of_the_same_precision():
+    def row(framework, loop, precision, ips, **kw):
+        return {"framework": framework, "mode": "bn", "loop": loop, "precision": precision, "images_per_second": ips,
+                "ms_per_step": 128_000 / ips, **kw}
+    rows = [row("bn_jax", "fused", "float32", 16000.0), row("bn_jax", "fused", "bfloat16", 24000.0),
+            row("torch", "expert", "float32", 10000.0), row("torch", "expert_graph", "float32", 20000.0),
+            row("torch", "expert", "bfloat16", 12000.0),
+            row("bn_jax", "fused", "float32", 99000.0, stage="batch_sweep")]  # (not the paper's batch: left out)
+    data = {"stages": {"throughput": {"rows": rows}, "setup": {"best_bit_identical_setup_s": 12.0}}}
+    got = {t["target"].split(" ≥")[0].split(" ≤")[0]: (t["measured"], t["met"]) for t in gpu_check.targets(data)}
+    assert got["one BN-only run, float32, ms/step"] == (8.0, False)
+    assert got["one BN-only run, bfloat16, ms/step"][1] is True
+    assert got["bn_jax BN-only images/s over the expert's PyTorch loop (float32, its fastest variant)"] == (0.8, False)
+    assert got["… in bfloat16, over the expert's loop in bfloat16"] == (2.0, True)
+    assert got["set-up seconds of one case (warm cache, a bit-identical lowering)"] == (12.0, True)
+
+
+@pytest.mark.slow
+def test_an_xla_flag_that_kills_its_process_loses_only_its_own_row():
+    case = report_lib.Case("bn_jax", "resnet8", 8, "bn", "float32", "fused", 1)
+    rows = xla_flags.measure(case, 1, 1, 120, {"default": "", "bogus": "--xla_no_such_flag=1", "again": ""})
+    assert [r["compiled"] for r in rows] == [True, False, True]
+    assert "Unknown flag" in rows[1]["error"]
+    assert rows[2]["bit_equal_to_default"] is True  # the same steps from the same seed, in another process
+    skipped = xla_flags.measure(case, 1, 1, 120, {"default": ""}, left=lambda: 10.0)
+    assert skipped[0]["compiled"] is None and "skipped" in skipped[0]["error"]
