@@ -53,11 +53,9 @@ def build_parser():
     p.add_argument("--simulate_cpu_devices", type=int, default=None,
                    help="split the CPU into this many XLA devices (set before JAX starts)")
     p.add_argument("--torch", default="eager,compile,expert",
-                   help="PyTorch baselines to time when torch is installed, comma-separated, or 'none' (CIFAR "
-                        "ResNets, modes bn and full only): the blog's loop eager and under torch.compile "
-                        "(float32 only); an expert's loop (frozen once, BN-only optimizer, channels_last, data "
-                        "on the device; each of --precisions) eager, as one CUDA graph (expert_graph, GPU "
-                        "only) or under torch.compile max-autotune (expert_compile)")
+                   help="PyTorch baselines (CIFAR ResNets, modes bn and full), comma-separated, or 'none': the "
+                        "blog's loop eager and compiled (float32); an expert's loop (benchmarks/torch_reference.py; "
+                        "each of --precisions) expert, expert_graph (a CUDA graph) or expert_compile")
     p.add_argument("--pack", default=None, metavar="K,K,...",
                    help="also time K runs trained as one pack (bn_jax.pack: one compiled step for all), for each "
                         "K, with per-seed initial weights (grouped convolutions) and with shared ones (one "
@@ -66,10 +64,8 @@ def build_parser():
                    "members (auto, vmap, sequential; see experiments.cifar --help), each timed")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per configuration")
-    p.add_argument("--warmup", type=int, default=2, help="PyTorch's untimed steps after set-up (>= 2 for "
-                                                         "torch bn: its step 2 recompiles); bn_jax warms up "
-                                                         "with one call of --steps, the length its fused loop "
-                                                         "is compiled for")
+    p.add_argument("--warmup", type=int, default=2, help="PyTorch's untimed steps (>= 2 for torch bn: its step 2 "
+                                                         "recompiles); bn_jax warms up with one call of --steps")
     p.add_argument("--no_limits", dest="limits", action="store_false",
                    help="skip measuring the device's peaks and the roofline columns")
     p.add_argument("--out", default="runs/benchmark", help="folder for benchmark.json/.md/.png")
@@ -318,7 +314,8 @@ def main(argv=None):
     device = jax.devices()[0]
 
     def write(times, done: int):
-        rows = [make_row(case, times[case.name], costs.get(cost_key(case)), peaks.get(case.precision))
+        rows = [make_row(case, times[case.name], costs.get(cost_key(case)) if case.framework == "bn_jax" else None,
+                         peaks.get(case.precision))
                 for case in cases if case.name in runners]
         comps = comparisons(rows)
         report = {**report_header(argv), "steps": args.steps, "rounds": args.rounds, "rounds_done": done,

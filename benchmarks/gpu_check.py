@@ -21,11 +21,13 @@ that spend their minutes measuring. Stages, in order of priority, within ``--bud
    (checkpoint, then exit), and its workdir, with small checkpoints, is packed into DIR so a
    later job resumes it (``--resume_run``).
 
-The default ``--stages measure`` is stages 1–8; ``all`` adds the run.
+The default ``--stages measure`` is stages 1–8; ``all`` adds the run. ``campaign`` (only when
+named) trains the runs of ``docs/results/campaign.json`` in order until the deadline and packs
+them into DIR/campaign.tar.gz, from which the next call goes on (``--resume_campaign``).
 
-DIR receives at most five files, each rewritten as soon as there is something new, so a kill at
+DIR receives at most six files, each rewritten as soon as there is something new, so a kill at
 any moment keeps what was measured: ``gpu_check.json`` (everything), ``gpu_check.md`` (the report),
-``gpu_check.log``, ``throughput.png`` and ``run.tar.gz``. ``--smoke`` runs the same code at tiny
+``gpu_check.log``, ``throughput.png``, ``run.tar.gz`` and ``campaign.tar.gz``. ``--smoke`` runs the same code at tiny
 sizes on generated data, on any device: CI runs it on CPU.
 
 Exit codes: 0 no check failed and nothing raised; 1 a check failed, or a stage or a throughput
@@ -55,11 +57,12 @@ from typing import Any, Dict, List, Optional, Tuple
 from benchmarks import benchmark
 from benchmarks import report as report_lib
 
-STAGES = ("environment", "correctness", "setup", "single", "xla_flags", "torch", "packs", "batch_sweep", "run")
-MEASURE = STAGES[:-1]  # the first call's stages; the run, which needs a call of its own, is the second
-STAGE_GROUPS = {"measure": MEASURE, "all": STAGES}
+STAGES = ("environment", "correctness", "setup", "single", "xla_flags", "torch", "packs", "batch_sweep", "run",
+          "campaign")
+MEASURE = STAGES[:-2]  # the first call's stages; the run, which needs a call of its own, is the second
+STAGE_GROUPS = {"measure": MEASURE, "all": STAGES[:-1]}  # (the campaign only when named: it trains for hours)
 TIMED = ("single", "torch", "packs", "batch_sweep")  # stages whose rows join the throughput table
-FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.log", "throughput.png", "run.tar.gz")
+FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.log", "throughput.png", "run.tar.gz", "campaign.tar.gz")
 DEFAULT_DATA = os.path.join("data", "cifar10-jpg.tar.gz")  # git-ignored; see docs/gpu_check.md
 TARGETS_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "performance.md")
 _TARGET = re.compile(r"`(\w+)` (≥|>|≤) ([\d.]+)")
@@ -120,15 +123,15 @@ SMOKE = Sizes(check_batch=8, check_steps=3, model="resnet8", batch_size=16, step
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for the results (at most five files)")
+    p.add_argument("--out", required=True, help="folder for the results (at most six files)")
     p.add_argument("--budget_s", type=float, default=480.0,
                    help="seconds the whole check may take, start-up included (default 480)")
     p.add_argument("--data_dir", default=None,
                    help=f"CIFAR-10 for the run stage: image-folder .tar.gz or folder (default {DEFAULT_DATA}; "
                         "--smoke generates a tiny one)")
     p.add_argument("--stages", default="measure",
-                   help=f"comma-separated stages, in this order: {', '.join(STAGES)}; 'measure' is every stage but "
-                        "the run (the default: the first GPU call), 'all' every stage")
+                   help=f"comma-separated stages, in this order: {', '.join(STAGES)}; 'measure' is every stage "
+                        "before the run (the default: the first GPU call), 'all' those and the run")
     p.add_argument("--torch", default="eager,compile,expert,expert_graph,expert_compile",
                    help="PyTorch baselines, comma-separated, or none: the blog's loop (eager, compile) and an "
                         "expert's (expert, expert_graph, expert_compile; float32 and bfloat16). Default: all")
@@ -141,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume_run", default=None,
                    help="run.tar.gz from an earlier check: unpacked as --workdir, so the "
                         "160-epoch run continues where it stopped")
+    p.add_argument("--campaign", default=None,
+                   help="the campaign stage's list of runs (default docs/results/campaign.json)")
+    p.add_argument("--resume_campaign", default=None,
+                   help="campaign.tar.gz from an earlier check: its runs go on from their newest checkpoints")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes and generated data: checks the command itself, on any device")
     return p
@@ -164,11 +171,20 @@ def parse_args(argv=None):
         parser.error(f"--run_s must be >= 0 seconds, got {args.run_s}")
     if args.data_dir is None and not args.smoke:
         args.data_dir = DEFAULT_DATA
-    if "run" in stages and args.data_dir is not None and not os.path.exists(args.data_dir):
+    if ("run" in stages or "campaign" in stages) and args.data_dir is not None and not os.path.exists(args.data_dir):
         parser.error(f"no data at {args.data_dir}: copy cifar10-jpg.tar.gz there (see docs/gpu_check.md), "
                      "pass --data_dir, or leave the run out with --stages")
     if args.resume_run is not None and not os.path.isfile(args.resume_run):
         parser.error(f"--resume_run: no such file {args.resume_run}")
+    if args.resume_campaign is not None and not os.path.isfile(args.resume_campaign):
+        parser.error(f"--resume_campaign: no such file {args.resume_campaign}")
+    if "campaign" in stages:
+        from benchmarks import campaign
+        try:
+            args.campaign_runs = campaign.load(args.campaign or campaign.DEFAULT, *(
+                (SMOKE.epochs, SMOKE.batch_size) if args.smoke else ()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"--campaign: {e}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a file")
     return args
@@ -339,11 +355,37 @@ def correctness(sizes: Sizes, workroot: str, report: Report) -> None:
                          trainable_moved=sum(trained_moved)))
     report.update("correctness", checks=checks)
 
+    checks.append(eval_in_one_call_check(sizes))
+    report.update("correctness", checks=checks)
+
     counts = {mode: convolution_counts(sizes, mode) for mode in ("full", "bn")}
     total = {mode: sum(c.values()) for mode, c in counts.items()}
     checks.append(_check("compiled BN-only step has fewer convolutions than the full step",
                          total["bn"] < total["full"], convolutions=counts, totals=total))
     report.update("correctness", checks=checks, fused_cost_over_step_cost=fused_cost_ratio(sizes))
+
+
+def eval_in_one_call_check(sizes: Sizes) -> Dict[str, Any]:
+    """The fused program's evaluation (every test batch in one compiled scan) against one call per
+    batch, on this backend: equal counts, and the loss equal (bitwise on CPU in float32; within
+    1e-6 relative here, where TF32 and other cuDNN algorithms may round otherwise)."""
+    from bn_jax import datasets, train
+    from bn_jax import program as program_lib
+    from bn_jax.config import ExperimentConfig, RuntimeConfig
+
+    b = sizes.check_batch
+    data = datasets.random_dataset(2 * b, 2 * b + b // 2)  # the last test batch padded
+    config = ExperimentConfig(model=sizes.check_model, train_mode="bn", batch_size=b)
+    program = program_lib.build_program(config, RuntimeConfig(loop="fused", eval_batch_size=b), data, mesh=None)
+    state = program.put(train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=2))
+    state, _ = program.run(state, program.zero_totals(), 0, 0, 2)
+    one = program.evaluate(state)
+    per_batch = program_lib.evaluate(state, program.test_batches, program.mean, program.std)
+    loss_diff = abs(one["loss"] - per_batch["loss"]) / max(abs(per_batch["loss"]), 1e-30)
+    return _check("evaluation in one call gives the metrics of one call per batch",
+                  one["accuracy"] == per_batch["accuracy"] and one["top5_accuracy"] == per_batch["top5_accuracy"]
+                  and loss_diff <= 1e-6, bitwise_equal=one == per_batch, loss_relative_difference=loss_diff,
+                  test_batches=len(program.test_batches))
 
 
 def convolution_counts(sizes: Sizes, mode: str) -> Dict[str, int]:
@@ -650,6 +692,59 @@ def run_stage(args, sizes: Sizes, clock: Clock, report: Report, data_dir: str, s
             report.update("run", archive=os.path.basename(pack_run(workdir, report.out)))
 
 
+def _campaign_progress(workdir: str) -> Dict[str, Any]:
+    history = _read_history(workdir) if os.path.isdir(workdir) else []
+    return {"epochs_done": len(history), "test_accuracy": history[-1]["test_accuracy"] if history else None}
+
+
+def campaign_stage(args, sizes: Sizes, clock: Clock, report: Report, data_dir: str, scratch: str, guard) -> None:
+    """Train the campaign's unfinished runs in order until the deadline, then pack them all."""
+    from bn_jax import analysis, checkpoints, preemption, train
+    from bn_jax import config as config_lib
+    from benchmarks import campaign
+
+    root = os.path.join(scratch if args.smoke else "runs", "gpu_check", "campaign")
+    if args.resume_campaign:
+        campaign.unpack(args.resume_campaign, root)
+    os.makedirs(root, exist_ok=True)
+    runtime = config_lib.RuntimeConfig(data_dir=data_dir, loop="fused").validate()
+    until = clock.deadline - sizes.pack_s
+    if args.run_s is not None:
+        until = min(until, time.time() + args.run_s)
+    guard.deadline = until
+    rows, started = [], False
+    try:
+        for entry in args.campaign_runs:
+            config = entry["config"]
+            workdir = os.path.join(root, config_lib.run_name(config))
+            row = {"run": config_lib.run_name(config), "why": entry["why"]}
+            rows.append(row)
+            if entry["archive"] and not os.path.exists(workdir) and os.path.isfile(entry["archive"]):
+                unpack_run(entry["archive"], workdir)
+            if analysis.is_finished(workdir):
+                row.update(status="finished", **_campaign_progress(workdir))
+                continue
+            if started and guard.requested:  # (the first run trains at least one call, as --run_s 0 says)
+                row["status"] = "not started: the deadline had passed"
+                continue
+            started = True
+            report.log(f"campaign: {row['run']} ...")
+            try:
+                train.train_and_evaluate(config, workdir, log=lambda m, r=row: report.log(f"campaign {r['run']}: {m}"),
+                                         runtime=runtime, guard=guard,
+                                         checkpoint_options=checkpoints.CheckpointOptions(format="small", keep=2))
+                row["status"] = "finished"
+            except preemption.Preempted as e:
+                row["status"] = f"stopped: {e}"
+                if guard.signalled:
+                    raise
+            finally:
+                row.update(_campaign_progress(workdir))
+                report.update("campaign", runs=rows)
+    finally:
+        report.update("campaign", runs=rows, archive=os.path.basename(campaign.pack(root, report.out)))
+
+
 # ---- smoke data and the report's text --------------------------------------------------------
 
 def smoke_data(root: str) -> str:
@@ -779,6 +874,11 @@ def render_markdown(data: Dict[str, Any]) -> str:
     for s in tp.get("skipped", []):
         lines.append(f"- skipped {s['case']}: {s['reason']}")
     lines += _setup_and_flags_markdown(stages)
+    runs = stages.get("campaign", {}).get("runs", [])
+    if runs:
+        lines += ["", "## The campaign", "", "| run | status | epochs | test accuracy |", "|---|---|---|---|"]
+        lines += [f"| {r['run']} | {r.get('status', '')} | {_fmt(r.get('epochs_done'))} | {_fmt(r.get('test_accuracy'))} |"
+                  for r in runs]
     run = stages.get("run", {})
     if run:
         lines += ["", "## The 160-epoch run", "", "| | |", "|---|---|"]
@@ -873,6 +973,7 @@ def run_stages(args, sizes: Sizes, report: Report, clock: Clock, guard, scratch:
                  "setup": lambda: setup_stage(sizes, clock, report, scratch),
                  "xla_flags": lambda: xla_flags_stage(sizes, clock, report),
                  "run": lambda: run_stage(args, sizes, clock, report, data_dir, scratch, guard),
+                 "campaign": lambda: campaign_stage(args, sizes, clock, report, data_dir, scratch, guard),
                  **{name: functools.partial(timed.measure, name, cases[name]) for name in TIMED}}
     for name in (s for s in STAGES if s in args.stages):
         if guard.signalled:

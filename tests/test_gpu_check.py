@@ -48,7 +48,8 @@ def test_smoke_check_runs_every_stage_and_writes_its_report(tmp_path):
     assert not data["tensorflow_imported"]
     assert data["stages"]["environment"]["device_count"] >= 1
     checks = data["stages"]["correctness"]["checks"]
-    assert len(checks) == 3 and all(c["passed"] for c in checks), checks
+    assert len(checks) == 4 and all(c["passed"] for c in checks), checks
+    assert checks[2]["bitwise_equal"] and checks[2]["test_batches"] == 3  # evaluation in one call, on a CPU
     assert data["stages"]["correctness"]["fused_cost_over_step_cost"] == pytest.approx(1.0, rel=0.01)
     rows = data["stages"]["throughput"]["rows"]
     jax_rows = {(r["mode"], r["precision"]) for r in rows if r["framework"] == "bn_jax"}
@@ -227,3 +228,52 @@ def test_an_xla_flag_that_kills_its_process_loses_only_its_own_row():
     assert rows[2]["bit_equal_to_default"] is True  # the same steps from the same seed, in another process
     skipped = xla_flags.measure(case, 1, 1, 120, {"default": ""}, left=lambda: 10.0)
     assert skipped[0]["compiled"] is None and "skipped" in skipped[0]["error"]
+
+
+def campaign_metrics(out, run):
+    """{run folder: [(epoch, train loss, test accuracy)]} from a campaign archive."""
+    with tarfile.open(out / "campaign.tar.gz") as tar:
+        names = {m.name.split("/")[0] for m in tar.getmembers()}
+        lines = tar.extractfile(f"{run}/metrics.jsonl").read().decode().splitlines()
+    return names, [(r["epoch"], r["train_loss"], r["test_accuracy"]) for r in map(json.loads, lines)]
+
+
+@pytest.mark.slow
+def test_a_campaign_stopped_at_its_deadline_goes_on_in_the_next_call_as_if_never_stopped(tmp_path):
+    plan = tmp_path / "campaign.json"
+    plan.write_text(json.dumps({"runs": [{"model": "resnet8", "train_mode": "bn"},
+                                         {"model": "resnet8", "train_mode": "full"}]}))
+    base = ["--smoke", "--stages", "campaign", "--campaign", str(plan), "--torch", "none"]
+    first, second, straight = tmp_path / "first", tmp_path / "second", tmp_path / "straight"
+    proc = run_module(tmp_path, "benchmarks.gpu_check", *base, "--run_s", "0", "--out", str(first))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = report(first)["stages"]["campaign"]["runs"]
+    assert runs[0]["status"].startswith("stopped") and runs[0]["epochs_done"] < 3
+    assert runs[1]["status"].startswith("not started")
+    proc = run_module(tmp_path, "benchmarks.gpu_check", *base, "--resume_campaign", str(first / "campaign.tar.gz"),
+                      "--out", str(second))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["status"] for r in report(second)["stages"]["campaign"]["runs"]] == ["finished"] * 2
+    proc = run_module(tmp_path, "benchmarks.gpu_check", *base, "--out", str(straight))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in report(straight)["stages"]["campaign"]["runs"]:
+        names, resumed = campaign_metrics(second, r["run"])
+        assert len(names) == 2 and [e for e, _, _ in resumed] == [1, 2, 3]
+        assert resumed == campaign_metrics(straight, r["run"])[1]  # bit for bit: the same losses
+    assert (second / "campaign.tar.gz").stat().st_size < 16 * 2**20
+
+
+def test_a_campaign_with_a_run_twice_or_an_unknown_field_is_refused(tmp_path, capsys):
+    from benchmarks import campaign
+    runs = campaign.load(campaign.DEFAULT)
+    assert [r["config"].model for r in runs[:3]] == ["resnet110", "resnet14", "resnet14"]
+    assert os.path.isfile(runs[0]["archive"])  # the ResNet-110 run to finish
+    for bad, says in (([{"model": "resnet8"}, {"model": "resnet8"}], "listed twice"),
+                      ([{"model": "resnet8", "lr_typo": 1}], "unknown fields lr_typo"),
+                      ([{"model": "resnet9"}], "run 1")):
+        plan = tmp_path / "c.json"
+        plan.write_text(json.dumps({"runs": bad}))
+        with pytest.raises(SystemExit) as exit_info:
+            gpu_check.main(["--smoke", "--stages", "campaign", "--campaign", str(plan), "--out", str(tmp_path / "o")])
+        assert exit_info.value.code == 2 and says in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
