@@ -64,7 +64,7 @@ def pack(root: str, out: str) -> str:
 def unpack(archive: str, root: str) -> None:
     """An earlier call's archive into ``root``, which must not hold run folders yet."""
     if os.path.isdir(root) and os.listdir(root):
-        raise ValueError(f"--resume_campaign: {root} holds runs already; remove it or pass another --workdir")
+        raise ValueError(f"--resume_campaign: {root} holds runs already; remove it first")
     os.makedirs(root, exist_ok=True)
     with tarfile.open(archive) as tar:
         tar.extractall(root, filter="data")

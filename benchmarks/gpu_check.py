@@ -109,7 +109,8 @@ class Sizes:
     pack: int = PACK  # runs in each throughput case of packs
     packs: Tuple[int, ...] = (1, 2, 4, PACK)  # pack sizes of the packs stage
     sweep_batches: Tuple[int, ...] = (256, 512, 1024)  # the batch sweep (beyond the paper's 128)
-    setup_timeout_s: float = 240.0  # per set-up process
+    setup_timeout_s: float = 150.0  # per set-up process
+    min_compile_case_s: float = 180.0  # a torch.compile row starts only with this much budget left
     flag_timeout_s: float = 120.0  # per XLA-flag process
     flag_steps: int = 50  # timed steps per round of an XLA-flag row (2 rounds)
 
@@ -117,7 +118,7 @@ class Sizes:
 FULL = Sizes()
 SMOKE = Sizes(check_batch=8, check_steps=3, model="resnet8", batch_size=16, steps=2, rounds=2, warmup=2,
               epochs=3, min_case_s=0.0, min_run_s=0.0, pack_s=0.0, pack=2, packs=(1, 2), sweep_batches=(32,),
-              flag_steps=2)
+              flag_steps=2, min_compile_case_s=0.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +179,10 @@ def parse_args(argv=None):
         parser.error(f"--resume_run: no such file {args.resume_run}")
     if args.resume_campaign is not None and not os.path.isfile(args.resume_campaign):
         parser.error(f"--resume_campaign: no such file {args.resume_campaign}")
+    for flag, archive in (("--resume_run", args.resume_run), ("--resume_campaign", args.resume_campaign)):
+        if archive and os.path.dirname(os.path.abspath(archive)) == os.path.abspath(args.out):
+            parser.error(f"{flag} {archive} lies in --out {args.out}, which the check empties first; "
+                         "pass another --out")
     if "campaign" in stages:
         from benchmarks import campaign
         try:
@@ -247,6 +252,8 @@ class Report:
                 out.append(f"{name}: {stage['error']}")
             out += [f"{name}: {c['name']}" for c in stage.get("checks", []) if not c["passed"]]
             out += [f"{name}: {c['case']} failed" for c in stage.get("failed", [])]
+            out += [f"{name}: {r['run']} {r['status']}" for r in stage.get("runs", [])
+                    if str(r.get("status", "")).startswith("failed")]
         return out
 
 
@@ -357,6 +364,8 @@ def correctness(sizes: Sizes, workroot: str, report: Report) -> None:
 
     checks.append(eval_in_one_call_check(sizes))
     report.update("correctness", checks=checks)
+    checks.append(pack_member_check(sizes))
+    report.update("correctness", checks=checks)
 
     counts = {mode: convolution_counts(sizes, mode) for mode in ("full", "bn")}
     total = {mode: sum(c.values()) for mode, c in counts.items()}
@@ -386,6 +395,31 @@ def eval_in_one_call_check(sizes: Sizes) -> Dict[str, Any]:
                   one["accuracy"] == per_batch["accuracy"] and one["top5_accuracy"] == per_batch["top5_accuracy"]
                   and loss_diff <= 1e-6, bitwise_equal=one == per_batch, loss_relative_difference=loss_diff,
                   test_batches=len(program.test_batches))
+
+
+def pack_member_check(sizes: Sizes) -> Dict[str, Any]:
+    """A pack of two BN-only runs (vmapped, own weights each: grouped convolutions) against the
+    second run alone, fused loop, one epoch: the member's leaves within the fused-vs-step
+    tolerance of the solo run's (the same steps, summed in another order)."""
+    from bn_jax import datasets, pack, train
+    from bn_jax import program as program_lib
+    from bn_jax.config import ExperimentConfig, RuntimeConfig
+
+    b, n = sizes.check_batch, sizes.check_steps
+    data = datasets.random_dataset(b * n, b)
+    members = [ExperimentConfig(model=sizes.check_model, train_mode="bn", epochs=1, batch_size=b, lr=0.02,
+                                schedule="cosine", seed=s) for s in (0, 1)]
+    runtime = RuntimeConfig(loop="fused", eval_batch_size=b)
+    p = pack.Pack(members, 10, (32, 32, 3), n, "vmap")
+    packed = pack.PackProgram(p, runtime, data, None)
+    state, _ = packed.run(packed.put(p.initial_state()), packed.zero_totals(), 0, 0, n)
+    solo_program = program_lib.build_program(members[1], runtime, data, None)
+    solo, _ = solo_program.run(solo_program.put(train.create_train_state(members[1], 10, (32, 32, 3), n)),
+                               solo_program.zero_totals(), 0, 0, n)
+    diffs = _relative_differences(pack.member_of(state.params, 1), solo.params)
+    worst = max(diffs, key=diffs.get)
+    return _check(f"a pack's member equals its solo run ({n} steps of {sizes.check_model}, vmapped)",
+                  diffs[worst] <= 1e-3, max_relative_difference=diffs[worst], worst_leaf=worst, tolerance=1e-3)
 
 
 def convolution_counts(sizes: Sizes, mode: str) -> Dict[str, int]:
@@ -504,6 +538,8 @@ class Throughput:
     def one(self, stage: str, case: report_lib.Case) -> None:
         # a case in progress cannot be interrupted, so start one only when a case of its kind fit
         needed = max([self.sizes.min_case_s] + [t for (f, _), t in self.took.items() if f == case.framework])
+        if case.loop in ("compile", "expert_compile"):  # (its compile alone may take minutes)
+            needed = max(needed, self.sizes.min_compile_case_s)
         if self.clock.left() < needed:
             self.skipped.append({"case": case.name, "stage": stage,
                                  "reason": f"{self.clock.left():.0f}s of budget left, {needed:.0f}s needed"})
@@ -719,13 +755,14 @@ def campaign_stage(args, sizes: Sizes, clock: Clock, report: Report, data_dir: s
             workdir = os.path.join(root, config_lib.run_name(config))
             row = {"run": config_lib.run_name(config), "why": entry["why"]}
             rows.append(row)
-            if entry["archive"] and not os.path.exists(workdir) and os.path.isfile(entry["archive"]):
+            if entry["archive"] and not args.smoke and not os.path.exists(workdir) and os.path.isfile(entry["archive"]):
                 unpack_run(entry["archive"], workdir)
             if analysis.is_finished(workdir):
                 row.update(status="finished", **_campaign_progress(workdir))
                 continue
-            if started and guard.requested:  # (the first run trains at least one call, as --run_s 0 says)
-                row["status"] = "not started: the deadline had passed"
+            if (started and guard.requested) or clock.left() < sizes.min_run_s + sizes.pack_s:
+                # (the first run trains at least one call, as --run_s 0 says, if the budget allows one)
+                row["status"] = f"not started: {max(0.0, clock.left()):.0f}s of budget left"
                 continue
             started = True
             report.log(f"campaign: {row['run']} ...")
@@ -738,6 +775,9 @@ def campaign_stage(args, sizes: Sizes, clock: Clock, report: Report, data_dir: s
                 row["status"] = f"stopped: {e}"
                 if guard.signalled:
                     raise
+            except Exception as e:  # noqa: BLE001  (out of memory, an unusable folder: the next run goes on)
+                row["status"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+                report.log(f"campaign {row['run']} failed: {row['status']}")
             finally:
                 row.update(_campaign_progress(workdir))
                 report.update("campaign", runs=rows)

@@ -174,6 +174,7 @@ def make_runner(model: str, width: int, batch_size: int, mode: str, compile: boo
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def run(n: int):
+        torch.backends.cudnn.benchmark = False  # PyTorch's default, which the blog keeps (a global: set per call)
         loss = None
         for _ in range(n):
             optimizer.zero_grad()
@@ -262,7 +263,8 @@ class ExpertStep:
         import torch
 
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bfloat16):
+        # (no autocast weight cache: a CUDA graph must not capture a cast it would skip on replay)
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bfloat16, cache_enabled=False):
             loss = self.loss_fn(self.forward(images).float(), labels)
         loss.backward()
         self.optimizer.step()
@@ -305,6 +307,7 @@ def make_expert_runner(model: str, width: int, batch_size: int, mode: str, varia
     state = {"i": 0, "order": None}
 
     def run(k: int):
+        torch.backends.cudnn.benchmark = True  # (a global: set per call, as rows of other loops interleave)
         loss = None
         for _ in range(k):
             i = state["i"] % steps_per_epoch

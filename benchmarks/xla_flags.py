@@ -2,15 +2,18 @@
 crashes the compiler or hangs loses only its own row.
 
 A row says whether the program compiled, its ms per step (the fused loop, ``benchmark.jax_runner``),
-its compile seconds, how many command buffers (CUDA graphs) the optimized program holds (``command_buffer``
-counted in its HLO text), and whether its trained state is bit-identical to the same steps
-without the flags. What measures faster and bit-equal may become a default; nothing here sets one.
+its compile seconds (every row compiles cold: no persistent cache), how many command buffers
+(CUDA graphs) the optimized program holds (computations named ``command_buffer…`` in its HLO
+text), and whether its trained state is bit-identical to the same steps without the flags. A
+second ``default`` row, last, is the control: on a GPU, autotuning may pick other algorithms in
+another process, which alone can break bit-equality. What measures faster and bit-equal may become a default; nothing here sets one.
 """
 
 import dataclasses
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -26,6 +29,7 @@ FLAG_SETS = {
     "command buffers from 1 op": "--xla_gpu_graph_min_graph_size=1",
     "command buffers from 2 ops": "--xla_gpu_graph_min_graph_size=2",
     "autotune level 1 (compile time)": "--xla_gpu_autotune_level=1",
+    "default again (control)": "",
 }
 
 
@@ -48,7 +52,7 @@ def child(case_json: str, steps: int, rounds: int) -> Dict[str, Any]:
     times = report.time_rounds({case.name: runner.run}, steps, rounds)[case.name]
     text = runner.executable.as_text() if runner.executable is not None else ""
     return {"compiled": True, "compile_s": runner.compile_s, "ms_per_step": 1000 * sorted(times)[len(times) // 2],
-            "command_buffers": text.count("command_buffer"), "state_sha256": state_digest(runner.state()),
+            "command_buffers": len(re.findall(r"^%?command_buffer\S*\s", text, re.M)), "state_sha256": state_digest(runner.state()),
             "steps_trained": steps * (1 + rounds)}
 
 
@@ -66,7 +70,9 @@ def measure(case, steps: int, rounds: int, timeout_s: float, flag_sets: Dict[str
             rows.append(row)
             on_row(rows)
             continue
-        env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
+        # no persistent cache: every row compiles cold, so their compile seconds compare
+        env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip(),
+               "JAX_ENABLE_COMPILATION_CACHE": "false"}
         start = time.time()
         try:
             out = subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(case)), str(steps),

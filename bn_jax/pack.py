@@ -122,12 +122,13 @@ def resolve_members(members: str, platform: str) -> str:
     return "sequential" if platform == "cpu" else "vmap"
 
 
-def packed_steps(state, totals, hyper, data, orders, start, epoch_step, keys, mean, std, *, length: int, **kw):
-    """Steps ``start``…``start + length - 1`` of every member as one loop of static length (the
-    fused loop; see ``steps.train_steps``)."""
+def packed_steps(state, totals, hyper, data, orders, start, epoch_step, keys, mean, std, *, length=None, stop=None,
+                 **kw):
+    """Steps ``start``…``start + length - 1`` (or to a traced ``stop``) of every member as one loop
+    (the fused loop; see ``steps.train_steps``)."""
     def body(j, carry):
         return packed_step_at(*carry, hyper, data, orders, start + j, epoch_step + start + j, keys, mean, std, **kw)
-    return jax.lax.fori_loop(0, length, body, (state, totals))
+    return jax.lax.fori_loop(0, length if length is not None else stop - start, body, (state, totals))
 
 
 def packed_eval_step(state, images, labels, valid, mean, std, *, pack: Pack):

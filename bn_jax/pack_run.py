@@ -54,11 +54,12 @@ def check_memory(program: PackProgram, state, totals, limit: Optional[float], lo
     if limit is None:
         return
     k = program.pack.size
-    need = footprint(program.compile(state, totals))
+    stop = min(program.max_steps_per_call, program.steps_per_epoch)  # the call the run makes most (compiled once)
+    need = footprint(program.compile(state, totals, stop=stop))
     log(f"pack memory: the compiled step needs {need / 2**30:.2f} GiB of {limit / 2**30:.2f} GiB")
     if need <= limit:
         return
-    need_1 = need if k == 1 else footprint(program.compile(state, totals, members=1))
+    need_1 = need if k == 1 else footprint(program.compile(state, totals, stop=stop, members=1))
     fits = min(k - 1, largest_fitting(need, need_1, k, limit))
     raise MemoryError(f"a pack of {k} needs {need / 2**30:.2f} GiB of device memory, more than the "
                       f"{limit / 2**30:.2f} GiB there are; the largest pack that fits is {fits}")

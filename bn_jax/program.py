@@ -68,33 +68,47 @@ def jit_epoch_steps(config: ExperimentConfig, runtime: RuntimeConfig, mesh=None)
 class FixedLengthLoop:
     """A fused loop called as ``fn(..., start, stop, ...)`` but compiled per chunk length.
 
-    ``fn`` takes ``start`` at position ``start_at`` and a static ``length`` in place of ``stop``:
-    a loop of known trip count, which XLA runs without a host round-trip per iteration and can
-    capture as a CUDA graph. A run calls it with at most two lengths (``steps_per_call`` and the
-    epoch's remainder), so it compiles at most twice. The state (argument 0) is donated.
+    ``fn`` takes ``start`` at position ``start_at``, and a static ``length`` (or, with
+    ``length=None``, a traced ``stop``) as keywords: a loop of known trip count, which XLA runs
+    without a host round-trip per iteration and can capture as a CUDA graph. The first
+    ``STATIC_LENGTHS`` distinct lengths are compiled so (a run's ``steps_per_call`` and the
+    epoch's remainder); any other length (step checkpoints cut chunks elsewhere) runs the
+    traced-bounds loop, compiled once for all of them, so a run compiles at most three loops.
+    All give the same steps bit for bit. The state (argument 0) is donated.
     """
+
+    STATIC_LENGTHS = 2
 
     def __init__(self, fn, start_at: int, out_shardings=None):
         self.jitted = jax.jit(fn, static_argnames="length", donate_argnums=0, out_shardings=out_shardings)
         self.start_at = start_at
         self.executables: Dict[int, Any] = {}  # compiled ahead of time (``compile``), by length
+        self.static: List[int] = []  # the lengths given a loop of their own
 
     def _split(self, args):
         i = self.start_at
-        return args[:i + 1] + args[i + 2:], int(args[i + 1]) - int(args[i])
+        return args[:i + 1] + args[i + 2:], int(args[i + 1]) - int(args[i]), args[i + 1]
+
+    def _static(self, length: int) -> bool:
+        if length not in self.static and len(self.static) < self.STATIC_LENGTHS:
+            self.static.append(length)
+        return length in self.static
 
     def __call__(self, *args):
-        rest, length = self._split(args)
+        rest, length, stop = self._split(args)
+        if not self._static(length):
+            return self.jitted(*rest, stop=stop, length=None)
         executable = self.executables.get(length)
         return executable(*rest) if executable is not None else self.jitted(*rest, length=length)
 
     def lower(self, *args):
-        rest, length = self._split(args)
+        rest, length, _ = self._split(args)
         return self.jitted.lower(*rest, length=length)
 
     def compile(self, *args):
         """Compile the call ``args`` describe ahead of time; later calls of its length run it."""
-        rest, length = self._split(args)
+        rest, length, _ = self._split(args)
+        self._static(length)
         self.executables[length] = self.jitted.lower(*rest, length=length).compile()
         return self.executables[length]
 

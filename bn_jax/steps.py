@@ -87,11 +87,12 @@ def train_step_on(state, totals, images, labels, step, mean, std):
     return state, accumulate(totals, metrics, step)
 
 
-def train_steps(state, totals, data, order, start, epoch_step, key, mean, std, *, length: int, **kw):
+def train_steps(state, totals, data, order, start, epoch_step, key, mean, std, *, length=None, stop=None, **kw):
     """Steps ``start``…``start + length - 1`` of an epoch as one loop (``epoch_step``: the epoch's
-    first step). ``length`` is static: XLA then knows the trip count, so the loop need not ask
-    the host after every step whether to go on, and it can become a CUDA graph; ``start`` stays
-    traced, so one compilation serves every chunk of that length."""
+    first step). A static ``length`` lets XLA know the trip count, so the loop need not ask the
+    host after every step whether to go on, and it can become a CUDA graph; ``start`` stays
+    traced, so one compilation serves every chunk of that length. ``length=None`` runs to a
+    traced ``stop`` instead: one compilation for every length, the same steps bit for bit."""
     def body(j, carry):
         return train_step_at(*carry, data, order, start + j, epoch_step + start + j, key, mean, std, **kw)
-    return jax.lax.fori_loop(0, length, body, (state, totals))
+    return jax.lax.fori_loop(0, length if length is not None else stop - start, body, (state, totals))

@@ -48,7 +48,8 @@ def test_smoke_check_runs_every_stage_and_writes_its_report(tmp_path):
     assert not data["tensorflow_imported"]
     assert data["stages"]["environment"]["device_count"] >= 1
     checks = data["stages"]["correctness"]["checks"]
-    assert len(checks) == 4 and all(c["passed"] for c in checks), checks
+    assert len(checks) == 5 and all(c["passed"] for c in checks), checks
+    assert checks[3]["max_relative_difference"] < 1e-5  # a pack's member against its solo run, on a CPU
     assert checks[2]["bitwise_equal"] and checks[2]["test_batches"] == 3  # evaluation in one call, on a CPU
     assert data["stages"]["correctness"]["fused_cost_over_step_cost"] == pytest.approx(1.0, rel=0.01)
     rows = data["stages"]["throughput"]["rows"]
@@ -267,7 +268,11 @@ def test_a_campaign_with_a_run_twice_or_an_unknown_field_is_refused(tmp_path, ca
     from benchmarks import campaign
     runs = campaign.load(campaign.DEFAULT)
     assert [r["config"].model for r in runs[:3]] == ["resnet110", "resnet14", "resnet14"]
-    assert os.path.isfile(runs[0]["archive"])  # the ResNet-110 run to finish
+    assert os.path.isfile(runs[0]["archive"])  # the ResNet-110 run to finish: the archive holds this very experiment
+    from bn_jax import config as config_lib
+    with tarfile.open(runs[0]["archive"]) as tar:
+        saved = json.load(tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("/config.json"))))
+    assert config_lib.same_experiment(saved, runs[0]["config"])
     for bad, says in (([{"model": "resnet8"}, {"model": "resnet8"}], "listed twice"),
                       ([{"model": "resnet8", "lr_typo": 1}], "unknown fields lr_typo"),
                       ([{"model": "resnet9"}], "run 1")):
@@ -277,3 +282,14 @@ def test_a_campaign_with_a_run_twice_or_an_unknown_field_is_refused(tmp_path, ca
             gpu_check.main(["--smoke", "--stages", "campaign", "--campaign", str(plan), "--out", str(tmp_path / "o")])
         assert exit_info.value.code == 2 and says in capsys.readouterr().err
         assert not (tmp_path / "o").exists()
+
+
+def test_an_archive_to_resume_inside_the_output_folder_is_refused_and_kept(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "campaign.tar.gz").write_bytes(b"earlier")
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--smoke", "--stages", "environment", "--resume_campaign", str(out / "campaign.tar.gz"),
+                        "--out", str(out)])
+    assert exit_info.value.code == 2 and "which the check empties first" in capsys.readouterr().err
+    assert (out / "campaign.tar.gz").read_bytes() == b"earlier"
