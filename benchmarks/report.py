@@ -16,6 +16,10 @@ from typing import Callable, Dict, List, Optional
 
 from tqdm import tqdm
 
+# The command's duration as a report states it (``wall_s``): from when the benchmark first loaded this
+# module (before JAX starts) to the report's writing, so that a documented command says how long it takes.
+STARTED = time.monotonic()
+
 
 @dataclasses.dataclass
 class Case:
@@ -203,12 +207,14 @@ def write_report(out: str, report: Dict, markdown: str, plot_rows: Optional[List
 
 
 def report_header(argv, prog: str = "python -m benchmarks.benchmark") -> Dict:
-    """What every report starts with: when, the exact command, the device, versions and commit."""
+    """What every report starts with: when, the exact command, how long it has run (``wall_s``, seconds
+    since the process loaded this module), the device, versions and commit."""
     import jax
     from bn_jax import provenance
     device = jax.devices()[0]
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": f"{prog} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "wall_s": round(time.monotonic() - STARTED, 1),
             "device": {"platform": device.platform, "kind": device.device_kind, "count": len(jax.devices()),
                        "host": platform.node(), "cpu_count": os.cpu_count()},
             "versions": provenance.versions(), "git": provenance.git_commit()}

@@ -73,6 +73,8 @@ def test_report_times_every_configuration_and_writes_json_markdown_and_png(tmp_p
         assert {r["mode"] for r in report["rows"] if r["framework"] == "torch"} == {"bn", "full"}
         assert any(w.startswith("bn_jax bn float32") and "over torch eager bn" in w for w in ratios)
     assert report["command"].startswith("python -m benchmarks.benchmark --models resnet8")
+    timed_s = sum(sum(r["ms_per_step_rounds"]) * 2 / 1e3 for r in report["rows"])  # 2 steps per round
+    assert report["wall_s"] >= timed_s  # the command's duration, which documented commands state
     assert (out / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "benchmark.md").read_text()
     assert table.count("| bn_jax | resnet8 | 8 |") == 4
