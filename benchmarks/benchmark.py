@@ -99,6 +99,9 @@ def build_parser():
 def validate_cases(args) -> Optional[str]:
     """The first problem with the requested models, modes, precisions or loops, or None."""
     from bn_jax.config import ExperimentConfig
+    for flag in ("models", "modes", "precisions", "loops"):
+        if not split(getattr(args, flag)):
+            return f"--{flag} names nothing (got {getattr(args, flag)!r}): nothing would be timed"
     for loop in split(args.loops):
         if loop not in ("step", "fused"):
             return f"--loops: unknown loop {loop!r}; use step, fused"
@@ -307,8 +310,14 @@ def main(argv=None):
     import jax
     from bn_jax import models, roofline
 
+    if counts and max(counts) > len(jax.devices()):
+        parser.error(f"--num_devices {max(counts)} exceeds the {len(jax.devices())} visible device(s)"
+                     + ("" if args.simulate_cpu_devices else "; on a CPU, --simulate_cpu_devices N splits it"))
     cases = jax_cases(args, counts or [len(jax.devices())]) + torch_cases(args)
     runners, costs, skipped = prepare(cases, args)
+    if not runners:
+        print(f"error: every case failed to prepare ({', '.join(skipped)}); nothing to time", file=sys.stderr)
+        return 1
     peaks = {p: roofline.measure_peaks(models.PRECISIONS[p]) for p in sorted({c.precision for c in cases})
              if args.limits}
     device = jax.devices()[0]

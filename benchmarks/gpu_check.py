@@ -175,10 +175,11 @@ def parse_args(argv=None):
     if ("run" in stages or "campaign" in stages) and args.data_dir is not None and not os.path.exists(args.data_dir):
         parser.error(f"no data at {args.data_dir}: copy cifar10-jpg.tar.gz there (see docs/gpu_check.md), "
                      "pass --data_dir, or leave the run out with --stages")
-    if args.resume_run is not None and not os.path.isfile(args.resume_run):
-        parser.error(f"--resume_run: no such file {args.resume_run}")
-    if args.resume_campaign is not None and not os.path.isfile(args.resume_campaign):
-        parser.error(f"--resume_campaign: no such file {args.resume_campaign}")
+    for flag, archive in (("--resume_run", args.resume_run), ("--resume_campaign", args.resume_campaign)):
+        if archive is not None and not os.path.isfile(archive):
+            parser.error(f"{flag}: no such file {archive}")
+        if archive is not None and not tarfile.is_tarfile(archive):  # (before the budget is spent on other stages)
+            parser.error(f"{flag}: {archive} is not a tar archive (the check's run.tar.gz or campaign.tar.gz)")
     for flag, archive in (("--resume_run", args.resume_run), ("--resume_campaign", args.resume_campaign)):
         if archive and os.path.dirname(os.path.abspath(archive)) == os.path.abspath(args.out):
             parser.error(f"{flag} {archive} lies in --out {args.out}, which the check empties first; "

@@ -157,6 +157,7 @@ class Checkpointer:
             except CheckpointError:
                 raise  # readable but not for this run: refuse, never fall back past it
             except Exception as e:  # noqa: BLE001  (Orbax/tensorstore raise many types for bad bytes)
+                refuse_if_denied(self.path, step, e)  # (an access problem is not corruption: move nothing)
                 self._quarantine(step, e)
                 tried.append(step)
                 continue
@@ -173,6 +174,7 @@ class Checkpointer:
         except StateHashMismatch:
             raise
         except Exception as e:  # noqa: BLE001
+            refuse_if_denied(self.path, step, e)
             refuse_if_readable(self.manager, self.path, step, meta, e)
             raise
 
@@ -186,6 +188,40 @@ class Checkpointer:
             shutil.move(os.path.join(self.path, str(step)), dest)
         parallel.barrier(f"quarantine_{step}")
         self.manager.reload()
+
+
+def refuse_if_denied(path: str, step: int, error: Exception) -> None:
+    """CheckpointError, moving nothing, when checkpoint ``step`` in ``path`` failed to read for want
+    of permission (a file this user may not read, or an error that says so), not for bad bytes."""
+    folder = os.path.join(path, str(step))
+    denied = unreadable_path(folder) or (folder if permission_denied(error) else None)
+    if denied:
+        raise CheckpointError(f"checkpoint step {step} cannot be read: permission denied on {denied} (not "
+                              f"corrupt: nothing was moved); give this user read access, e.g. chmod -R u+rX "
+                              f"{folder}, and re-run the same command") from None
+
+
+def unreadable_path(folder: str) -> Optional[str]:
+    """The first folder or file under ``folder`` this process may not read, or None."""
+    for root, dirs, files in os.walk(folder):
+        if not os.access(root, os.R_OK | os.X_OK):
+            return root
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            if not os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0)):
+                return path
+    return None
+
+
+def permission_denied(error: BaseException) -> bool:
+    """Whether ``error`` or what caused it is a permission error (tensorstore says PERMISSION_DENIED)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, PermissionError) or "PERMISSION_DENIED" in str(error) or "Permission denied" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def refuse_if_readable(manager, path: str, step: int, meta: Dict[str, Any], error: Exception) -> None:
@@ -270,7 +306,7 @@ class RunMeta:
 
     def _check_experiment(self, meta, where: str, extend: bool) -> None:
         saved_epochs, epochs = meta["config"]["epochs"], self.experiment["epochs"]
-        if extend and saved_epochs >= epochs:
+        if extend and saved_epochs > epochs:  # (equal: an extension under way, stopped; it resumes)
             raise CheckpointError(f"cannot extend to {epochs} epochs: the run in {where} already has {saved_epochs}")
         diff = [k for k in config_lib.different_keys(meta["config"], self.experiment) if not (extend and k == "epochs")]
         if diff:

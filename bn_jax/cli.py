@@ -10,7 +10,7 @@ checkpoints under checkpoints/<step>/ (``bn_jax.workdir.RunDir``). Re-running th
 resumes from the newest checkpoint; see docs/checkpoints.md.
 
 Exit codes: 0 done, 2 bad flags/data or unusable checkpoint, 3 non-finite loss,
-75 preempted (SIGTERM/SIGINT; a checkpoint was saved: re-run to resume), 130 a second SIGINT.
+75 preempted (SIGTERM, SIGINT, SIGUSR1, SIGUSR2; a checkpoint was saved: re-run to resume), 130 a second SIGINT.
 
 Nothing here imports JAX until a run starts, so ``--help`` answers at once.
 """
@@ -22,7 +22,7 @@ import sys
 from typing import NamedTuple
 
 from bn_jax import config as config_lib
-from bn_jax import dataset_registry, orbax_failures, pack_config, preemption
+from bn_jax import dataset_registry, orbax_failures, pack_config, preemption, process_log
 from bn_jax import workdir as workdir_lib
 
 EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, preemption.EXIT_PREEMPTED
@@ -132,16 +132,33 @@ def configs_from_args(recipe: Recipe, args, parser):
 
 
 def start_cluster(cluster: config_lib.ClusterOptions, runtime, batch_size: int, parser) -> None:
-    """jax.distributed (multi-host) and the batch/device check; bad values exit 2."""
+    """jax.distributed (multi-process), the allocated-devices check and the batch/device check;
+    bad values exit 2."""
+    from bn_jax import cluster as cluster_lib
     from bn_jax import parallel
     try:
-        parallel.maybe_initialize_distributed(cluster)
+        cluster_lib.join(cluster)
+        cluster_lib.check_allocation(runtime.num_devices)
         parallel.check_batch_size(batch_size, parallel.make_mesh(runtime.num_devices))
     except ValueError as e:
         parser.error(str(e))
 
 
 def main(recipe: Recipe, argv=None, extra_hooks=()) -> int:
+    """The run's exit code; everything it prints also goes to its run folder's log
+    (``bn_jax.process_log``), the traceback of an unexpected error included."""
+    process_log.start()
+    try:
+        return _main(recipe, argv, extra_hooks)
+    except BaseException as e:
+        if not isinstance(e, SystemExit):  # (a refused flag's one line is already in the log)
+            process_log.record_exception()
+        raise
+    finally:
+        process_log.stop()
+
+
+def _main(recipe: Recipe, argv, extra_hooks) -> int:
     orbax_failures.quiet_background_noise()
     # Signals are turned into a checkpoint and exit 75 from the start, data loading included.
     with preemption.PreemptionGuard() as guard:

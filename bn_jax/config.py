@@ -57,6 +57,12 @@ def at_most(high):
     return rule
 
 
+def below(high):
+    def rule(name, value):
+        return None if value is None or value < high else f"{name} must be < {high}, got {value}"
+    return rule
+
+
 def one_of(choices):
     def rule(name, value):
         return None if value in choices else f"unknown {name} {value!r}; known: {', '.join(choices)}"
@@ -117,8 +123,9 @@ class ExperimentConfig(_Part):
     schedule: str = param("step", "step: ×0.1 at 50%% and 75%% of training (the paper's epochs 80/120 of 160); "
                           "imagenet: ×0.1 at 1/3, 2/3 and 8/9 of training (the paper's ImageNet epochs 30/60/80 of "
                           "90); cosine: cosine decay to 0; constant", choices=SCHEDULES)
-    warmup_epochs: float = param(0.0, "linear learning-rate warm-up from 0, in epochs", at_least(0.0))
-    momentum: float = param(0.9, "SGD momentum", at_least(0.0))
+    warmup_epochs: float = param(0.0, "linear learning-rate warm-up from 0, in epochs", at_least(0.0),
+                                 at_most(1_000_000))
+    momentum: float = param(0.9, "SGD momentum, in [0, 1)", at_least(0.0), below(1.0))
     weight_decay: float = param(1e-4, "coupled L2 penalty, applied to the trainable parameters only", at_least(0.0))
     augment: bool = param(True, "disable the random crop (4-pixel padding) and horizontal flip", flag="--no_augment")
     # (a documented deviation: the paper's code uses ImageNet's statistics; runs saved before this
@@ -211,19 +218,46 @@ class RuntimeConfig(_Part):
                                    "the training process). Unused by CIFAR, which stays on the device", at_least(0),
                                    group="speed")
 
+    tensorboard: Optional[str] = param(None, "write TensorBoard scalars while training into DIR/<run folder name> "
+                                       "(each epoch's metrics, and the running train loss and accuracy at the "
+                                       "progress bar's rhythm); needs the tensorboard package, not TensorFlow",
+                                       group="output", metavar="DIR")
+    profile_steps: Optional[str] = param(None, "A:B: a jax.profiler trace of global steps A to B-1 into "
+                                         "<workdir>/profile, for TensorBoard's profile plugin or ui.perfetto.dev "
+                                         "(perfetto_trace.json.gz)", group="output", metavar="A:B")
+
     def resolved_workers(self) -> int:
         """--workers, or the CPUs this process may use (a SLURM or container limit, not the whole
         node) less one for the training process, at most MAX_DEFAULT_WORKERS."""
         if self.workers is not None:
             return self.workers
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(0, min(cpus - 1, MAX_DEFAULT_WORKERS))
+        return max(0, min(usable_cpus() - 1, MAX_DEFAULT_WORKERS))
+
+    @property
+    def profile_range(self) -> Optional[tuple]:
+        """``--profile_steps A:B`` as (A, B)."""
+        if self.profile_steps is None:
+            return None
+        a, _, b = self.profile_steps.partition(":")
+        return int(a), int(b)
 
     def validate(self) -> "RuntimeConfig":
         check_fields(self)
         if self.data_dir is not None and not os.path.exists(self.data_dir):
             raise ValueError(f"data_dir does not exist: {self.data_dir}")
+        if self.workers is not None and self.workers > usable_cpus():
+            raise ValueError(f"--workers {self.workers} exceeds the {usable_cpus()} CPUs this process may use; each "
+                             "worker is a process of its own (use at most that many, or leave the default)")
+        if self.profile_steps is not None:
+            a, colon, b = self.profile_steps.partition(":")
+            if not (colon and a.isdigit() and b.isdigit() and int(a) < int(b)):
+                raise ValueError(f"--profile_steps must be A:B with 0 <= A < B (global steps), got {self.profile_steps!r}")
         return self
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use (a SLURM or container limit, not the whole node)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def run_name(config: ExperimentConfig) -> str:
@@ -325,7 +359,15 @@ class CheckpointOptions(_Part):
 
 @dataclasses.dataclass
 class ClusterOptions(_Part):
-    """How this process joins a multi-host job (``bn_jax.parallel.maybe_initialize_distributed``)."""
+    """How this process joins a multi-process job (``bn_jax.cluster.join``)."""
+
+    distributed: str = param("auto", "multi-process: auto joins a job wherever jax.distributed detects one (a SLURM "
+                             "srun step of several tasks, Open MPI, Kubernetes, Cloud TPU VMs); on requires one; off "
+                             "never joins", choices=("auto", "on", "off"), group="devices and clusters")
+    local_device_ids: Optional[str] = param(None, "multi-process: the GPUs this process drives: all (one process "
+                                            "per node driving each of its GPUs) or a list like 0,1,2,3; default "
+                                            "JAX's, one GPU per process under SLURM and Open MPI",
+                                            group="devices and clusters", metavar="all|IDS")
 
     coordinator_address: Optional[str] = param(None, "multi-host: host:port of process 0 (not needed under SLURM "
                                                "or on a TPU pod, where jax.distributed finds it)",
@@ -342,6 +384,13 @@ class ClusterOptions(_Part):
         given = [v is not None for v in (self.coordinator_address, self.num_processes, self.process_id)]
         if any(given) and not all(given):
             raise ValueError("--coordinator_address, --num_processes and --process_id go together")
+        if any(given) and self.distributed == "off":
+            raise ValueError("--distributed off conflicts with --coordinator_address (which joins a job)")
+        ids = self.local_device_ids
+        if ids is not None and ids != "all":
+            parts = ids.split(",")
+            if not all(p.strip().isdigit() for p in parts) or len(set(parts)) != len(parts):
+                raise ValueError(f"--local_device_ids must be all or distinct device indices like 0,1,2,3, got {ids!r}")
         return self
 
 

@@ -10,6 +10,7 @@ the tick, so their order does not matter.
 """
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -70,14 +71,19 @@ class Hook:
     def after_epoch(self, tick: Tick) -> None:
         """After the epoch's evaluation (``tick.record`` holds its metrics; ``tick.totals`` are zero)."""
 
+    def close(self) -> None:
+        """The session ends, finished or stopped: let go of what the hook holds (files, a trace)."""
+
 
 @dataclasses.dataclass
 class RunRecord:
-    """What a run has done: its epochs' metrics, and the wall time of its earlier sessions."""
+    """What a run has done: its epochs' metrics, and the wall time of its earlier sessions;
+    ``schedule``, the run's learning rate by step, for each epoch's line."""
 
     history: list = dataclasses.field(default_factory=list)
     past_wall_time: float = 0.0
     session_start: float = dataclasses.field(default_factory=time.time)
+    schedule: Any = None
 
     def wall_time(self) -> float:
         return self.past_wall_time + time.time() - self.session_start
@@ -150,7 +156,7 @@ class Checkpoint(Hook):
 
 
 class Preemption(Hook):
-    """On SIGTERM/SIGINT or the deadline: checkpoint here, then raise Preempted (exit 75).
+    """On a signal (SIGTERM, SIGINT, SIGUSR1, SIGUSR2) or the deadline: checkpoint here, then raise Preempted (exit 75).
 
     All processes must stop at the same step (the save and the next step are collective), so a
     multi-host job combines the local flags with an all-gather, at synced ticks only.
@@ -197,6 +203,67 @@ class MetricsLog(Hook):
         self.log(f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.4f} | "
                  f"test loss {r['test_loss']:.4f} acc {r['test_accuracy']:.4f} top-5 {r['test_top5_accuracy']:.4f} | "
                  f"{r['images_per_second']:.0f} img/s trained{loading}")
+
+
+class TensorBoard(Hook):
+    """``--tensorboard DIR``: each epoch's metrics (at its last global step, ``epoch/...``) and, at
+    the progress bar's rhythm, the epoch's running train loss and accuracy (``train/...``), written
+    as the run trains (process 0)."""
+
+    def __init__(self, logdir: str, member: Optional[int] = None):
+        from bn_jax import tensorboard_export  # (the optional tensorboard package, only when asked for)
+        self.writer, self.member = tensorboard_export.ScalarWriter(logdir), member  # member: of a pack
+
+    def after_steps(self, tick):
+        if tick.synced and not tick.epoch_end:
+            t = {k: np.ravel(v)[self.member or 0] for k, v in tick.host_totals.items()}
+            self.writer.write(tick.step, {"train/loss": float(t["loss"] / t["count"]),
+                                          "train/accuracy": float(t["correct"] / t["count"])})
+
+    def after_epoch(self, tick):
+        record = tick.record if self.member is None else tick.record[self.member]
+        self.writer.write(tick.step, {f"epoch/{k}": v for k, v in record.items() if k not in ("step", "epoch")})
+
+    def close(self):
+        self.writer.close()
+
+
+class Profile(Hook):
+    """``--profile_steps A:B``: a ``jax.profiler`` trace of global steps A to B-1 into ``folder``
+    (the calls end at A and B, so the trace holds exactly those steps, and its last is waited for)."""
+
+    def __init__(self, folder: str, steps: tuple):
+        self.folder, (self.start, self.stop) = folder, steps
+        self.tracing = False
+
+    def next_stop(self, step):
+        return next((s for s in (self.start, self.stop) if step < s), None)
+
+    def after_steps(self, tick):
+        if not self.tracing and self.start <= tick.step < self.stop:
+            jax.block_until_ready(tick.state)  # (the steps before A stay out of the trace)
+            jax.profiler.start_trace(self.folder, create_perfetto_trace=True)
+            self.tracing = True
+        elif self.tracing and tick.step >= self.stop:
+            self.close(tick.state)
+
+    def close(self, state=None) -> None:
+        if self.tracing:  # (a run that ends, or stops, before B: the trace ends there)
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.tracing = False
+
+
+def optional_hooks(runtime, workdir: str, run_names, pack: bool = False) -> list:
+    """What ``runtime`` asks for beside the trainer's own hooks: live TensorBoard scalars (process 0,
+    one folder per run) and a profile. ``run_names``: the run folder's name, or (``pack``) its members'."""
+    out = []
+    if runtime.tensorboard and parallel.is_writer():
+        out += [TensorBoard(os.path.join(runtime.tensorboard, name), m if pack else None)
+                for m, name in enumerate(run_names)]
+    if runtime.profile_range is not None:
+        out.append(Profile(os.path.join(workdir, "profile"), runtime.profile_range))
+    return out
 
 
 def standard_hooks(program, checkpoint: Checkpoint, guard, epochs: int, run_dir, log: Callable):

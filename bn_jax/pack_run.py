@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import jax
 
 from bn_jax import checkpoints, datasets, hooks, metrics_log, pack_config, parallel, preemption, provenance
-from bn_jax import steps, train
+from bn_jax import process_log, steps, train
 from bn_jax import config as config_lib
 from bn_jax import workdir as workdir_lib
 from bn_jax.config import ExperimentConfig, RuntimeConfig, run_name
@@ -212,6 +212,8 @@ def session(program: PackProgram, runtime, runs, state_totals_records, ckpts, ex
             extra_hooks, log, root: str):
     """Write each member's config.json, metrics so far and pack.json, then train the pack to the end."""
     pack, (state, totals, records) = program.pack, state_totals_records
+    for config, record in zip(pack.configs, records):
+        record.schedule = train.make_schedule(config, program.steps_per_epoch)
     names = [os.path.basename(r.path) for r in runs]
     if parallel.is_writer():
         for config, run, record in zip(pack.configs, runs, records):
@@ -226,7 +228,8 @@ def session(program: PackProgram, runtime, runs, state_totals_records, ckpts, ex
     logs = member_logs(runs, log)
     hook_list = [*extra_hooks, hooks.ProgressBar(program, pack.configs[0].epochs, writer), checkpoint,
                  *(MemberMetricsLog(m, run.metrics, writer, logs[m]) for m, run in enumerate(runs)),
-                 hooks.Preemption(guard, checkpoint, log)]
+                 hooks.Preemption(guard, checkpoint, log),
+                 *hooks.optional_hooks(runtime, runs[0].path, names, pack=True)]  # (a trace: in the first member's folder)
     try:
         state = pack_loop(state, totals, program, hook_list, pack.configs[0].epochs, records)
         if pack.configs[0].epochs == 0:
@@ -235,6 +238,9 @@ def session(program: PackProgram, runtime, runs, state_totals_records, ckpts, ex
         text = re.sub(r"of pack member (\d+)", lambda m: f"of {names[int(m.group(1))]}", str(e))
         raise FloatingPointError(f"{text} (the members' last good checkpoints: step "
                                  f"{min(c.latest_saved() or 0 for c in ckpts)})") from None
+    finally:
+        for hook in hook_list:
+            hook.close()
     return state, records
 
 
@@ -272,9 +278,10 @@ def train_pack(configs: Sequence[ExperimentConfig], root: str, data: Optional[da
     parallel.check_batch_size(configs[0].batch_size, mesh)
     program = set_up(configs, runtime, data, mesh, device_memory_limit(mesh, device_memory_gb), pack_members, log)
     runs, devices = member_runs(configs, root), train.device_summary(mesh, configs[0].batch_size)
-    log = log if parallel.is_writer() else (lambda *args: None)
+    log = log if parallel.is_writer() else process_log.note  # (only process 0 prints; every process keeps its log)
     with contextlib.ExitStack() as held:
         hold_members(held, configs, runs, options, log)
+        process_log.attach([r.path for r in runs], jax.process_index(), jax.process_count())
         ckpts = [held.enter_context(checkpoints.Checkpointer(r.path, options, log)) for r in runs]
         expected = [checkpoints.RunMeta(c.to_dict(), data.fingerprint(), program.pack.fresh[m].plan.frozen_hash,
                                         program.member(m).position) for m, c in enumerate(configs)]

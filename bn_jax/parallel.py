@@ -9,10 +9,6 @@ The same code runs on 1…N local devices and 1…M hosts: each host supplies it
 every global batch (``make_array_from_process_local_data``).
 """
 
-import os
-import socket
-import sys
-import time
 from typing import Optional
 
 import jax
@@ -20,44 +16,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 AXIS = "data"
-
-
-def maybe_initialize_distributed(options) -> None:
-    """Join a multi-host job when ``options`` (a validated ``config.ClusterOptions``: the three
-    flags go together) or a cluster launcher (SLURM, TPU pod) say there is one."""
-    if options.coordinator_address is not None:
-        if options.process_id != 0:  # JAX aborts the process when the coordinator never answers: ask first
-            wait_for_coordinator(options.coordinator_address, options.coordinator_timeout_s)
-        jax.distributed.initialize(coordinator_address=options.coordinator_address,
-                                   num_processes=options.num_processes, process_id=options.process_id,
-                                   initialization_timeout=max(1, int(options.coordinator_timeout_s)))
-    elif _under_launcher():
-        jax.distributed.initialize()
-
-
-def wait_for_coordinator(address: str, timeout_s: float) -> None:
-    """Return once ``host:port`` accepts connections; ValueError naming it after ``timeout_s``."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"--coordinator_address must be host:port, got {address!r}")
-    print(f"waiting up to {timeout_s:g} s for the coordinator at {address}", file=sys.stderr, flush=True)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
-            return
-        except OSError as e:
-            if time.monotonic() > deadline:
-                raise ValueError(f"no coordinator answered at {address} within {timeout_s:g} s ({e.strerror or e}); "
-                                 "start process 0 there first, or raise --coordinator_timeout_s") from None
-            time.sleep(0.5)
-
-
-def _under_launcher() -> bool:
-    """An srun step of several tasks, or a TPU pod / multislice worker (their env vars)."""
-    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # set by srun, not by sbatch alone
-        return True
-    return any(v in os.environ for v in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
 
 
 def make_mesh(num_devices: Optional[int] = None) -> jax.sharding.Mesh:

@@ -1,4 +1,6 @@
-"""Preemption: SIGTERM/SIGINT (or a deadline) become a checkpoint and exit code 75.
+"""Preemption: SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 (or a deadline) become a checkpoint and exit code 75.
+
+SIGUSR1/SIGUSR2 are what SLURM's ``--signal=B:USR1@120`` and submitit send ahead of a time limit.
 
 The guard only sets a flag; the training loop polls it between compiled calls, saves a
 checkpoint, and raises ``Preempted``. Re-running the same command resumes.
@@ -29,13 +31,13 @@ class Preempted(Exception):
 
 
 class PreemptionGuard:
-    """Turns the first SIGTERM/SIGINT into a flag the loop polls; a second SIGINT interrupts.
+    """Turns the first of ``SIGNALS`` into a flag the loop polls; a second SIGINT interrupts.
 
     ``deadline`` (a ``time.time()`` value) asks for the same stop once that time has passed: the
     loop checkpoints at its next call boundary, as for a signal, but never during start-up.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self, deadline: Optional[float] = None):
         self.signame: Optional[str] = None

@@ -19,9 +19,9 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from bn_jax import checkpoints, dataset_registry, datasets, hooks, metrics_log, models, parallel, preemption, provenance
+from bn_jax import checkpoints, cluster, dataset_registry, datasets, hooks, metrics_log, models, parallel, preemption, provenance
 from bn_jax import program as program_lib
-from bn_jax import rng, steps, train_modes
+from bn_jax import process_log, rng, steps, train_modes
 from bn_jax import workdir as workdir_lib
 from bn_jax.config import ExperimentConfig, RuntimeConfig
 from bn_jax.steps import cross_entropy, eval_step, train_step  # noqa: F401  (the Flax examples' names)
@@ -72,9 +72,11 @@ def create_train_state(config: ExperimentConfig, num_classes: int, image_shape, 
 
 
 def device_summary(mesh, batch_size: int) -> Dict[str, Any]:
+    """The devices a run trains on, for summary.json (every process must call it: it counts hosts)."""
     devices = mesh.devices.flatten()
     return {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
-            "device_count": len(devices), "process_count": jax.process_count(),
+            "device_count": len(devices), "process_count": jax.process_count(), "host_count": cluster.host_count(),
+            "local_device_count": jax.local_device_count(), "cluster": cluster.JOINED,
             "per_device_batch_size": batch_size // len(devices)}
 
 
@@ -142,12 +144,14 @@ def train_loop(state, totals, program, hook_list: Sequence[hooks.Hook], epochs: 
 
 def epoch_record(epoch: int, step: int, totals, test: Dict[str, float], speed: float,
                  record: hooks.RunRecord, input_report: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
-    """An epoch's line of metrics.jsonl (docs/cli.md, "Output files"); a streamed run adds what its
-    input could load (images/s) and the share of the epoch training waited for it."""
+    """An epoch's line of metrics.jsonl (docs/cli.md, "Output files"), with the learning rate of the
+    epoch's last step; a streamed run adds what its input could load (images/s) and the share of the
+    epoch training waited for it."""
     return {"epoch": epoch + 1, "step": step, "train_loss": float(totals["loss"] / totals["count"]),
         "train_accuracy": float(totals["correct"] / totals["count"]),
         "test_loss": test["loss"], "test_accuracy": test["accuracy"], "test_top5_accuracy": test["top5_accuracy"],
-        "images_per_second": speed, **(input_report or {}), "wall_time": record.wall_time()}
+        "images_per_second": speed, **(input_report or {}), "wall_time": record.wall_time(),
+        **({"lr": float(record.schedule(step - 1))} if record.schedule is not None and step else {})}
 
 
 def run_summary(config: ExperimentConfig, runtime: RuntimeConfig, data, loaded_counts, state, program,
@@ -191,9 +195,10 @@ def load_data(config: ExperimentConfig, runtime: RuntimeConfig, data, guard):
     if data.num_train < config.batch_size:
         raise datasets.DataError(f"batch_size {config.batch_size} exceeds the {data.num_train} training examples")
     steps_per_epoch = data.num_train // config.batch_size  # the remainder of each epoch's order is dropped
-    if config.epochs * steps_per_epoch > MAX_STEPS:
-        raise datasets.DataError(
-            f"{config.epochs} epochs of {steps_per_epoch} steps exceed the step counter's {MAX_STEPS:,} steps")
+    for what, epochs in (("epochs", config.epochs), ("warm-up epochs", config.warmup_epochs)):
+        if epochs * steps_per_epoch > MAX_STEPS:
+            raise datasets.DataError(f"{epochs:g} {what} of {steps_per_epoch} steps exceed the step counter's "
+                                     f"{MAX_STEPS:,} steps")
     return data, loaded
 
 
@@ -216,19 +221,24 @@ def run_session(config, runtime, run: workdir_lib.RunDir, program, state, expect
     """Resume (or start), write config.json and the metrics so far, and train to the end:
     (final state, RunRecord). A NaN/Inf loss stops it, naming the last good checkpoint."""
     state, totals, record = resume(ckpt, program, state, expected, log)
+    record.schedule = make_schedule(config, program.steps_per_epoch)
     state = program.put(state)  # restored leaves are on the default device only
     if parallel.is_writer():
         metrics_log.write_metrics(run.metrics, record.history)
         run.write_config(config, runtime, provenance.provenance())
     preemption.stop_before_start(guard, ckpt.path)  # a signal while loading or restoring
     checkpoint = hooks.Checkpoint(ckpt, program, expected, record, options, config.epochs * program.steps_per_epoch)
-    hook_list = [*extra_hooks, *hooks.standard_hooks(program, checkpoint, guard, config.epochs, run, log)]
+    hook_list = [*extra_hooks, *hooks.standard_hooks(program, checkpoint, guard, config.epochs, run, log),
+                 *hooks.optional_hooks(runtime, run.path, [os.path.basename(os.path.abspath(run.path))])]
     try:
         state = train_loop(state, totals, program, hook_list, config.epochs, record)
         if config.epochs == 0:
             checkpoint.save(hooks.Tick(0, 0, 0, True, state, program.zero_totals(), True))
     except FloatingPointError as e:
         raise FloatingPointError(f"{e} (last good checkpoint: step {ckpt.latest_saved()})") from None
+    finally:
+        for hook in hook_list:
+            hook.close()
     return state, record
 
 
@@ -255,7 +265,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: Optional[da
     mesh = parallel.make_mesh(runtime.num_devices)
     parallel.check_batch_size(config.batch_size, mesh)
     devices, writer = device_summary(mesh, config.batch_size), parallel.is_writer()
-    log = log if writer else (lambda *args: None)
+    log = log if writer else process_log.note  # (only process 0 prints; every process keeps its log)
     run = workdir_lib.RunDir(workdir)
     if options.extend and not run.has_checkpoint():
         raise checkpoints.CheckpointError(f"--extend_to_epochs: {workdir} holds no checkpoint to continue from")
@@ -264,6 +274,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: Optional[da
         if writer or not options.restart:  # every process refuses alike; one deletes for --restart
             run.prepare(config, options.restart, log)
         parallel.barrier("prepare_run")
+        process_log.attach([workdir], jax.process_index(), jax.process_count())
         program, state, expected = set_up(config, runtime, data, mesh, devices, log)
         with checkpoints.Checkpointer(workdir, options, log) as ckpt, contextlib.closing(program), \
                 (contextlib.nullcontext(guard) if guard else preemption.PreemptionGuard()) as guard:

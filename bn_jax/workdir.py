@@ -78,6 +78,15 @@ class RunDir:
         saved = self.saved_config()
         return saved is not None and config_lib.same_experiment(saved, experiment)
 
+    def extended_to(self, experiment) -> Optional[int]:
+        """The epochs of the run here when it is ``experiment`` trained further (--extend_to_epochs):
+        the same experiment but for more epochs; otherwise None."""
+        saved = self.saved_config()
+        if saved is None or config_lib.different_keys(saved, experiment) != ["epochs"]:
+            return None
+        epochs = saved.get("experiment", saved)["epochs"]
+        return epochs if epochs > experiment.epochs else None
+
     def write_config(self, experiment, runtime, provenance: Dict[str, Any]) -> None:
         """config.json: {"experiment": ..., "runtime": ..., "provenance": ...} (``config.load`` reads it)."""
         write_atomic(self.config, json.dumps({"experiment": experiment.to_dict(), "runtime": runtime.to_dict(),
@@ -95,6 +104,10 @@ class RunDir:
         """--restart: remove an earlier run's outputs. Otherwise refuse outputs we cannot resume from
         (WorkdirUnusable naming them); the checkpoint itself is checked against the experiment later."""
         if restart:
+            quarantined = sorted(os.listdir(self.corrupt_checkpoints)) if os.path.isdir(self.corrupt_checkpoints) else []
+            if quarantined:  # (never deleted unsaid: they may hold the only copy of a run's work)
+                log(f"--restart: deleting {len(quarantined)} quarantined checkpoint(s) in {self.corrupt_checkpoints} "
+                    f"({', '.join(quarantined)})")
             for name in self.OUTPUTS:
                 path = self.file(name)
                 if os.path.isdir(path):
@@ -216,6 +229,21 @@ def _acquire(workdir: str) -> Tuple[Optional[int], Optional[str]]:
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
     os.fsync(fd)
     return fd, None
+
+
+def in_use(workdir: str) -> bool:
+    """Whether another process holds ``workdir`` now (a run training there)."""
+    lock = RunDir(workdir).lock
+    if not os.path.exists(lock):
+        return False
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EACCES, errno.EAGAIN)
+    finally:
+        os.close(fd)  # (releases the shared lock, if taken)
+    return False
 
 
 @contextlib.contextmanager

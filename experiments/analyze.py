@@ -12,6 +12,7 @@ is re-created exactly as in training; --no_ablation skips it).
 
 import argparse
 import datetime
+import math
 import os
 import re
 import sys
@@ -293,6 +294,10 @@ def main(argv=None) -> int:
                    help="also write each run's per-epoch metrics as TensorBoard scalars to LOGDIR/<run> "
                         "(needs the optional tensorboard package)")
     args = p.parse_args(argv)
+    if not (math.isfinite(args.threshold) and args.threshold >= 0):
+        p.error(f"--threshold must be a finite number >= 0, got {args.threshold}")
+    if args.num_classes is not None and args.num_classes < 1:
+        p.error(f"--num_classes must be >= 1, got {args.num_classes}")
     first = workdir_lib.RunDir(os.path.normpath(args.paths[0]))  # a sweep root gets FIRST/report; a run,
     out = args.out or (first.path + "_" + first.REPORT if first.is_finished() else first.report)  # one beside it
     problem = workdir_lib.unwritable(out)

@@ -62,12 +62,15 @@ def check_extra(preset: str, extra: Sequence[str], seeds: bool = False) -> None:
 
 
 def status(workdir: str, config) -> str:
-    """done (finished with this config), conflict (finished with another), or todo."""
+    """done (finished with this config), extended (finished, and trained further with
+    --extend_to_epochs: the same run), conflict (finished with another config), or todo."""
     run = workdir_lib.RunDir(workdir)
     if not run.is_finished():
         return "todo"
     # keys that only change how a run executes (eval batch, devices, loop) do not make it another run
-    return "done" if run.holds(config) else "conflict"
+    if run.holds(config):
+        return "done"
+    return "extended" if run.extended_to(config) else "conflict"
 
 
 def plan(preset: str, root: str, extra: Sequence[str], seeds: Optional[Sequence[int]] = None, pack: int = 1):
@@ -109,19 +112,31 @@ def run_child(argv: List[str]) -> int:
         return proc.wait()
 
 
-def execute(runs, runner=run_child, log=print) -> int:
-    """Run the unfinished runs one after another; the number of failed runs.
+NOTES = {"conflict": ": config.json differs; use another --root",
+         "extended": ": finished, then trained further with --extend_to_epochs (the same run)"}
+
+
+def execute(runs, runner=run_child, log=print, busy=lambda run: workdir_lib.in_use(run.path)) -> int:
+    """Run the unfinished runs one after another; the number of failed runs. A run another process
+    trains (``busy``: it holds the run's lock) is skipped, and is no failure.
 
     A preempted run (exit 75) stops the sweep: re-running it resumes that run and goes on.
     """
     failed = 0
     for name, state, command in runs:
         if state != "todo":
-            log(f"[{state}] {name}" + (": config.json differs; use another --root" if state == "conflict" else ""))
+            log(f"[{state}] {name}" + NOTES.get(state, ""))
             failed += state == "conflict"
+            continue
+        run = workdir_lib.RunDir(command[command.index("--workdir") + 1]) if "--workdir" in command else None
+        if run is not None and busy(run):  # another sweep on this root trains it now
+            log(f"[busy] {name}: another process is training it; skipped (not a failure)")
             continue
         log(f"[run] {name}")
         code = runner([sys.executable, *command[1:]])
+        if code not in (0, cli.EXIT_PREEMPTED) and run is not None and (busy(run) or run.is_finished()):
+            log(f"[busy] {name}: another process took it first; not a failure")  # (it held the run's lock)
+            continue
         if code == cli.EXIT_PREEMPTED:
             log(f"[preempted] {name}: checkpoint saved; re-run the sweep to resume")
             return failed + 1
@@ -158,10 +173,17 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     if args.print_only:
-        for _, state, command in runs:
-            if state == "todo":
-                print(shlex.join(command))
-        return 0
+        try:
+            for _, state, command in runs:
+                if state == "todo":
+                    print(shlex.join(command))
+            sys.stdout.flush()
+        except BrokenPipeError:  # a reader such as `head` took what it wanted: not the sweep's failure
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        conflicts = [name for name, state, _ in runs if state == "conflict"]
+        for name in conflicts:  # (as the sweep itself would report them: said, and exit 1)
+            print(f"[conflict] {name}{NOTES['conflict']}", file=sys.stderr)
+        return 1 if conflicts else 0
     os.makedirs(args.root, exist_ok=True)
     failed = execute(runs)
     print(f"{len(runs)} runs in {args.root}: {failed} failed or conflicting")

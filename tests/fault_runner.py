@@ -5,7 +5,8 @@ Faults are hooks the tests install, not code in the trainer. Each acts at an exa
 an environment variable (so a test picks the moment, and a multi-host test one process):
 
 * ``BN_JAX_TEST_KILL_AT_STEP=k``: SIGKILL right after step k has been dispatched;
-* ``BN_JAX_TEST_SIGTERM_AT_STEP=k``: SIGTERM after step k (the real handler then checkpoints);
+* ``BN_JAX_TEST_SIGTERM_AT_STEP=k``: SIGTERM after step k (the real handler then checkpoints),
+  or the signal ``BN_JAX_TEST_SIGNAL`` names (SIGUSR1, what SLURM's ``--signal=B:USR1`` sends);
 * ``BN_JAX_TEST_KILL_DURING_SAVE=k``: SIGKILL right after the checkpoint of step k has been
   handed to Orbax, while an asynchronous save is still being written.
 """
@@ -54,7 +55,8 @@ def faults():
     if "BN_JAX_TEST_KILL_AT_STEP" in env:
         out.append(SignalAtStep(int(env["BN_JAX_TEST_KILL_AT_STEP"]), signal.SIGKILL))
     if "BN_JAX_TEST_SIGTERM_AT_STEP" in env:
-        out.append(SignalAtStep(int(env["BN_JAX_TEST_SIGTERM_AT_STEP"]), signal.SIGTERM))
+        signum = signal.Signals[env.get("BN_JAX_TEST_SIGNAL", "SIGTERM")]
+        out.append(SignalAtStep(int(env["BN_JAX_TEST_SIGTERM_AT_STEP"]), signum))
     if "BN_JAX_TEST_KILL_DURING_SAVE" in env:
         kill_after_saving(int(env["BN_JAX_TEST_KILL_DURING_SAVE"]))
     return out

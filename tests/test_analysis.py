@@ -108,6 +108,20 @@ def test_random_k_run_restores_with_its_mask(tmp_path):
     assert analysis.ablation_curve(run, state, DATA, [0.0])[0][1] == summary["final_test_accuracy"]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--num_classes", "0"], "--num_classes must be >= 1"),  # before: ZeroDivisionError
+    (["--threshold", "nan"], "--threshold must be a finite number >= 0, got nan"),  # before: accepted
+    (["--threshold", "-1"], "--threshold must be a finite number >= 0"),
+])
+def test_bad_analysis_flags_exit_2_and_write_nothing(finished_run, tmp_path, capsys, flags, message):
+    from experiments import analyze
+    workdir, _ = finished_run
+    with pytest.raises(SystemExit) as exit_info:
+        analyze.main([workdir, "--out", str(tmp_path / "report"), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
+
+
 def test_runs_with_one_name_in_two_folders_are_refused(finished_run, tmp_path):
     import shutil
     workdir, _ = finished_run

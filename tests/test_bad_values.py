@@ -29,6 +29,15 @@ def test_more_steps_than_the_step_counter_holds_are_refused_before_anything_is_w
     assert not (tmp_path / "run").exists()
 
 
+def test_warm_up_beyond_the_step_counter_is_refused_before_anything_is_written(tmp_path):
+    # Before: OverflowError (an infinite step count) in make_schedule, for a finite huge --warmup_epochs.
+    data = random_dataset(n_train=3000, n_test=8)
+    config = ExperimentConfig(model="resnet8", epochs=1, warmup_epochs=1_000_000, batch_size=1)
+    with pytest.raises(datasets.DataError, match="1e[+]06 warm-up epochs of 3000 steps exceed the step counter"):
+        train.train_and_evaluate(config, str(tmp_path / "run"), data=data, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+
+
 def strict_json(line):
     def refuse(constant):
         raise ValueError(f"not JSON: {constant}")

@@ -130,6 +130,9 @@ def test_convolution_counts_read_cpu_and_cudnn_hlo():
     (["--modes", "most"], "most"),
     (["--precisions", "fp8"], "unknown precision 'fp8'"),
     (["--loops", "scan"], "--loops: unknown loop 'scan'"),
+    (["--models", ",,,"], "--models names nothing"),
+    (["--modes", ","], "--modes names nothing"),
+    (["--num_devices", "5"], "--num_devices 5 exceeds the 1 visible device(s)"),  # (before: exit 0, an empty table)
 ])
 def test_bad_flags_exit_2_before_any_timing(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit:

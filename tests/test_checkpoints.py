@@ -50,7 +50,8 @@ def flags(env, workdir, *extra):
 def cli_env(env, hooks=None):
     environ = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": env["cache"],
                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(hooks or {})}
-    for name in ("BN_JAX_TEST_KILL_AT_STEP", "BN_JAX_TEST_KILL_DURING_SAVE", "BN_JAX_TEST_SIGTERM_AT_STEP"):
+    for name in ("BN_JAX_TEST_KILL_AT_STEP", "BN_JAX_TEST_KILL_DURING_SAVE", "BN_JAX_TEST_SIGTERM_AT_STEP",
+                 "BN_JAX_TEST_SIGNAL"):
         if name not in (hooks or {}):
             environ.pop(name, None)
     return environ
@@ -113,9 +114,11 @@ def test_kill_and_resume_at_several_points_is_bitwise_exact(env, baseline):
     assert ("resumed from checkpoint step 2 (epoch 1, step 2 of 3)" in out.stdout) == bool(survived)
     assert 6 not in finalized_steps(workdir), "the kill should have landed before the async save finished"
     assert [m["epoch"] for m in metrics(workdir)] == [1, 2]
-    # Resume; SIGTERM after step 7: a checkpoint at step 7 and exit code 75.
-    out = cli(env, workdir, hooks={"BN_JAX_TEST_SIGTERM_AT_STEP": "7"}, expect=preemption.EXIT_PREEMPTED)
-    assert "SIGTERM received" in out.stderr and "step 7" in out.stderr
+    # Resume; SIGUSR1 (SLURM's --signal=B:USR1) after step 7: a checkpoint at step 7 and exit code 75,
+    # as for SIGTERM (which the fused-loop and multi-process tests send).
+    out = cli(env, workdir, hooks={"BN_JAX_TEST_SIGTERM_AT_STEP": "7", "BN_JAX_TEST_SIGNAL": "SIGUSR1"},
+              expect=preemption.EXIT_PREEMPTED)
+    assert "SIGUSR1 received" in out.stderr and "step 7" in out.stderr
     assert max(finalized_steps(workdir)) == 7
     out = cli(env, workdir)
     assert "resumed from checkpoint step 7 (epoch 3, step 1 of 3)" in out.stdout
@@ -232,6 +235,19 @@ def test_a_finished_run_is_extended_to_more_epochs_from_its_last_checkpoint(env,
     assert json.load(open(workdir / "config.json"))["experiment"]["epochs"] == 5
     assert cifar.main([*argv, "--extend_to_epochs", "4"]) == 2
     assert "cannot extend to 4 epochs: the run in checkpoint step 15 already has 5" in capsys.readouterr().err
+    # Killed while extending to 7 (at step 20, after checkpoints of the extension itself): the same
+    # command resumes. Before: exit 2, "already has 7", because those checkpoints hold the 7 epochs.
+    killed = subprocess.run([sys.executable, FAULT_RUNNER, *argv, "--extend_to_epochs", "7"], cwd=REPO,
+                            env=cli_env(env, {"BN_JAX_TEST_KILL_AT_STEP": "20"}), capture_output=True, text=True,
+                            timeout=240)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    newest = max(finalized_steps(workdir))
+    assert newest > 15  # (saved by the extension to 7; the saves after it may still have been in flight)
+    again = subprocess.run([sys.executable, "-m", "experiments.cifar", *argv, "--extend_to_epochs", "7"], cwd=REPO,
+                           env=cli_env(env), capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr
+    assert f"resumed from checkpoint step {newest}" in again.stdout
+    assert [m["epoch"] for m in metrics(workdir)] == [1, 2, 3, 4, 5, 6, 7]
     assert cifar.main([*argv[:-1], str(tmp_path / "empty"), "--extend_to_epochs", "4"]) == 2
     assert "holds no checkpoint to continue from" in capsys.readouterr().err
     assert not (tmp_path / "empty").exists()
@@ -406,7 +422,10 @@ def test_corrupt_latest_falls_back_then_errors_when_none_left(env, baseline, tmp
     out = cli(env, workdir, expect=2)
     assert "was found corrupt" in out.stderr and "--restart" in out.stderr
     assert metrics(workdir) == kept
-    cli(env, workdir, "--restart")
+    quarantined = len(os.listdir(os.path.join(workdir, "corrupt_checkpoints")))
+    out = cli(env, workdir, "--restart")
+    assert (f"--restart: deleting {quarantined} quarantined checkpoint(s) in "
+            f"{os.path.join(workdir, 'corrupt_checkpoints')}") in out.stdout  # never deleted unsaid
     assert_same_run(workdir, baseline)
 
 
@@ -427,6 +446,44 @@ def test_a_checkpoint_that_no_longer_fits_the_train_state_is_refused_not_quarant
             ckpt.restore_latest(state, steps.zero_totals(), expected)
     assert finalized_steps(workdir) == [2]
     assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
+
+
+def test_a_checkpoint_denied_by_permissions_is_refused_not_quarantined(tmp_path, monkeypatch):
+    # Before: a checkpoint this user could not read was moved aside as corrupt, and then --restart deleted it.
+    from conftest import random_dataset
+    data = random_dataset(n_train=16, n_test=8)
+    config = ExperimentConfig(model="resnet8", train_mode="bn", epochs=1, batch_size=8)
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir, data=data, log=lambda *a: None, runtime=RuntimeConfig(loop="step"))
+    state = train.create_train_state(config, 10, (32, 32, 3), steps_per_epoch=2)
+    expected = checkpoints.RunMeta(config.to_dict(), data.fingerprint(), state.plan.frozen_hash)
+
+    def denied(*args):  # what tensorstore raises for a file without read permission (root reads any file)
+        try:
+            raise PermissionError(13, "Permission denied", os.path.join(workdir, "checkpoints", "2", "state"))
+        except PermissionError as e:
+            raise ValueError("PERMISSION_DENIED: error opening the array") from e
+    monkeypatch.setattr(checkpoints, "_read_state", denied)
+    with checkpoints.Checkpointer(workdir, checkpoints.CheckpointOptions(), log=lambda *a: None) as ckpt:
+        with pytest.raises(checkpoints.CheckpointError, match="checkpoint step 2 cannot be read: permission denied"):
+            ckpt.restore_latest(state, steps.zero_totals(), expected)
+    assert finalized_steps(workdir) == [2]
+    assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
+
+
+def test_permission_errors_are_told_from_bad_bytes():
+    def chained(outer, inner):
+        try:
+            raise inner
+        except BaseException as e:
+            try:
+                raise outer from e
+            except BaseException as wrapped:
+                return wrapped
+    assert checkpoints.permission_denied(chained(ValueError("read failed"), PermissionError(13, "no")))
+    assert checkpoints.permission_denied(ValueError("PERMISSION_DENIED: open"))
+    assert not checkpoints.permission_denied(chained(ValueError("read failed"), EOFError("truncated")))
+    assert not checkpoints.permission_denied(ValueError("DATA_LOSS: checksum mismatch"))
 
 
 @pytest.mark.slow

@@ -45,6 +45,8 @@ def test_end_to_end_bn_only_run_writes_documented_files(tmp_path):
                           "test_top5_accuracy", "images_per_second", "wall_time"}
         assert r["test_top5_accuracy"] == 1.0  # 3 classes: the label is always among the top 5
         assert 0 <= r["test_accuracy"] <= 1 and r["images_per_second"] > 0
+    # The learning rate of each epoch's last step: 0.1 until half of the 8 steps, then ×0.1 at steps 4 and 6.
+    assert [r["lr"] for r in lines] == pytest.approx([0.1, 0.001])
 
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     assert summary["train_mode"] == "bn" and summary["steps"] == 8
@@ -55,6 +57,16 @@ def test_end_to_end_bn_only_run_writes_documented_files(tmp_path):
     per_class = {"train": {"cat": 12, "dog": 12, "frog": 12}, "test": {"cat": 4, "dog": 4, "frog": 4}}
     assert summary["examples_per_class"] == summary["examples_per_class_loaded"] == per_class
     assert "data: 3 classes; train 36 (12 per class); test 12 (4 per class)" in result.stdout
+    assert (summary["process_count"], summary["host_count"], summary["cluster"]) == (1, 1, "single process")
+    assert summary["local_device_count"] == jax.local_device_count()
+    # The run's log holds what the terminal showed: the start-up lines, each epoch's line (the bar,
+    # which clears itself, leaves no line behind), the result.
+    log = open(os.path.join(workdir, "logs", "process_0.log")).read()
+    assert log.startswith("=== ") and "process 0 of 1" in log.splitlines()[0]
+    for line in ("data: 3 classes; train 36 (12 per class); test 12 (4 per class)", "epoch 2: train loss",
+                 "final test accuracy"):
+        assert line in log
+    assert "\r" not in log
     versions = summary["provenance"]["versions"]
     assert versions["jax"] == jax.__version__ and versions["flax"] and versions["orbax-checkpoint"]
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -82,6 +94,12 @@ BAD_FLAGS = {
     "conflicting mode": (["--bn_only", "--train_mode", "output"], "conflicts"),
     "bn_only with explicit full": (["--bn_only", "--train_mode", "full"], "conflicts"),
     "partial cluster flags": (["--num_processes", "2", "--process_id", "0"], "go together"),
+    "distributed off with a coordinator": (["--distributed", "off", "--coordinator_address", "h:1", "--num_processes",
+                                            "2", "--process_id", "0"], "--distributed off conflicts"),
+    "distributed on outside a job": (["--distributed", "on"], "--distributed on: no multi-process job found"),
+    "repeated device ids": (["--local_device_ids", "0,1,1"], "distinct device indices"),
+    "momentum of one or more": (["--momentum", "1.5"], "momentum must be < 1.0, got 1.5"),
+    "warm-up beyond a million epochs": (["--warmup_epochs", "1e308"], "warmup_epochs must be <= 1000000"),
     "missing data": (["--data_dir", "/no/such/folder"], "does not exist"),
     "negative lr": (["--lr", "-1"], "lr must be >= 0"),
     "nan lr": (["--lr", "nan"], "lr must be a finite number, got nan"),

@@ -129,9 +129,11 @@ def test_cifar_trains_without_tensorflow(tmp_path):
     (["--stages", "all"], "no data at data/cifar10-jpg.tar.gz"),
     (["--stages", "run"], "no data at data/cifar10-jpg.tar.gz"),
     (["--smoke", "--resume_run", "missing.tar.gz"], "--resume_run: no such file"),
+    (["--smoke", "--resume_run", "notes.txt"], "--resume_run: notes.txt is not a tar archive"),
 ])
 def test_bad_flags_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not an archive")  # (before: the whole budget went by, then a traceback)
     with pytest.raises(SystemExit) as exit_info:
         gpu_check.main(["--out", str(tmp_path / "out"), *args])
     assert exit_info.value.code == 2

@@ -115,30 +115,52 @@ def cli(data, workdir, *extra):
             "--batch_size", "8", "--data_dir", data, "--workdir", workdir, *extra]
 
 
-def launch_two(data, workdir, extra_env=(None, None), *extra):
+def srun_env(task: int, port: int):
+    """What srun sets for task ``task`` of a 2-task step on this one node (the variables JAX's SLURM
+    detection reads); JAX_COORDINATOR_PORT replaces the port it would derive from the job id."""
+    return {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+            "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task),
+            "SLURM_TASKS_PER_NODE": "2", "JAX_COORDINATOR_PORT": str(port)}
+
+
+def launch_two(data, workdir, extra_env=(None, None), *extra, slurm=False):
+    """Two processes of one job: joined by the explicit flags, or (``slurm``) under simulated srun
+    variables, as ``--distributed auto`` finds them."""
     port = free_port()
     runner = [sys.executable, os.path.join(ROOT, "tests", "fault_runner.py")]  # the CLI, plus extra_env's fault
-    procs = [subprocess.Popen(runner + cli(data, workdir, "--coordinator_address", f"localhost:{port}",
-                                           "--num_processes", "2", "--process_id", str(i), *extra)[3:],
-                              cwd=ROOT, env={**env(1), **(extra_env[i] or {})}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+
+    def flags(i):
+        return [] if slurm else ["--coordinator_address", f"localhost:{port}", "--num_processes", "2",
+                                 "--process_id", str(i)]
+    procs = [subprocess.Popen(runner + cli(data, workdir, *flags(i), *extra)[3:], cwd=ROOT,
+                              env={**env(1), **(srun_env(i, port) if slurm else {}), **(extra_env[i] or {})},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
     return [p.returncode for p in procs], outputs
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-    """jax.distributed over localhost (CPU, gloo collectives), one device per process."""
+def test_two_processes_under_srun_variables_match_one(tmp_path):
+    """jax.distributed over localhost (CPU, gloo collectives), one device per process, joined as
+    --distributed auto finds an srun step: from the SLURM variables alone, no cluster flags."""
     data = write_image_folder(str(tmp_path / "data"), per_class=(12, 4))
     single = str(tmp_path / "single")
     subprocess.run(cli(data, single), cwd=ROOT, env=env(1), check=True, timeout=600, capture_output=True)
     multi = str(tmp_path / "multi")
-    codes, outputs = launch_two(data, multi)
+    codes, outputs = launch_two(data, multi, slurm=True)
     assert codes == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
 
     summary = json.load(open(os.path.join(multi, "summary.json")))
     assert summary["process_count"] == 2 and summary["device_count"] == 2
+    assert summary["cluster"] == "slurm" and summary["host_count"] == 1 and summary["local_device_count"] == 1
+    # Each process keeps its own log; process 1, silent on the terminal, logged its start-up.
+    for i in range(2):
+        log = open(os.path.join(multi, "logs", f"process_{i}.log")).read()
+        assert f"process {i} of 2" in log.splitlines()[0]
+        assert "2 cpu device(s), 4 images per device" in log
+    assert "final test accuracy" in open(os.path.join(multi, "logs", "process_0.log")).read()
+    assert "2 cpu device(s)" not in outputs[1][0] + outputs[1][1]
     assert summary["per_device_batch_size"] == 4
     a = [json.loads(line) for line in open(os.path.join(single, "metrics.jsonl"))]
     b = [json.loads(line) for line in open(os.path.join(multi, "metrics.jsonl"))]

@@ -47,25 +47,32 @@ def test_finished_runs_are_skipped_and_changed_configs_refused(tmp_path, capsys)
     # a finished run that differs only in how it executed (eval batch, loop) is the same run
     finish(root, named["vgg11_w1_full_s0"], ExperimentConfig(model="vgg11", train_mode="full", epochs=3),
            RuntimeConfig(eval_batch_size=7, loop="step"))
-    # a folder of this name that holds another experiment (5 epochs) is refused
-    finish(root, named["vgg11_w1_bn_s0"], ExperimentConfig(model="vgg11", train_mode="bn", epochs=5))
+    # a folder of this name that holds another experiment (another lr) is refused
+    finish(root, named["vgg11_w1_bn_s0"], ExperimentConfig(model="vgg11", train_mode="bn", epochs=3, lr=0.05))
+    # the same run trained further with --extend_to_epochs 5 is that run, done (before: a conflict)
+    finish(root, named["vgg13_w1_bn_s0"], ExperimentConfig(model="vgg13", train_mode="bn", epochs=5))
     os.makedirs(os.path.join(root, named["vgg13_w1_full_s0"]))  # started, never finished: runs again
     runs = sweep.plan("vgg", root, ["--epochs", "3"])
     states = {prefix(name): state for name, state, _ in runs}
     assert states["vgg11_w1_full_s0"] == "done"
     assert states["vgg11_w1_bn_s0"] == "conflict"
+    assert states["vgg13_w1_bn_s0"] == "extended"
     assert states["vgg13_w1_full_s0"] == "todo"
-    ran = []
+    ran, logged = [], []
     failed = sweep.execute(runs, runner=lambda cmd: ran.append(cmd[cmd.index("--workdir") + 1]) or 0,
-                           log=lambda *_: None)
+                           log=logged.append)
     assert failed == 1  # the conflict
-    assert len(ran) == 6 and os.path.join(root, named["vgg11_w1_full_s0"]) not in ran
+    assert len(ran) == 5 and os.path.join(root, named["vgg11_w1_full_s0"]) not in ran
+    assert any(line.startswith("[extended]") and "--extend_to_epochs" in line for line in logged)
     # the same grid with other flags is other experiments: other folders, nothing done yet
     assert all(state == "todo" for _, state, _ in sweep.plan("vgg", root, ["--epochs", "4"]))
 
-    assert sweep.main(["--preset", "vgg", "--root", root, "--print_only", "--epochs", "3"]) == 0
-    printed = capsys.readouterr().out.strip().splitlines()
-    assert len(printed) == 6 and all(line.startswith("python -m experiments.cifar --model vgg") for line in printed)
+    # --print_only says what the sweep would: the conflict, with exit 1 (before: nothing, exit 0)
+    assert sweep.main(["--preset", "vgg", "--root", root, "--print_only", "--epochs", "3"]) == 1
+    out = capsys.readouterr()
+    printed = out.out.strip().splitlines()
+    assert len(printed) == 5 and all(line.startswith("python -m experiments.cifar --model vgg") for line in printed)
+    assert f"[conflict] {named['vgg11_w1_bn_s0']}: config.json differs" in out.err
 
 
 def test_a_root_that_is_a_file_exits_2_with_one_line(tmp_path, capsys):
@@ -131,3 +138,31 @@ def test_pack_without_seeds_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sweep.main(["--preset", "vgg", "--root", str(tmp_path), "--pack", "2", "--print_only"])
     assert e.value.code == 2 and "give --seeds" in capsys.readouterr().err
+
+
+def test_a_run_another_sweep_is_training_is_busy_not_failed(tmp_path):
+    """Two sweeps on one root: each run trains once, and neither calls the other's runs failures."""
+    import subprocess
+    import sys
+    runs = sweep.plan("modes", str(tmp_path), ["--epochs", "1"])[:2]
+    held = runs[0][2][runs[0][2].index("--workdir") + 1]
+    os.makedirs(held)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom bn_jax import workdir\n"
+                               f"with workdir.exclusive({held!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+                              cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        ran, logged = [], []
+        failed = sweep.execute(runs, runner=lambda cmd: ran.append(cmd) or 0, log=logged.append)
+        assert failed == 0 and len(ran) == 1  # the free run trained, the held one skipped
+        assert logged[0].startswith(f"[busy] {runs[0][0]}: another process is training it")
+        # taken between the check and the start: the child fails on the lock (exit 2), which is no failure
+        fails_on_lock, answers = [], iter([False, True])  # (free when checked, held once the child started)
+        assert sweep.execute(runs[:1], runner=lambda cmd: fails_on_lock.append(cmd) or 2, log=logged.append,
+                             busy=lambda run: next(answers)) == 0
+        assert len(fails_on_lock) == 1 and "another process took it first" in logged[-1]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not workdir.in_use(held)
