@@ -16,6 +16,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image
 
+from bn_jax import images
 from bn_jax.datasets import IMAGE_SUFFIXES, SPLITS, DataError, Dataset
 
 
@@ -126,6 +127,7 @@ def _list_tar(path: str):
 
 def _check_layout(files, path) -> List[str]:
     classes = sorted(files["train"])
+    check_distinct_classes(classes, f"{path}: train/")
     if len(classes) < 2:
         raise DataError(f"{path}: train/ holds {len(classes)} class folder{'s' if len(classes) != 1 else ''} "
                         f"({', '.join(classes) or 'none'}); a classifier needs at least 2")
@@ -144,9 +146,22 @@ def _check_layout(files, path) -> List[str]:
 def _decode(name: str, read) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(read())) as img:
-            return np.asarray(img.convert("RGB"), np.uint8)
+            images.check_size(img, name)
+            img.load()
+            return images.to_rgb(img, name)
+    except DataError:
+        raise
     except Exception as e:  # Pillow raises several types for corrupt data
         raise DataError(f"{name}: cannot decode image ({e})") from e
+
+
+def check_distinct_classes(classes: List[str], where: str) -> None:
+    """Class folders that differ only in case are one class to a person, two to a classifier: refuse them."""
+    seen = {}
+    for c in classes:
+        if c.lower() in seen:
+            raise DataError(f"{where} class folders {seen[c.lower()]} and {c} differ only in case; merge or rename one")
+        seen[c.lower()] = c
 
 
 def _decode_all(items: List[Tuple[str, callable]]) -> np.ndarray:

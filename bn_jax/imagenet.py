@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from bn_jax.names import DEFAULT_IMAGE_SIZE
+from bn_jax import image_folders, images
 from bn_jax.datasets import IMAGE_SUFFIXES, DataError
 from bn_jax.streaming import StreamData, UnreadableFile
 
@@ -80,6 +81,7 @@ def _classes(root: str, split: str) -> List[str]:
     classes = sorted(c for c in os.listdir(folder) if os.path.isdir(os.path.join(folder, c)))
     if not classes:
         raise DataError(f"{folder}: no class folders")
+    image_folders.check_distinct_classes(classes, f"{folder}:")
     empty = [c for c in classes if not any(f.lower().endswith(IMAGE_SUFFIXES)
                                            for f in os.listdir(os.path.join(folder, c)))]
     if empty:
@@ -106,8 +108,11 @@ def decode(path: str) -> np.ndarray:
     image to step over, but a fault that must stop the run."""
     try:
         with Image.open(path) as image:
+            images.check_size(image, path)
             image.load()  # (decodes everything: a truncated JPEG fails here, not later)
-            return np.asarray(image.convert("RGB"))
+            return images.to_rgb(image, path)
+    except DataError:
+        raise
     except OSError as e:
         if e.errno is not None:  # (PIL's decode errors carry no errno; the operating system's do)
             raise UnreadableFile(f"{path}: cannot read ({e.strerror or e})") from None

@@ -148,6 +148,9 @@ class CifarVGG(Network):
     """open_lth ``cifar_vgg_<depth>``: 3×3 conv (with bias) → BN → ReLU stacks, max-pools, then a
     2×2 average pool and one dense layer from 512 (×width) features."""
 
+    # The 4 max-pools and the last average pool leave 1×1 of a 32×32 image; of a smaller one they
+    # leave no pixel, and the head would average nothing (NaN logits, silently).
+    MIN_IMAGE_SIDE = 32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -160,6 +163,9 @@ class CifarVGG(Network):
             x = nn.Conv(spec * self.width, (3, 3), padding=1, kernel_init=conv_init,
                         bias_init=torch_linear_bias_init(fan_in), dtype=self.dtype)(x)
             x = bn_relu(x, norm, self.bn_before_relu)
+        if min(x.shape[1:3]) < 2:
+            raise ValueError(f"vgg{self.depth}: images too small, no pixel is left for the head "
+                             f"(needs {self.MIN_IMAGE_SIDE}×{self.MIN_IMAGE_SIDE})")
         x = jnp.mean(nn.avg_pool(x, (2, 2), strides=(2, 2)), axis=(1, 2))  # 2×2 → 1×1 at 32×32 input
         return head(x, self.num_classes, self.dtype)
 
@@ -240,6 +246,16 @@ def create_model(name: str, *, width: int = 1, num_classes: int = 10, bn_init: s
     cls = FAMILIES[family]
     return cls(depth=depth, width=width, num_classes=num_classes, bn_init=bn_init,
                bn_before_relu=bn_before_relu, affine=affine, dtype=PRECISIONS[precision])
+
+
+def input_problem(name: str, image_shape) -> Optional[str]:
+    """Why model ``name`` cannot take images of ``image_shape`` (too small for its poolings), or None."""
+    side = getattr(FAMILIES[parse_model_name(name)[0]], "MIN_IMAGE_SIDE", 1)
+    height, width = image_shape[:2]
+    if min(height, width) >= side:
+        return None
+    return (f"--model {name} needs images of at least {side}×{side} pixels (its poolings would leave no pixel for "
+            f"the head); these are {height}×{width}: pass larger images, or choose a ResNet (resnet<6n+2>)")
 
 
 def init_variables(model: nn.Module, key, image_shape=(32, 32, 3)):

@@ -178,6 +178,18 @@ def run_summary(config: ExperimentConfig, runtime: RuntimeConfig, data, loaded_c
             **program.input.summary(history), "provenance": provenance.provenance()}
 
 
+def finished_summary(run: workdir_lib.RunDir, config: ExperimentConfig, options) -> Optional[Dict[str, Any]]:
+    """The summary of ``config``'s run in ``run`` if it is finished and nothing asks to train it
+    again (--restart) or further (--extend_to_epochs); else None."""
+    if options.restart or options.extend or not run.is_finished() or not run.holds(config):
+        return None
+    try:
+        with open(run.summary) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # (unreadable: the run goes through its checkpoints as before)
+        return None
+
+
 def open_data(config: ExperimentConfig, runtime: RuntimeConfig):
     """The whole dataset a run names (``dataset_registry``): loaded into memory (CIFAR, image
     folders), or opened for streaming (ImageNet: its images are read as training goes)."""
@@ -192,6 +204,9 @@ def load_data(config: ExperimentConfig, runtime: RuntimeConfig, data, guard):
     preemption.stop_before_start(guard, runtime.data_dir or config.dataset)
     loaded = data.class_counts()
     data = data.subset(config.max_train_examples, config.max_test_examples)
+    problem = models.input_problem(config.model, data.image_shape)
+    if problem:  # (before: NaN logits for a VGG on small images, silently)
+        raise datasets.DataError(problem)
     if data.num_train < config.batch_size:
         raise datasets.DataError(f"batch_size {config.batch_size} exceeds the {data.num_train} training examples")
     steps_per_epoch = data.num_train // config.batch_size  # the remainder of each epoch's order is dropped
@@ -261,6 +276,11 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: Optional[da
     config.validate()
     runtime = (runtime or RuntimeConfig()).validate()
     options = (checkpoint_options or checkpoints.CheckpointOptions()).validate()
+    finished = finished_summary(workdir_lib.RunDir(workdir), config, options)
+    if finished is not None:  # (said at once: no data to decode, nothing to compile)
+        log(f"{workdir} holds this run, finished ({config.epochs} epochs); nothing to train. Pass --restart to "
+            "train it again, or --extend_to_epochs N to train it further")
+        return finished
     data, loaded = load_data(config, runtime, data, guard)
     mesh = parallel.make_mesh(runtime.num_devices)
     parallel.check_batch_size(config.batch_size, mesh)

@@ -38,6 +38,19 @@ def test_warm_up_beyond_the_step_counter_is_refused_before_anything_is_written(t
     assert not (tmp_path / "run").exists()
 
 
+def test_a_vgg_on_images_too_small_for_its_poolings_is_refused_naming_the_flag(tmp_path):
+    # Before: the last average pool of a 16×16 image's 1×1 map was empty, and every logit NaN.
+    data = random_dataset(n_train=16, n_test=8, size=16)
+    config = ExperimentConfig(model="vgg11", epochs=1, batch_size=8)
+    with pytest.raises(datasets.DataError, match="--model vgg11 needs images of at least 32×32 pixels.*16×16"):
+        train.train_and_evaluate(config, str(tmp_path / "run"), data=data, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+    from bn_jax import models
+    assert models.input_problem("vgg11", (32, 32, 3)) is None and models.input_problem("resnet8", (2, 2, 3)) is None
+    with pytest.raises(ValueError, match="no pixel is left for the head"):  # the model itself, used directly
+        models.init_variables(models.create_model("vgg11"), __import__("jax").random.key(0), (16, 16, 3))
+
+
 def strict_json(line):
     def refuse(constant):
         raise ValueError(f"not JSON: {constant}")

@@ -77,6 +77,33 @@ def test_truncated_or_fake_images_are_named(folder):
         imagenet.decode(path)
 
 
+def test_sixteen_bit_grey_keeps_its_values_and_rangeless_images_are_refused(tmp_path):
+    # Before: a 16-bit grey PNG came out nearly white and a float TIFF all black, silently.
+    grey = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    image = imagenet.decode(str(tmp_path / "g16.png"))
+    assert image.dtype == np.uint8 and image.shape == (64, 64, 3)
+    assert (image[..., 0] == grey // 256).all() and (image[..., 2] == image[..., 0]).all()
+    Image.fromarray(np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)).save(tmp_path / "f.tiff")
+    with pytest.raises(DataError, match="f.tiff: a floating-point image has no defined 8-bit range"):
+        imagenet.decode(str(tmp_path / "f.tiff"))
+
+
+def test_an_image_beyond_the_pixel_limit_is_undecodable_before_its_pixels_are_read(tmp_path, monkeypatch):
+    from bn_jax import images
+    save(str(tmp_path / "big.png"), np.zeros((40, 50, 3), np.uint8), fmt="PNG")
+    monkeypatch.setattr(images, "MAX_PIXELS", 1999)  # (a 13000² PNG: 2.5 GB to decode at the real limit)
+    with pytest.raises(DataError, match="big.png: 50×40 pixels exceeds the 1,999 an image may have"):
+        imagenet.decode(str(tmp_path / "big.png"))
+
+
+def test_class_folders_differing_only_in_case_are_refused(folder):
+    save(f"{folder}/train/N01/x.JPEG", np.zeros((8, 8, 3), np.uint8))
+    save(f"{folder}/val/N01/x.JPEG", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DataError, match="class folders N01 and n01 differ only in case"):
+        imagenet.folder_sources(folder)
+
+
 def test_random_resized_crop_of_the_whole_image_is_its_resize():
     image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     whole = np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR))

@@ -62,6 +62,24 @@ def test_empty_class(image_folder):
         image_folders.load_image_folder(image_folder)
 
 
+def test_class_folders_differing_only_in_case_are_one_error(image_folder):
+    import shutil
+    for split in ("train", "test"):  # (before: Dog and dog became two classes)
+        shutil.copytree(os.path.join(image_folder, split, "dog"), os.path.join(image_folder, split, "Dog"))
+    with pytest.raises(DataError, match="class folders Dog and dog differ only in case"):
+        image_folders.load_image_folder(image_folder)
+
+
+def test_a_sixteen_bit_grey_png_trains_on_its_values(image_folder):
+    import numpy as np
+    from PIL import Image
+    grey = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
+    Image.fromarray(grey).save(os.path.join(image_folder, "train", "dog", "0000.png"))
+    data = image_folders.load_image_folder(image_folder)
+    image = data.train_images[list(data.train_labels).index(1)]  # dog's first
+    assert (image[..., 1] == grey // 256).all()
+
+
 def test_undecodable_image_is_named(image_folder):
     bad = os.path.join(image_folder, "train", "dog", "0003.png")
     with open(bad, "wb") as f:
