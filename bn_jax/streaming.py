@@ -20,6 +20,8 @@ import dataclasses
 import functools
 import hashlib
 import os
+import signal
+import threading
 import time
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
@@ -257,8 +259,31 @@ def iterate(ds, workers: int, start: int = 0):
     if workers > 0:
         _absl_flags_parsed()
         it = it.mp_prefetch(gr.multiprocessing.MultiprocessingOptions(num_workers=workers,
-                                                                      per_worker_buffer_size=PER_WORKER_BUFFER))
+                                                                      per_worker_buffer_size=PER_WORKER_BUFFER),
+                            worker_init_fn=worker_init)
     return iter(it)
+
+
+ORPHAN_POLL_S = 1.0  # how often a worker looks whether the trainer is still there
+
+
+def worker_init(index: int, count: int) -> None:
+    """In each grain worker process. SLURM, ``timeout`` and Ctrl-C signal the whole process group:
+    the trainer turns those signals into a checkpoint and exit 75, so its workers ignore them (grain
+    stops its workers itself, with an event and, failing that, SIGKILL). And a worker exits when the
+    trainer is gone: after a SIGKILL of the trainer nobody else would stop it (its shared-memory
+    batches and about 200 MB each would stay behind). A thread, not PR_SET_PDEATHSIG: grain may start
+    workers from a thread, whose end would trigger that signal."""
+    from bn_jax import preemption
+    for signum in preemption.PreemptionGuard.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def exit_when_orphaned():
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_POLL_S)
+        os._exit(0)
+    threading.Thread(target=exit_when_orphaned, name="bn_jax-orphan-watch", daemon=True).start()
 
 
 def _absl_flags_parsed() -> None:

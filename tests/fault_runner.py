@@ -7,6 +7,8 @@ an environment variable (so a test picks the moment, and a multi-host test one p
 * ``BN_JAX_TEST_KILL_AT_STEP=k``: SIGKILL right after step k has been dispatched;
 * ``BN_JAX_TEST_SIGTERM_AT_STEP=k``: SIGTERM after step k (the real handler then checkpoints),
   or the signal ``BN_JAX_TEST_SIGNAL`` names (SIGUSR1, what SLURM's ``--signal=B:USR1`` sends);
+* ``BN_JAX_TEST_GROUP_SIGTERM_AT_STEP=k``: SIGTERM to the whole process group after step k (grain's
+  workers get it too, as under SLURM);
 * ``BN_JAX_TEST_KILL_DURING_SAVE=k``: SIGKILL right after the checkpoint of step k has been
   handed to Orbax, while an asynchronous save is still being written.
 """
@@ -22,10 +24,11 @@ from experiments import cifar, imagenet  # noqa: E402
 
 
 class SignalAtStep(hooks.Hook):
-    """Send this process ``signum`` once step ``step`` is done (before the trainer's hooks see it)."""
+    """Send this process (``group``: its whole process group, as SLURM, ``timeout`` and Ctrl-C do)
+    ``signum`` once step ``step`` is done (before the trainer's hooks see it)."""
 
-    def __init__(self, step: int, signum: int):
-        self.step, self.signum = step, signum
+    def __init__(self, step: int, signum: int, group: bool = False):
+        self.step, self.signum, self.group = step, signum, group
 
     def next_stop(self, step):
         import jax
@@ -35,7 +38,10 @@ class SignalAtStep(hooks.Hook):
 
     def after_steps(self, tick):
         if tick.first_step < self.step <= tick.step:
-            os.kill(os.getpid(), self.signum)
+            if self.group:  # (the test starts this process in a session of its own)
+                os.killpg(os.getpgrp(), self.signum)
+            else:
+                os.kill(os.getpid(), self.signum)
 
 
 def kill_after_saving(step: int) -> None:
@@ -57,6 +63,8 @@ def faults():
     if "BN_JAX_TEST_SIGTERM_AT_STEP" in env:
         signum = signal.Signals[env.get("BN_JAX_TEST_SIGNAL", "SIGTERM")]
         out.append(SignalAtStep(int(env["BN_JAX_TEST_SIGTERM_AT_STEP"]), signum))
+    if "BN_JAX_TEST_GROUP_SIGTERM_AT_STEP" in env:
+        out.append(SignalAtStep(int(env["BN_JAX_TEST_GROUP_SIGTERM_AT_STEP"]), signal.SIGTERM, group=True))
     if "BN_JAX_TEST_KILL_DURING_SAVE" in env:
         kill_after_saving(int(env["BN_JAX_TEST_KILL_DURING_SAVE"]))
     return out

@@ -49,7 +49,7 @@ def env(tmp_path_factory):
     return {"root": root, "data": write_imagenet_folder(str(root / "imagenet")), "cache": str(root / "xla_cache")}
 
 
-def run(env, workdir, *extra, data=None, hooks=None, expect=0):
+def run(env, workdir, *extra, data=None, hooks=None, expect=0, session=False):
     flags = ["--bn_only", "--model", "resnet18", "--data_dir", data or env["data"], "--image_size", "32",
              "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "0.5", "--eval_batch_size", "4",
              "--workers", "0", "--checkpoint_every", "2", "--checkpoint_unit", "steps",
@@ -58,7 +58,7 @@ def run(env, workdir, *extra, data=None, hooks=None, expect=0):
     environ.update({"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": env["cache"],
                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(hooks or {})})
     proc = subprocess.run([sys.executable, FAULT_RUNNER, "imagenet", *flags], cwd=REPO, env=environ,
-                          capture_output=True, text=True, timeout=400)
+                          capture_output=True, text=True, timeout=400, start_new_session=session)
     assert proc.returncode == expect, f"exit {proc.returncode}, expected {expect}:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -121,11 +121,48 @@ def test_sigkill_mid_epoch_then_resume_with_grain_workers_is_exact(env, uninterr
     run restores grain's iterator state and ends with the same metrics and bit-identical state as
     the uninterrupted in-process run."""
     workdir = env["root"] / "killed"
-    run(env, workdir, "--workers", "2", hooks={"BN_JAX_TEST_KILL_AT_STEP": "5"}, expect=-9)
+    marker = f"{os.getpid()}-killed"  # (the workers inherit it: how they are found afterwards)
+    run(env, workdir, "--workers", "2", hooks={"BN_JAX_TEST_KILL_AT_STEP": "5", "BN_JAX_TEST_MARK": marker},
+        expect=-9)
+    assert not processes_marked(marker, wait_s=10), "grain workers outlived the killed trainer"
     saved = max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
     assert saved in (2, 4) and os.path.isdir(os.path.join(workdir, "checkpoints", str(saved), "data"))
     proc = run(env, workdir, "--workers", "2")
     assert f"resumed from checkpoint step {saved}" in proc.stdout and "restarting the stream" not in proc.stdout
+    assert results(workdir) == results(uninterrupted[0])
+
+
+def processes_marked(marker: str, wait_s: float):
+    """Pids of live processes whose environment holds BN_JAX_TEST_MARK=marker, after waiting up to
+    ``wait_s`` for them to go (a worker looks for its trainer once a second)."""
+    import time
+    deadline = time.time() + wait_s
+    while True:
+        alive = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if f"BN_JAX_TEST_MARK={marker}".encode() in f.read().split(b"\0"):
+                        with open(f"/proc/{pid}/stat") as g:
+                            if g.read().split(")")[-1].split()[0] != "Z":
+                                alive.append(int(pid))
+            except OSError:
+                continue
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
+def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(env, uninterrupted):
+    """As SLURM, ``timeout`` and Ctrl-C send it: to the trainer and its grain workers at once. Before:
+    rc 1 and a grain traceback, or Ctrl-C's worker tracebacks. The workers ignore it; the trainer
+    checkpoints and exits 75 in one line, and the same command resumes to the same bits."""
+    workdir = env["root"] / "group_sigterm"
+    proc = run(env, workdir, "--workers", "2", hooks={"BN_JAX_TEST_GROUP_SIGTERM_AT_STEP": "3"},
+               expect=cli.EXIT_PREEMPTED, session=True)
+    assert "Traceback" not in proc.stderr and "saved a checkpoint at step 3" in proc.stderr
+    proc = run(env, workdir, "--workers", "2")
+    assert "resumed from checkpoint step 3" in proc.stdout
     assert results(workdir) == results(uninterrupted[0])
 
 
