@@ -178,12 +178,12 @@ def parse_args(argv=None):
     for flag, archive in (("--resume_run", args.resume_run), ("--resume_campaign", args.resume_campaign)):
         if archive is not None and not os.path.isfile(archive):
             parser.error(f"{flag}: no such file {archive}")
-        if archive is not None and not tarfile.is_tarfile(archive):  # (before the budget is spent on other stages)
-            parser.error(f"{flag}: {archive} is not a tar archive (the check's run.tar.gz or campaign.tar.gz)")
     for flag, archive in (("--resume_run", args.resume_run), ("--resume_campaign", args.resume_campaign)):
         if archive and os.path.dirname(os.path.abspath(archive)) == os.path.abspath(args.out):
             parser.error(f"{flag} {archive} lies in --out {args.out}, which the check empties first; "
                          "pass another --out")
+        if archive and not tarfile.is_tarfile(archive):  # (before the budget is spent on other stages)
+            parser.error(f"{flag}: {archive} is not a tar archive (the check's run.tar.gz or campaign.tar.gz)")
     if "campaign" in stages:
         from benchmarks import campaign
         try:

@@ -178,18 +178,6 @@ def run_summary(config: ExperimentConfig, runtime: RuntimeConfig, data, loaded_c
             **program.input.summary(history), "provenance": provenance.provenance()}
 
 
-def finished_summary(run: workdir_lib.RunDir, config: ExperimentConfig, options) -> Optional[Dict[str, Any]]:
-    """The summary of ``config``'s run in ``run`` if it is finished and nothing asks to train it
-    again (--restart) or further (--extend_to_epochs); else None."""
-    if options.restart or options.extend or not run.is_finished() or not run.holds(config):
-        return None
-    try:
-        with open(run.summary) as f:
-            return json.load(f)
-    except (OSError, ValueError):  # (unreadable: the run goes through its checkpoints as before)
-        return None
-
-
 def open_data(config: ExperimentConfig, runtime: RuntimeConfig):
     """The whole dataset a run names (``dataset_registry``): loaded into memory (CIFAR, image
     folders), or opened for streaming (ImageNet: its images are read as training goes)."""
@@ -276,11 +264,6 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: Optional[da
     config.validate()
     runtime = (runtime or RuntimeConfig()).validate()
     options = (checkpoint_options or checkpoints.CheckpointOptions()).validate()
-    finished = finished_summary(workdir_lib.RunDir(workdir), config, options)
-    if finished is not None:  # (said at once: no data to decode, nothing to compile)
-        log(f"{workdir} holds this run, finished ({config.epochs} epochs); nothing to train. Pass --restart to "
-            "train it again, or --extend_to_epochs N to train it further")
-        return finished
     data, loaded = load_data(config, runtime, data, guard)
     mesh = parallel.make_mesh(runtime.num_devices)
     parallel.check_batch_size(config.batch_size, mesh)
