@@ -27,7 +27,7 @@ class Detected(NamedTuple):
     process_id: int
 
 
-def detect(env: Mapping[str, str] = os.environ) -> Optional[Detected]:
+def detect() -> Optional[Detected]:
     """The environment ``jax.distributed.initialize()`` would detect, or None.
 
     JAX exposes its detection only privately (``jax._src.clusters``; the same classes in jax 0.10
@@ -40,8 +40,8 @@ def detect(env: Mapping[str, str] = os.environ) -> Optional[Detected]:
         if getattr(kind, "opt_in_only_method", False) or not kind.is_env_present():
             continue
         count, index = kind.get_process_count(), kind.get_process_id()
-        if kind.name == "slurm" and "SLURM_STEP_NUM_TASKS" in env:
-            count = int(env["SLURM_STEP_NUM_TASKS"])
+        if kind.name == "slurm" and "SLURM_STEP_NUM_TASKS" in os.environ:  # (JAX's own rules read os.environ)
+            count = int(os.environ["SLURM_STEP_NUM_TASKS"])
         return Detected(kind.name, count, index)
     return None
 
